@@ -1,0 +1,5 @@
+import sys
+
+from rlxf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``.
+
+Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlxf.config import ConfigError, add_arguments, build_config, parse_args
+
+# name -> (module, config class, one-line description); modules import lazily so --help is fast
+RECIPES: dict[str, tuple[str, str, str]] = {
+    "sft": ("rlxf.recipes.sft", "SFTConfig", "supervised fine-tuning on prompt/completion or messages"),
+    "rm": ("rlxf.recipes.reward_model", "RewardModelConfig",
+           "reward model: Bradley-Terry (margin, centering, soft labels) or focal ranking"),
+    "dpo": ("rlxf.recipes.preference", "PreferenceConfig", "DPO / IPO / cDPO / DPO+NLL on preference pairs"),
+    "rpo": ("rlxf.recipes.preference", "RPOConfig", "NVIDIA reward-aware preference optimisation (scored pairs)"),
+    "orpo": ("rlxf.recipes.preference", "ORPOConfig", "odds-ratio preference optimisation (reference-free)"),
+}
+
+DEMO = {
+    "model": "tiny", "dataset": "task:arithmetic", "loss": "dpo", "max_steps": 120, "batch_size": 16,
+    "eval_every": 20, "lr": 5e-4, "beta": 0.1,
+}
+
+
+def _config_class(name: str):
+    module, cls, _ = RECIPES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _run(name: str, cfg) -> int:
+    module = importlib.import_module(RECIPES[name][0])
+    result = module.train(cfg)
+    out = result.output_dir
+    print(f"\nrlxf {name}: done. Report: {out / 'report.html'}  Summary: {out / 'summary.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in RECIPES.items():
+        p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. "
+                           "Flags override values from --config.")
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+        add_arguments(p, _config_class(name))
+    demo = sub.add_parser("demo", help="DPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its run (default: runs/demo)")
+    demo.add_argument("--max-steps", type=int, default=DEMO["max_steps"], help="optimizer steps")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    zoo = sub.add_parser("zoo", help="the embedded tiny model")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    build = zoo_sub.add_parser("build", help="rebuild the tiny model's weights from scratch (deterministic)")
+    build.add_argument("--output", default=None, help="output directory (default: the package's tiny/)")
+    build.add_argument("--steps", type=int, default=None, help="pre-training steps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in RECIPES:
+            cfg = parse_args(_config_class(args.command), args)
+            return _run(args.command, cfg)
+        if args.command == "demo":
+            cls = _config_class("dpo")
+            values = {**DEMO, "output_dir": args.output_dir, "max_steps": args.max_steps, "resume": args.resume}
+            return _run("dpo", build_config(cls, values, where="rlxf demo"))
+        if args.command == "zoo" and args.zoo_command == "build":
+            from rlxf.zoo.build import main as build_main
+
+            extra = (["--output", args.output] if args.output else []) + (
+                ["--steps", str(args.steps)] if args.steps else [])
+            build_main(extra)
+            return 0
+        parser.print_help()
+        return 2
+    except ConfigError as exc:
+        print(f"rlxf: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlxf: interrupted; resume with --resume (the newest complete checkpoint is kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors from data/models carry their own clear messages
+        from rlxf.data import DataError
+        from rlxf.recipes.common import TrainingError
+
+        if isinstance(exc, (DataError, TrainingError, FileNotFoundError)):
+            print(f"rlxf: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

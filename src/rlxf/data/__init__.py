@@ -1,0 +1,20 @@
+"""Data: load rows, validate them, tokenize with prompt masking, collate, and order batches.
+
+The pipeline a recipe runs::
+
+    rows = load_rows("data/pairs.jsonl", kind="preference")      # or "task:arithmetic", a hub name
+    rows, skipped = validate_rows(rows, kind="preference")
+    examples, stats = tokenize_preference(rows, tokenizer, max_length=512)
+    batcher = EpochBatcher(len(examples), batch_size=8, seed=0)
+    batch = collate_preference([examples[i] for i in batcher.next_indices()], tokenizer.pad_token_id)
+
+Formats and policies are documented in docs/data.md.
+"""
+
+from rlxf.data.batching import EpochBatcher, collate_preference, collate_sft
+from rlxf.data.formats import KINDS, DataError, validate_rows
+from rlxf.data.loading import load_rows
+from rlxf.data.tokenize import TokenStats, tokenize_preference, tokenize_prompts, tokenize_sft
+
+__all__ = ["KINDS", "DataError", "EpochBatcher", "TokenStats", "collate_preference", "collate_sft",
+           "load_rows", "tokenize_preference", "tokenize_prompts", "tokenize_sft", "validate_rows"]

@@ -1,0 +1,270 @@
+"""THE one place where logits become token log-probs (and where reward models' scores are read).
+
+Every log-prob in rlxf — sampling (rollout engines call :func:`logps_from_logits`), old-policy,
+reference and current-policy (:func:`token_logps`) — goes through this module, so temperature and
+precision are applied the same way everywhere (SPECS.md §0: with sampling temperature τ, logits are
+divided by τ for policy *and* reference log-probs; otherwise ratios and KL are biased).
+
+Memory (DESIGN.md, "Performance architecture"): :func:`token_logps` runs the model body once to get
+the final hidden states, then applies the output head to ``chunk_size`` token positions at a time,
+computes ``log_softmax`` in float32 for that chunk only and keeps just the label column, so the
+full-vocabulary float32 logits of the batch ``[B, T, V]`` never exist. With grad enabled each chunk
+is wrapped in ``torch.utils.checkpoint``: the backward recomputes one chunk's logits at a time
+instead of keeping all of them. Positions whose label is padding are skipped entirely.
+
+Deviation from TRL, stated: TRL divides logits by ``τ + 1e-7``; rlxf divides by ``τ`` exactly (and
+rejects τ <= 0). Both sides of every ratio use the same function, so the choice cancels.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rlxf.models.loading import is_peft_model
+
+logger = logging.getLogger("rlxf.models")
+_WARNED_FALLBACK: set[str] = set()
+# classes whose body output does not feed the output head directly (found at run time)
+_FORCE_FULL_FORWARD: set[type] = set()
+
+
+def logps_from_logits(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[label], computed in float32.
+
+    logits: ``[..., V]`` (any float dtype), labels: ``[...]`` (int64) → ``[...]`` float32.
+    """
+    _check_temperature(temperature)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *,
+                temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
+    """Per-token log-probs of the next token: ``out[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1])``.
+
+    input_ids: ``[B, T]`` int64; attention_mask: ``[B, T]`` (1 = real token, 0 = padding; ``None`` =
+    all real). Returns ``[B, T-1]`` float32, computed from ``logits / temperature``.
+
+    Alignment: ``out[:, t]`` scores token ``t+1``. A mask given on ``input_ids`` positions
+    (``completion_mask: [B, T]``, 1 on completion tokens) therefore aligns with the output as
+    ``completion_mask[:, 1:]``, e.g. ``sequence_logps(out, completion_mask[:, 1:])``.
+    Positions whose label is padding (``attention_mask[:, t+1] == 0``) are not computed and hold 0.
+
+    Padding may be on either side: position ids are derived from ``attention_mask`` (as
+    ``generate`` does), so real tokens get the same log-probs as without padding. Works on plain
+    transformers models and PEFT (LoRA) models with their active adapters. Final-logit transforms
+    from the config (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``) are applied
+    before the temperature. A model whose body cannot be separated from its output head falls back
+    to a full forward (logged once per model class) and then materialises ``[B, T, V]`` logits in
+    the model's dtype.
+    """
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    out = torch.zeros(batch, max(length - 1, 0), dtype=torch.float32, device=input_ids.device)
+    if length < 2:
+        return out
+    label_mask = attention_mask[:, 1:].bool()                               # [B, T-1]
+    labels = input_ids[:, 1:][label_mask]                                   # [N]
+
+    split = None if _model_class(model) in _FORCE_FULL_FORWARD else _split_head(model)
+    if split is None:
+        _warn_fallback(model)
+        logits = model(**_forward_kwargs(model, input_ids, attention_mask)).logits  # [B, T, V]
+        flat_logits = logits.reshape(batch * length, -1)                    # [B*T, V], a view
+        rows, cols = label_mask.nonzero(as_tuple=True)                      # [N] each
+        flat_index = rows * length + cols                                   # row of the logits at t
+        pieces = [logps_from_logits(flat_logits[flat_index[i:i + chunk_size]], labels[i:i + chunk_size],
+                                    temperature=temperature)
+                  for i in range(0, labels.numel(), chunk_size)]
+    else:
+        body, head, transform = split
+        hidden = _last_hidden_state(body(**_forward_kwargs(body, input_ids, attention_mask)))  # [B, T, H]
+        in_features = getattr(head, "in_features", hidden.shape[-1])
+        if hidden.shape[-1] != in_features:
+            _FORCE_FULL_FORWARD.add(_model_class(model))
+            return token_logps(model, input_ids, attention_mask, temperature=temperature,
+                               chunk_size=chunk_size)
+        hidden = hidden[:, :-1][label_mask]                                 # [N, H]
+        chunk_fn = partial(_head_logps, head=head, transform=transform, temperature=temperature)
+        use_checkpoint = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+        pieces = []
+        for i in range(0, labels.numel(), chunk_size):
+            h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
+            pieces.append(checkpoint(chunk_fn, h, y, use_reentrant=False) if use_checkpoint
+                          else chunk_fn(h, y))
+    if not pieces:
+        return out
+    return out.masked_scatter(label_mask, torch.cat(pieces))
+
+
+def sequence_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Masked sum over tokens: ``Σ_t mask[b, t] · token_logps[b, t]`` → ``[B]``.
+
+    token_logps: ``[B, T-1]`` from :func:`token_logps`; mask: ``[B, T-1]`` 0/1, aligned with it
+    (``completion_mask[:, 1:]``). A row with no tokens sums to 0.
+    """
+    _check_mask(token_logps, mask)
+    return torch.where(mask.bool(), token_logps, 0.0).sum(-1)
+
+
+def mean_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean over tokens (ORPO's length-normalised log-prob) → ``[B]``.
+
+    Same inputs as :func:`sequence_logps`. A row with no tokens raises ``ValueError`` (its mean is
+    undefined; returning NaN would poison the loss silently).
+    """
+    _check_mask(token_logps, mask)
+    counts = mask.bool().sum(-1)                                            # [B]
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"mean_logps: row(s) {empty.tolist()} have no tokens in the mask; "
+                         "every sequence needs at least one completion token")
+    return sequence_logps(token_logps, mask) / counts.to(token_logps.dtype)
+
+
+def reward_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar scores of a sequence-classification reward model, read at each row's last real token.
+
+    input_ids, attention_mask: ``[B, T]``. Returns ``[B]`` float32 (``logits[:, 0]``). The last real
+    token is the last position where ``attention_mask`` is 1, so the score does not depend on how
+    much padding follows (right padding), nor on whether the pad id equals the EOS id. Models
+    without a separable ``score`` head fall back to ``model(...).logits[:, 0]``, where transformers
+    locates the last token from ``config.pad_token_id``.
+    """
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("reward_scores: a row has no real tokens (attention_mask all 0)")
+    base = model.get_base_model() if is_peft_model(model) else model
+    head = getattr(base, "score", None)
+    body = getattr(base, "base_model", None)
+    if not isinstance(head, nn.Module) or body is None or body is base:
+        _warn_fallback(model)
+        logits = model(**_forward_kwargs(model, input_ids, attention_mask)).logits  # [B, num_labels]
+        return logits[:, 0].float()
+    hidden = _last_hidden_state(body(**_forward_kwargs(body, input_ids, attention_mask)))  # [B, T, H]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = torch.where(mask, positions, -1).amax(-1)                        # [B]
+    last_hidden = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]  # [B, H]
+    return head(last_hidden)[:, 0].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _head_logps(hidden: Tensor, labels: Tensor, *, head: nn.Module, transform, temperature: float) -> Tensor:
+    """[N, H] hidden states → [N] label log-probs; the [N, V] logits live only inside this call."""
+    logits = transform(head(hidden).float())                               # [N, V] float32
+    return logps_from_logits(logits, labels, temperature=temperature)
+
+
+def _split_head(model: nn.Module):
+    """Return ``(body, head, transform)`` for a model whose logits are ``transform(head(body(x)))``.
+
+    None when the model cannot be split that way (no output embeddings, no base model, PEFT
+    prompt-learning methods that prepend virtual tokens).
+    """
+    base = model
+    if is_peft_model(model):
+        peft_config = getattr(model, "active_peft_config", None)
+        if peft_config is None or getattr(peft_config, "is_prompt_learning", False):
+            return None
+        base = model.get_base_model()
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    body = getattr(base, "base_model", None)
+    if not isinstance(head, nn.Module) or not isinstance(body, nn.Module) or body is base:
+        return None
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return body, head, partial(_transform_logits,
+                               scale=getattr(config, "logit_scale", None),
+                               divide=getattr(config, "logits_scaling", None),
+                               softcap=getattr(config, "final_logit_softcapping", None))
+
+
+def _transform_logits(logits: Tensor, *, scale, divide, softcap) -> Tensor:
+    """Final-logit transforms some architectures apply after the head (Cohere, Granite, Gemma 2/3)."""
+    if isinstance(scale, (int, float)) and scale != 1.0:
+        logits = logits * scale
+    if isinstance(divide, (int, float)) and divide != 1.0:
+        logits = logits / divide
+    if isinstance(softcap, (int, float)) and softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _forward_kwargs(module: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """Arguments for a transformers forward: position ids from the mask (padding on either side)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    accepted = _accepted_kwargs(type(module))
+    if accepted is None or "position_ids" in accepted:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if accepted is None or "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+_ACCEPTED: dict[type, frozenset[str] | None] = {}
+
+
+def _accepted_kwargs(cls: type) -> frozenset[str] | None:
+    """Keyword names ``cls.forward`` accepts; None when it takes ``**kwargs`` (anything goes)."""
+    if cls not in _ACCEPTED:
+        params = inspect.signature(cls.forward).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            _ACCEPTED[cls] = None
+        else:
+            _ACCEPTED[cls] = frozenset(p.name for p in params)
+    return _ACCEPTED[cls]
+
+
+def _model_class(model: nn.Module) -> type:
+    return type(model.get_base_model() if is_peft_model(model) else model)
+
+
+def _last_hidden_state(outputs) -> Tensor:
+    hidden = getattr(outputs, "last_hidden_state", None)
+    return hidden if hidden is not None else outputs[0]
+
+
+def _warn_fallback(model: nn.Module) -> None:
+    name = type(model).__name__
+    if name not in _WARNED_FALLBACK:
+        _WARNED_FALLBACK.add(name)
+        logger.warning("%s: cannot separate the model body from its output head; computing "
+                       "log-probs/scores from a full forward (more memory: full logits)", name)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_mask(token_logps: Tensor, mask: Tensor) -> None:
+    if mask.shape != token_logps.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != token_logps shape {tuple(token_logps.shape)}; "
+                         "pass the completion mask shifted by one (completion_mask[:, 1:])")

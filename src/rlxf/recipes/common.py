@@ -1,0 +1,377 @@
+"""What every offline recipe shares: the base config, optimiser/schedule, and one training loop.
+
+``fit`` is a plain function, not a Trainer class: a recipe hands it a model, its examples, a
+``loss_fn(batch) -> (loss, metrics)`` and an ``evaluate() -> metrics`` and gets back the summary.
+The loop is: batch → micro-batches → loss → backward → clip → step → log → eval → checkpoint.
+
+Reliability (DESIGN.md): checkpoints are atomic; ``--resume`` continues from the newest complete
+checkpoint and reproduces the uninterrupted run (same batches, RNG and optimiser state); a
+non-finite loss stops the run with a message naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlxf.config import ConfigError, check_choice, option, save_yaml, to_dict
+from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
+from rlxf.runtime import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+
+log = logging.getLogger("rlxf")
+
+# Test-only fault injection: exit abruptly (like SIGKILL, no cleanup) once this step completes.
+FAULT_ENV = "RLXF_FAULT_EXIT_AFTER_STEP"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. non-finite loss); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields shared by every offline recipe (sft, rm, dpo, rpo, orpo)."""
+
+    model: str = option("tiny", "model: 'tiny' (embedded), a local HF directory, or a hub id")
+    dataset: str = option("task:arithmetic", "training data: task:NAME, a .jsonl/.json/.parquet/.csv file, "
+                          "a saved HF dataset directory or a hub dataset name")
+    eval_dataset: str | None = option(None, "held-out data (default: the task's eval split, or a holdout "
+                                      "of eval_holdout of a file dataset)")
+    eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset")
+    task_size: int = option(2000, "training rows drawn from a built-in task")
+    eval_size: int = option(256, "eval rows drawn from a built-in task (also caps file eval sets)")
+    pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
+                            choices=("mixed", "correctness", "conciseness"))
+    skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
+    output_dir: str = option("", "where the run writes its files (default: runs/<recipe>)")
+    seed: int = option(0, "random seed (data order, init of new heads)")
+    max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
+    epochs: float = option(1.0, "passes over the training data when max_steps is 0")
+    batch_size: int = option(16, "examples (pairs for preference recipes) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
+    max_length: int = option(256, "max tokens of prompt + completion")
+    max_prompt_length: int = option(128, "max prompt tokens (prompts are cut from the left)")
+    truncation: str = option("truncate", "rows longer than max_length: cut them or drop them",
+                             choices=("truncate", "drop"))
+    log_every: int = option(5, "log train metrics every N steps")
+    eval_every: int = option(50, "evaluate every N steps (and at start and end); 0 = start and end only")
+    eval_batch_size: int = option(64, "examples per eval batch")
+    eval_generate: int = option(0, "with a task dataset: greedy accuracy on N held-out task problems at each eval")
+    max_new_tokens: int = option(64, "generation budget for eval_generate")
+    save_every: int = option(0, "checkpoint every N steps (and at the end); 0 = end only")
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+    resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = option("auto", "parameter dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16")
+    autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
+    lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
+    merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs")
+    trust_remote_code: bool = option(False, "allow model repositories to run their own code")
+    tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard)")
+    progress: bool = option(True, "show a progress bar")
+    threads: int = option(0, "torch CPU threads; 0 = torch default")
+
+    def __post_init__(self):
+        for name in ("pair_kind", "schedule", "truncation"):
+            check_choice(self, name)
+        positive = ("batch_size", "grad_accum", "max_length", "eval_batch_size", "task_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.eval_holdout < 1:
+            raise ConfigError(f"--eval-holdout must be in [0, 1), got {self.eval_holdout}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be < --max-length "
+                              f"({self.max_length})")
+
+    def resolved_output_dir(self, recipe: str) -> Path:
+        return Path(self.output_dir or f"runs/{recipe}")
+
+
+# -- set-up pieces -------------------------------------------------------------------------------
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def prepare_output_dir(cfg: TrainConfig, recipe: str) -> Path:
+    """Create output_dir; refuse to overwrite another run's results unless resuming."""
+    out = cfg.resolved_output_dir(recipe)
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+            raise ConfigError(f"output dir {out} already holds a run; pass --resume to continue it, "
+                              f"or choose another --output-dir (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up to 1, then cosine/linear decay to 0 at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def total_steps(cfg: TrainConfig, num_examples: int) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum
+    if per_step > num_examples:
+        raise ConfigError(f"batch_size × grad_accum = {per_step} exceeds the {num_examples} training examples; "
+                          f"lower --batch-size/--grad-accum or add data")
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * (num_examples // per_step)))
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and cfg.autocast and dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def mean_metrics(items: list[dict]) -> dict:
+    keys = {k for m in items for k in m}
+    return {k: sum(m[k] for m in items if k in m) / sum(1 for m in items if k in m) for k in sorted(keys)}
+
+
+def load_model_for_training(cfg: TrainConfig, *, reward_model: bool = False):
+    """(model, tokenizer) on the configured device/dtype, with LoRA and checkpointing applied."""
+    from rlxf.models import (apply_lora, ensure_pad_token, load_policy, load_reward_model, load_tokenizer,
+                             resolve_device, resolve_dtype)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    added_pad = ensure_pad_token(tokenizer)
+    resize = len(tokenizer) if added_pad else None
+    if reward_model:
+        model = load_reward_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                                  pad_token_id=tokenizer.pad_token_id, resize_to=resize)
+    else:
+        model = load_policy(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                            resize_to=resize)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora_r > 0:
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=targets, task_type="SEQ_CLS" if reward_model else "CAUSAL_LM")
+    return model, tokenizer
+
+
+def load_split_rows(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset."""
+    from rlxf.data import load_rows, validate_rows
+
+    opts = dict(kind=kind, seed=cfg.seed, pair_kind=cfg.pair_kind)
+    train = load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts)
+    if cfg.eval_dataset:
+        evals = load_rows(cfg.eval_dataset, split="eval", task_size=cfg.eval_size, limit=cfg.eval_size, **opts)
+    elif cfg.dataset.startswith("task:"):
+        evals = load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size, **opts)
+    else:
+        n_eval = min(cfg.eval_size, int(len(train) * cfg.eval_holdout))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        evals = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    train, skipped = validate_rows(train, kind=kind, skip_invalid=cfg.skip_invalid)
+    if skipped:
+        log.warning("skipped %d malformed training rows (--skip-invalid)", skipped)
+    if evals:
+        evals, skipped = validate_rows(evals, kind=kind, skip_invalid=cfg.skip_invalid)
+        if skipped:
+            log.warning("skipped %d malformed eval rows (--skip-invalid)", skipped)
+    return train, evals
+
+
+def task_eval_metrics(cfg: TrainConfig, model, tokenizer) -> dict:
+    """``{"task_accuracy": …}`` for task datasets when ``eval_generate`` > 0, else ``{}``."""
+    if cfg.eval_generate <= 0 or not cfg.dataset.startswith("task:"):
+        return {}
+    from rlxf.recipes.evaluation import task_accuracy
+
+    name = cfg.dataset.split(":", 1)[1]
+    return {"task_accuracy": task_accuracy(model, tokenizer, name, n=cfg.eval_generate,
+                                           max_new_tokens=cfg.max_new_tokens)}
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+@dataclass
+class FitResult:
+    summary: dict
+    output_dir: Path
+
+
+def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_examples: list,
+        collate: Callable[[list], dict], loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
+        evaluate: Callable[[], dict], panels: list[Panel], headline: tuple[str, ...],
+        save_final: Callable[[Path], None], extra_summary: Callable[[], dict] | None = None) -> FitResult:
+    """Train ``model`` on ``train_examples``; see the module docstring.
+
+    ``headline``: eval metric names recorded as ``start/<m>`` and ``final/<m>`` in summary.json.
+    ``save_final(path)`` writes the final model (HF format) to ``path``.
+    """
+    from rlxf.data import EpochBatcher
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    steps = total_steps(cfg, len(train_examples))
+    batcher = EpochBatcher(len(train_examples), cfg.batch_size * cfg.grad_accum, seed=cfg.seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, warmup=cfg.warmup_steps, total=steps, schedule=cfg.schedule))
+    ckpt_root = out / "checkpoints"
+    state: dict = {"start": {}, "best": {}, "tokens": 0, "train_seconds": 0.0}
+    step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            log.info("--resume: no complete checkpoint in %s, starting from scratch", ckpt_root)
+        else:
+            saved = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            step = saved["step"]
+            batcher.load_state_dict(saved["batcher"])
+            state = {k: saved[k] for k in state}
+            log.info("resumed from %s (step %d of %d)", ckpt, step, steps)
+    metrics_log = MetricsLogger(out, resume_step=step if cfg.resume else None, tensorboard=cfg.tensorboard)
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    def run_eval(at_step: int) -> dict:
+        model.eval()
+        with torch.no_grad(), autocast_context(cfg, device, dtype):
+            metrics = evaluate()
+        model.train()
+        metrics_log.log(at_step, metrics, split="eval")
+        return metrics
+
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(ckpt_root, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, state={"batcher": batcher.state_dict(), **state},
+                        keep=cfg.keep_checkpoints)
+
+    if step == 0:
+        state["start"] = run_eval(0)
+        state["best"] = dict(state["start"])
+    model.train()
+    last_eval = state["start"] if step == 0 else None
+    bar = Progress(steps, desc=recipe, initial=step, enabled=cfg.progress)
+    wall0 = time.time()
+    try:
+        while step < steps:
+            t0 = time.time()
+            indices = batcher.next_indices()
+            micro, tokens = [], 0
+            for start in range(0, len(indices), cfg.batch_size):
+                batch = collate([train_examples[i] for i in indices[start:start + cfg.batch_size]])
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())
+                with autocast_context(cfg, device, dtype):
+                    loss, metrics = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    good = latest_checkpoint(ckpt_root)
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {step + 1}; "
+                        + (f"last good checkpoint: {good} (resume from it with a lower --lr)" if good
+                           else "no checkpoint was written yet; lower --lr or check the data") )
+                (loss / cfg.grad_accum).backward()
+                micro.append({"loss": loss.item(), **metrics})
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.time() - t0
+            state["tokens"] += tokens
+            state["train_seconds"] += seconds
+            train_metrics = mean_metrics(micro)
+            bar.update(1, loss=train_metrics["loss"])
+            if step % cfg.log_every == 0 or step == steps:
+                metrics_log.log(step, {**train_metrics, "lr": scheduler.get_last_lr()[0],
+                                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(seconds, 1e-9)})
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
+                last_eval = run_eval(step)
+                for key in headline:
+                    if key in last_eval and last_eval[key] >= state["best"].get(key, -math.inf):
+                        state["best"][key] = last_eval[key]
+            if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+                checkpoint(step)
+            if fault_step and step == fault_step:
+                os._exit(137)
+    finally:
+        bar.close()
+        metrics_log.close()
+    final_dir = out / "final"
+    save_final(final_dir)
+    summary = {
+        "recipe": recipe,
+        "steps": steps,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        **{f"start/{k}": state["start"].get(k) for k in headline},
+        **{f"final/{k}": (last_eval or {}).get(k) for k in headline},
+        **{f"best/{k}": state["best"].get(k) for k in headline},
+        "eval_start": state["start"],
+        "eval_final": last_eval,
+        "wall_seconds": round(time.time() - wall0, 2),
+        "train_seconds": round(state["train_seconds"], 2),
+        "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+        "peak_memory_mb": peak_memory_mb(device),
+        "final_model": str(final_dir),
+        **(extra_summary() if extra_summary else {}),
+    }
+    write_summary(out, summary)
+    write_report(out, title=f"rlxf {recipe}: {cfg.model} on {cfg.dataset}", panels=panels, summary=summary,
+                 config=to_dict(cfg))
+    log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if "/" in k}))
+    return FitResult(summary=summary, output_dir=out)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    except (ImportError, AttributeError):
+        return None

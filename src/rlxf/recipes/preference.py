@@ -1,0 +1,275 @@
+"""Offline preference optimisation: ``rlxf dpo`` (DPO, IPO, cDPO, DPO+NLL), ``rlxf rpo`` and ``rlxf orpo``.
+
+One loop serves every loss (SPECS.md §3, §4a, §4b, §6; Appendix C for the naming):
+
+    pairs → [chosen; rejected] log-probs of the completion tokens (policy, and reference unless ORPO)
+          → loss (dpo | ipo | cdpo | rpo | orpo) [+ nll_alpha · length-normalised chosen NLL]
+          → AdamW step → eval: implicit-reward accuracy / margins (log-odds accuracy for ORPO)
+
+The reference is the initial policy: a frozen copy for full fine-tuning, the base model with
+adapters disabled for LoRA, and absent for ORPO. With ``precompute_ref`` (default) reference
+log-probs are computed once for every train and eval pair, before training, and cached on disk
+(``output_dir/cache``) keyed by model and tokenised data, so the reference never runs again.
+
+Deviations (stated here and in docs/methods/): sequence log-probs are sums unless ``length_norm``
+(TRL's IPO length-normalises by default: set ``length_norm true`` to reproduce it); ORPO's NLL is
+over completion tokens (the official code's ``disable_prompt_loss``; TRL includes the prompt); RPO
+pairs without scores use NeMo-Aligner's defaults 1.0 / 0.0 (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlxf.config import ConfigError, check_choice, option
+from rlxf.losses import RPO_DISTANCES, dpo_loss, ipo_loss, orpo_loss, preference_metrics, rpo_loss
+from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
+                                 setup_logging, task_eval_metrics)
+from rlxf.reporting import Panel
+
+log = logging.getLogger("rlxf.preference")
+LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo")
+RPO_DEFAULT_SCORES = (1.0, 0.0)  # NeMo-Aligner default_chosen_reward / default_rejected_reward
+
+
+@dataclass(frozen=True)
+class PreferenceConfig(TrainConfig):
+    """Config of the preference recipe (``rlxf dpo``; ``rpo`` and ``orpo`` change the loss default)."""
+
+    loss: str = option("dpo", "objective", choices=LOSSES)
+    beta: float = option(0.1, "β: implicit-reward scale (DPO/cDPO/RPO); τ for IPO")
+    label_smoothing: float = option(0.1, "cDPO label-flip probability ε (loss=cdpo only)")
+    nll_alpha: float = option(0.0, "DPO+NLL (Pang et al. 2024): weight of the length-normalised chosen NLL")
+    rpo_eta: float = option(1.0, "RPO η: scale of the reward gap")
+    rpo_distance: str = option("bwd_kl", "RPO distance between model and target preference", choices=RPO_DISTANCES)
+    orpo_lambda: float = option(0.1, "ORPO λ: weight of the odds-ratio term")
+    length_norm: bool = option(False, "use mean instead of summed token log-probs (TRL's IPO; NeMo's average)")
+    reference: str = option("auto", "reference model: auto (copy, or base-without-adapters for LoRA), copy, lora",
+                            choices=("auto", "copy", "lora"))
+    precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them")
+    lr: float = option(5e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~5e-7 for real LLMs")
+    max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("loss", "rpo_distance", "reference"):
+            check_choice(self, name)
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        if self.loss == "cdpo" and not 0 < self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing for cdpo must be in (0, 0.5), got {self.label_smoothing}")
+        if self.reference == "lora" and self.lora_r == 0:
+            raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
+
+
+@dataclass(frozen=True)
+class RPOConfig(PreferenceConfig):
+    """``rlxf rpo``: NVIDIA's reward-aware preference optimisation (needs chosen/rejected scores)."""
+
+    loss: str = option("rpo", "objective", choices=LOSSES)
+    beta: float = option(0.2, "β: implicit-reward scale (NeMo-Aligner default 0.2)")
+
+
+@dataclass(frozen=True)
+class ORPOConfig(PreferenceConfig):
+    """``rlxf orpo``: odds-ratio preference optimisation, reference-free."""
+
+    loss: str = option("orpo", "objective", choices=LOSSES)
+
+
+def _cache_key(cfg: PreferenceConfig, examples: list[dict]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.model, cfg.length_norm, cfg.dtype]).encode())
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def _pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(chosen, rejected) sequence log-probs [B] and the per-pair mean log-probs ORPO/NLL need.
+
+    ``logps_fn(input_ids, attention_mask) -> [2B, T-1]`` is the policy's or the reference's
+    :func:`rlxf.models.token_logps`.
+    """
+    from rlxf.models import mean_logps, sequence_logps
+
+    logps = logps_fn(batch["input_ids"], batch["attention_mask"])  # [2B, T-1]
+    mask = batch["completion_mask"][:, 1:]  # [2B, T-1] aligned with logps
+    means = mean_logps(logps, mask)  # [2B]
+    seq = means if length_norm else sequence_logps(logps, mask)  # [2B]
+    b = seq.shape[0] // 2
+    return seq[:b], seq[b:], {"mean_chosen": means[:b], "mean_rejected": means[b:]}
+
+
+def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict], pad_id: int, cache_dir: Path,
+                         device: torch.device) -> None:
+    """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
+    from rlxf.data import collate_preference
+
+    if not examples:
+        return
+    cache = cache_dir / f"ref_logps-{_cache_key(cfg, examples)}.pt"
+    if cache.exists():
+        values = torch.load(cache, weights_only=True)  # [N, 2]
+        log.info("reference log-probs: loaded %d pairs from %s", len(values), cache)
+    else:
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(examples), cfg.eval_batch_size):
+                batch = collate_preference(examples[start:start + cfg.eval_batch_size], pad_id)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                chosen, rejected, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
+                rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+        values = torch.cat(rows)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(values, cache)
+    for e, (c, r) in zip(examples, values.tolist()):
+        e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+
+
+def train(cfg: PreferenceConfig):
+    """Run the preference recipe; returns the ``FitResult`` (summary + output dir)."""
+    from rlxf.data import collate_preference, tokenize_preference
+    from rlxf.models import Reference, save_pretrained, token_logps
+
+    setup_logging()
+    recipe = cfg.loss
+    out = prepare_output_dir(cfg, recipe)
+    from rlxf.runtime import seed_everything
+
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model_for_training(cfg)
+    device = next(model.parameters()).device
+    train_rows, eval_rows = load_split_rows(cfg, "preference")
+    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
+    train_ex, stats = tokenize_preference(train_rows, tokenizer, **tok)
+    log.info("train pairs: %s", stats.summary())
+    eval_ex, eval_stats = tokenize_preference(eval_rows, tokenizer, **tok) if eval_rows else ([], None)
+    if cfg.loss == "rpo" and not all(e.get("chosen_score") is not None and e.get("rejected_score") is not None
+                                     for e in train_ex):
+        log.warning("rpo: some pairs have no chosen_score/rejected_score; using NeMo defaults %s for them",
+                    RPO_DEFAULT_SCORES)
+    reference = None
+    if cfg.loss != "orpo":
+        mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r > 0 else "copy")
+        reference = Reference.build(model, mode)
+        if cfg.precompute_ref:
+            precompute_reference(cfg, reference, train_ex + eval_ex, tokenizer.pad_token_id, out / "cache", device)
+            if mode == "copy":
+                reference = None  # the cached values are all we need: free the copy
+    pad_id = tokenizer.pad_token_id
+
+    def policy_logps(input_ids, attention_mask):
+        return token_logps(model, input_ids, attention_mask)
+
+    def collate(examples: list[dict]) -> dict:
+        batch = collate_preference(examples, pad_id)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # [B]
+            batch["ref_rejected"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # [B]
+        return batch
+
+    def forward(batch: dict) -> tuple[torch.Tensor, dict, dict]:
+        """Per-pair loss [B], metric tensors, and the pair log-probs."""
+        chosen, rejected, parts = _pair_logps(policy_logps, batch, cfg.length_norm)
+        if cfg.loss == "orpo":
+            nll = -parts["mean_chosen"]  # [B]
+            losses = orpo_loss(parts["mean_chosen"], parts["mean_rejected"], nll, lam=cfg.orpo_lambda)
+            log_odds = _log_odds(parts["mean_chosen"]) - _log_odds(parts["mean_rejected"])  # [B]
+            return losses, {"log_odds_ratio": log_odds, "nll": nll}, {}
+        if "ref_chosen" in batch:
+            ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+        else:
+            ref_c, ref_r, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
+        if cfg.loss in ("dpo", "cdpo"):
+            smoothing = cfg.label_smoothing if cfg.loss == "cdpo" else 0.0
+            losses = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, label_smoothing=smoothing)
+        elif cfg.loss == "ipo":
+            losses = ipo_loss(chosen, rejected, ref_c, ref_r, tau=cfg.beta)
+        else:
+            chosen_r, rejected_r = _scores(batch)
+            losses = rpo_loss(chosen, rejected, ref_c, ref_r, chosen_r, rejected_r, beta=cfg.beta, eta=cfg.rpo_eta,
+                              distance=cfg.rpo_distance)
+        extra = {}
+        if cfg.nll_alpha > 0:
+            nll = -parts["mean_chosen"]  # [B]
+            losses = losses + cfg.nll_alpha * nll
+            extra["nll"] = nll
+        return losses, extra, {"pairs": (chosen, rejected, ref_c, ref_r)}
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        losses, extra, pairs = forward(batch)
+        metrics = {k: v.mean().item() for k, v in extra.items()}
+        if pairs:
+            metrics.update(preference_metrics(*(t.detach() for t in pairs["pairs"]), beta=cfg.beta))
+        else:
+            metrics["log_odds_accuracy"] = _win_rate(extra["log_odds_ratio"])
+        return losses.mean(), metrics
+
+    def evaluate() -> dict:
+        if not eval_ex:
+            return {}
+        losses, extras, pairs = [], {}, []
+        for start in range(0, len(eval_ex), cfg.eval_batch_size):
+            batch = collate(eval_ex[start:start + cfg.eval_batch_size])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            l, extra, p = forward(batch)
+            losses.append(l.float().cpu())
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(v.float().cpu())
+            if p:
+                pairs.append(torch.stack([t.float().cpu() for t in p["pairs"]]))
+        metrics = {"loss": torch.cat(losses).mean().item()}
+        metrics.update({k: torch.cat(v).mean().item() for k, v in extras.items()})
+        if pairs:
+            metrics.update(preference_metrics(*torch.cat(pairs, dim=1), beta=cfg.beta))
+            metrics["accuracy"] = metrics["rewards/accuracy"]
+        else:
+            metrics["log_odds_accuracy"] = _win_rate(torch.cat(extras["log_odds_ratio"]))
+            metrics["accuracy"] = metrics["log_odds_accuracy"]
+        metrics.update(task_eval_metrics(cfg, model, tokenizer))
+        return metrics
+
+    def save_final(path: Path) -> None:
+        save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
+
+    if cfg.loss == "orpo":
+        panels = [Panel("log-odds accuracy", ["log_odds_accuracy"], ylabel="fraction"),
+                  Panel("log odds ratio (chosen − rejected)", ["log_odds_ratio"]),
+                  Panel("chosen NLL (token mean)", ["nll"]), Panel("loss", ["loss"])]
+    else:
+        panels = [Panel("implicit-reward accuracy", ["rewards/accuracy"], ylabel="fraction"),
+                  Panel("reward margin", ["rewards/margin"]),
+                  Panel("implicit rewards", ["rewards/chosen", "rewards/rejected"]),
+                  Panel("log-probs", ["logps/chosen", "logps/rejected"]), Panel("loss", ["loss"])]
+    panels += [Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
+               Panel("learning rate", ["lr"], split="train")]
+    headline = ("accuracy", "loss", "task_accuracy") + (("rewards/margin",) if cfg.loss != "orpo" else ("log_odds_ratio",))
+    data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
+                 "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
+    return fit(cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
+               collate=collate, loss_fn=loss_fn, evaluate=evaluate, panels=panels, headline=headline,
+               save_final=save_final, extra_summary=lambda: {"data": data_info})
+
+
+def _scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = torch.nan_to_num(batch["chosen_scores"], nan=RPO_DEFAULT_SCORES[0])  # [B]
+    rejected = torch.nan_to_num(batch["rejected_scores"], nan=RPO_DEFAULT_SCORES[1])  # [B]
+    return chosen, rejected
+
+
+def _log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """log(P / (1 − P)) for P = exp(mean log-prob) (ORPO's odds), computed stably."""
+    logp = mean_logps.clamp(max=-1e-6)
+    return logp - torch.log(-torch.expm1(logp))
+
+
+def _win_rate(values: torch.Tensor) -> float:
+    """Fraction of positive values, ties counting ½ (as preference_metrics)."""
+    return ((values > 0).float() + 0.5 * (values == 0).float()).mean().item()

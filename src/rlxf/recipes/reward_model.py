@@ -1,0 +1,102 @@
+"""Reward model: ``rlxf rm``.
+
+A scalar head on the last non-pad token (HF ``*ForSequenceClassification``, ``num_labels=1``)
+trained on preference pairs with Bradley-Terry (SPECS §2: optional per-pair margin, reward
+centering η(r_w + r_l)²) or COOL-RLHF's focal ranking loss with log-barrier (SPECS §8).
+Eval: held-out pairwise accuracy (chosen scored above rejected, ties ½) and score margins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlxf.config import check_choice, option
+from rlxf.losses import bradley_terry_loss, focal_ranking_loss
+from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
+                                 setup_logging)
+from rlxf.reporting import Panel
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(TrainConfig):
+    """Config of ``rlxf rm``."""
+
+    loss: str = option("bt", "bt = Bradley-Terry; focal = COOL-RLHF focal ranking + log-barrier",
+                       choices=("bt", "focal"))
+    use_margin: bool = option(True, "subtract the dataset's per-pair 'margin' inside the BT sigmoid when present")
+    center_coef: float = option(0.0, "reward centering η (Eisenstein et al.; TRL recommends 0.01)")
+    focal_gamma: float = option(2.0, "focal loss γ")
+    barrier_weight: float = option(0.01, "focal loss log-barrier weight λ (xtuner default)")
+    barrier_bound: float = option(5.0, "log-barrier keeps scores inside (−bound, bound)")
+    lr: float = option(5e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~1e-5 for real LLMs")
+    max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self, "loss")
+
+
+def train(cfg: RewardModelConfig):
+    from rlxf.data import collate_preference, tokenize_preference
+    from rlxf.models import reward_scores, save_pretrained
+    from rlxf.runtime import seed_everything
+
+    setup_logging()
+    out = prepare_output_dir(cfg, "rm")
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model_for_training(cfg, reward_model=True)
+    device = next(model.parameters()).device
+    train_rows, eval_rows = load_split_rows(cfg, "preference")
+    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
+    train_ex, stats = tokenize_preference(train_rows, tokenizer, **tok)
+    eval_ex = tokenize_preference(eval_rows, tokenizer, **tok)[0] if eval_rows else []
+
+    def collate(examples):
+        return collate_preference(examples, tokenizer.pad_token_id)
+
+    def forward(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # [2B]
+        chosen, rejected = scores.chunk(2)  # [B], [B]
+        if cfg.loss == "focal":
+            losses = focal_ranking_loss(chosen, rejected, gamma=cfg.focal_gamma, barrier_weight=cfg.barrier_weight,
+                                        bound=cfg.barrier_bound)
+        else:
+            margin = batch["margin"] if cfg.use_margin and batch["has_margin"] else None
+            losses = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.center_coef)
+        return losses, chosen, rejected
+
+    def pair_metrics(chosen, rejected) -> dict:
+        diff = (chosen - rejected).detach().float()
+        return {"accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(),
+                "margin": diff.mean().item(), "score/chosen": chosen.detach().float().mean().item(),
+                "score/rejected": rejected.detach().float().mean().item()}
+
+    def loss_fn(batch):
+        losses, chosen, rejected = forward(batch)
+        return losses.mean(), pair_metrics(chosen, rejected)
+
+    def evaluate() -> dict:
+        if not eval_ex:
+            return {}
+        losses, chosen, rejected = [], [], []
+        for start in range(0, len(eval_ex), cfg.eval_batch_size):
+            batch = collate(eval_ex[start:start + cfg.eval_batch_size])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            l, c, r = forward(batch)
+            losses.append(l.float().cpu()), chosen.append(c.float().cpu()), rejected.append(r.float().cpu())
+        return {"loss": torch.cat(losses).mean().item(), **pair_metrics(torch.cat(chosen), torch.cat(rejected))}
+
+    def save_final(path: Path) -> None:
+        save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
+
+    panels = [Panel("pairwise accuracy", ["accuracy"], ylabel="fraction"), Panel("score margin", ["margin"]),
+              Panel("scores", ["score/chosen", "score/rejected"]), Panel("loss", ["loss"]),
+              Panel("learning rate", ["lr"], split="train")]
+    return fit(cfg, recipe="rm", out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
+               collate=collate, loss_fn=loss_fn, evaluate=evaluate, panels=panels,
+               headline=("accuracy", "margin", "loss"), save_final=save_final,
+               extra_summary=lambda: {"data": {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex),
+                                               "tokenization": stats.as_dict()}})

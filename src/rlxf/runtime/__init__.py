@@ -1,0 +1,7 @@
+"""Process-level plumbing: seeding and RNG state, atomic checkpoints and resume."""
+
+from rlxf.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlxf.runtime.seed import get_rng_state, seed_everything, set_rng_state
+
+__all__ = ["get_rng_state", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "seed_everything",
+           "set_rng_state"]

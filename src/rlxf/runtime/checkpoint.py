@@ -1,0 +1,97 @@
+"""Atomic checkpoints: ``output_dir/checkpoints/step-N/``.
+
+A checkpoint holds the model in Hugging Face format (``save_pretrained``; for LoRA runs the adapter),
+``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` and ``state.json`` (step, data position, metrics so far).
+It is written to ``step-N.tmp-<pid>`` and renamed into place, so a run killed mid-write leaves
+no half checkpoint; ``latest_checkpoint`` only sees complete ones. ``.pt`` files are loaded with
+``weights_only=True`` (no arbitrary pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlxf.runtime.seed import get_rng_state, set_rng_state
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "state.json").exists():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root``, or None."""
+    found = _checkpoints(Path(root))
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
+                    keep: int = 2) -> Path:
+    """Write ``root/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f"step-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(get_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_model_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} has no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    params = dict(model.named_parameters())
+    # tied weights (e.g. lm_head = embed_tokens) are stored once; anything else missing is an error
+    missing = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model weights, optimizer, scheduler and RNG from ``path``; return ``state.json``."""
+    path = Path(path)
+    _load_model_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())

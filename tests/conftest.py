@@ -1,0 +1,34 @@
+"""Shared pytest fixtures (keep small; add yours below)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model_dir(tmp_path_factory):
+    """Random-init Llama (hidden 64, 2 layers, vocab 103, tied) + the char tokenizer, in HF format."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=103, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-random") / "model"
+    model.save_pretrained(str(path))
+    build_tokenizer().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def tokenizer():
+    """A fresh copy of the embedded character tokenizer (vocab 103, pad 0, bos 1, eos 2)."""
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    return build_tokenizer()

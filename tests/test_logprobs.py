@@ -1,0 +1,210 @@
+"""rlxf.models.logprobs: the chunked log-prob path equals the naive full-logits path (values and grads)."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rlxf.models import (apply_lora, logps_from_logits, mean_logps, reward_scores, sequence_logps,
+                         token_logps)
+from rlxf.models.logprobs import _split_head
+
+LENGTHS = (11, 7, 4, 9)
+
+
+def naive_token_logps(model, input_ids, attention_mask, temperature=1.0):
+    """Full logits → float64 log_softmax → gather the next token: the obviously correct version."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()  # [B, T, V]
+    logps = torch.log_softmax(logits / temperature, dim=-1)[:, :-1]
+    return logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)                     # [B, T-1]
+
+
+def right_padded_batch(lengths=LENGTHS, seed=0, vocab=103):
+    """Random token rows of the given lengths, right-padded with pad id 0."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = torch.randint(3, vocab, (n,), generator=gen)
+        attention_mask[i, :n] = 1
+    return input_ids, attention_mask
+
+
+@pytest.fixture
+def model(tiny_random_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_random_model_dir), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_matches_naive(model, chunk_size, temperature):
+    input_ids, attention_mask = right_padded_batch()
+    fast = token_logps(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size)
+    naive = naive_token_logps(model, input_ids, attention_mask, temperature)
+    real = attention_mask[:, 1:].bool()
+    assert fast.shape == (len(LENGTHS), max(LENGTHS) - 1)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast[real].double(), naive[real], rtol=0, atol=2e-5)
+    assert torch.all(fast[~real] == 0)
+
+
+def test_temperature_changes_logps(model):
+    input_ids, attention_mask = right_padded_batch()
+    cold = token_logps(model, input_ids, attention_mask, temperature=0.5)
+    warm = token_logps(model, input_ids, attention_mask, temperature=1.0)
+    assert (cold - warm).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="temperature"):
+        token_logps(model, input_ids, attention_mask, temperature=0.0)
+
+
+def test_padding_does_not_affect_real_positions(model):
+    input_ids, attention_mask = right_padded_batch()
+    batched = token_logps(model, input_ids, attention_mask, chunk_size=5)
+    for i, n in enumerate(LENGTHS):
+        alone = token_logps(model, input_ids[i:i + 1, :n], attention_mask[i:i + 1, :n])
+        torch.testing.assert_close(batched[i, :n - 1], alone[0], rtol=0, atol=1e-5)
+        # more right padding, different pad contents: same values
+        extra_ids = torch.cat([input_ids[i:i + 1, :n], torch.full((1, 6), 57)], dim=1)
+        extra_mask = torch.cat([attention_mask[i:i + 1, :n], torch.zeros(1, 6, dtype=torch.long)], dim=1)
+        padded = token_logps(model, extra_ids, extra_mask)
+        torch.testing.assert_close(padded[0, :n - 1], alone[0], rtol=0, atol=1e-5)
+
+
+def test_left_padding_matches_unpadded(model):
+    """Position ids come from the mask, so a left-padded row scores like the unpadded row."""
+    right_ids, right_mask = right_padded_batch()
+    width = right_ids.shape[1]
+    left_ids, left_mask = torch.zeros_like(right_ids), torch.zeros_like(right_mask)
+    for i, n in enumerate(LENGTHS):
+        left_ids[i, width - n:] = right_ids[i, :n]
+        left_mask[i, width - n:] = 1
+    left = token_logps(model, left_ids, left_mask)
+    for i, n in enumerate(LENGTHS):
+        alone = token_logps(model, right_ids[i:i + 1, :n], right_mask[i:i + 1, :n])
+        torch.testing.assert_close(left[i, width - n:], alone[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4096])
+def test_gradients_match_naive(model, tiny_random_model_dir, chunk_size):
+    from transformers import AutoModelForCausalLM
+
+    reference_model = AutoModelForCausalLM.from_pretrained(str(tiny_random_model_dir), dtype=torch.float32)
+    input_ids, attention_mask = right_padded_batch()
+    completion_mask = attention_mask.clone()
+    completion_mask[:, :2] = 0                                                 # prompt = first 2 tokens
+    mask = completion_mask[:, 1:]
+
+    fast = token_logps(model, input_ids, attention_mask, temperature=0.7, chunk_size=chunk_size)
+    (sequence_logps(fast, mask).sum()).backward()
+    naive = naive_token_logps(reference_model, input_ids, attention_mask, temperature=0.7)
+    (sequence_logps(naive, mask).sum()).backward()
+
+    grads = dict(reference_model.named_parameters())
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_grad_gives_plain_tensor(model):
+    input_ids, attention_mask = right_padded_batch()
+    with torch.no_grad():
+        out = token_logps(model, input_ids, attention_mask, chunk_size=4)
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_lora_adapters_are_active(model):
+    input_ids, attention_mask = right_padded_batch()
+    with torch.no_grad():
+        base = token_logps(model, input_ids, attention_mask)
+    peft_model = apply_lora(model, r=4)
+    assert _split_head(peft_model) is not None                                # chunked path, not fallback
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:                                               # B = 0 at init
+                param.normal_(0, 0.5)
+        lora = token_logps(peft_model, input_ids, attention_mask, chunk_size=7)
+        naive = naive_token_logps(peft_model, input_ids, attention_mask)
+    real = attention_mask[:, 1:].bool()
+    assert (lora - base)[real].abs().max() > 1e-3
+    torch.testing.assert_close(lora[real].double(), naive[real], rtol=0, atol=2e-5)
+
+
+def test_final_logit_softcapping_is_applied():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=103, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                          final_logit_softcapping=0.5, pad_token_id=0)
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(config).eval()
+    input_ids, attention_mask = right_padded_batch()
+    with torch.no_grad():
+        fast = token_logps(gemma, input_ids, attention_mask, temperature=0.7, chunk_size=5)
+        naive = naive_token_logps(gemma, input_ids, attention_mask, temperature=0.7)
+    real = attention_mask[:, 1:].bool()
+    torch.testing.assert_close(fast[real].double(), naive[real], rtol=0, atol=2e-5)
+
+
+class _LogitsOnly(nn.Module):
+    """A model with no separable head: only full logits come out."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask, position_ids=None, use_cache=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return SimpleNamespace(logits=out.logits)
+
+
+def test_fallback_full_forward_warns_and_matches(model, caplog):
+    input_ids, attention_mask = right_padded_batch()
+    with caplog.at_level(logging.WARNING, logger="rlxf.models"):
+        fast = token_logps(_LogitsOnly(model), input_ids, attention_mask, temperature=0.7, chunk_size=4)
+    assert "full forward" in caplog.text
+    naive = naive_token_logps(model, input_ids, attention_mask, temperature=0.7)
+    real = attention_mask[:, 1:].bool()
+    torch.testing.assert_close(fast[real].double(), naive[real].detach(), rtol=0, atol=2e-5)
+
+
+def test_logps_from_logits_matches_log_softmax():
+    logits = torch.randn(5, 3, 11, dtype=torch.bfloat16)
+    labels = torch.randint(0, 11, (5, 3))
+    out = logps_from_logits(logits, labels, temperature=0.7)
+    expected = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_sequence_and_mean_logps_by_hand():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -float("inf"), -4.0]])
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    torch.testing.assert_close(sequence_logps(logps, mask), torch.tensor([-5.0, -0.5]))
+    torch.testing.assert_close(mean_logps(logps, mask), torch.tensor([-2.5, -0.5]))
+    torch.testing.assert_close(sequence_logps(logps, torch.zeros_like(mask)), torch.zeros(2))
+
+
+def test_mean_logps_rejects_empty_rows_and_bad_shapes():
+    logps = torch.randn(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+        mean_logps(logps, mask)
+    with pytest.raises(ValueError, match="completion_mask"):
+        sequence_logps(logps, torch.ones(3, 5))
+
+
+def test_reward_scores_requires_real_tokens(tiny_random_model_dir):
+    from rlxf.models import load_reward_model
+
+    reward_model = load_reward_model(str(tiny_random_model_dir), device="cpu", dtype="float32")
+    input_ids, attention_mask = right_padded_batch()
+    attention_mask[2] = 0
+    with pytest.raises(ValueError, match="no real tokens"):
+        reward_scores(reward_model, input_ids, attention_mask)
