@@ -183,7 +183,7 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
 
 def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                       device: str | torch.device | None = None, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None):
+                      pad_token_id: int | None = None, resize_to: int | None = None):
     """Load a scalar reward model (``AutoModelForSequenceClassification``, ``num_labels=1``).
 
     From a causal-LM checkpoint the body is reused and a fresh ``score`` head is initialised
@@ -191,7 +191,7 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
     ``config.pad_token_id`` is set (``pad_token_id`` or the checkpoint's, else its EOS id) so that
     a plain ``model(...)`` call reads the score at the last non-pad token; :func:`rlxf.models.
     logprobs.reward_scores` reads it from the attention mask instead, which is also right when
-    pad == EOS.
+    pad == EOS. ``resize_to`` grows the embeddings (a pad token was added), as in :func:`load_policy`.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -210,6 +210,8 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
             trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _load_error(name_or_path, source, err, what="reward model") from err
+    if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(resize_to)
     return model.to(device)
 
 

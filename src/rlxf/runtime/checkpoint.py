@@ -78,10 +78,10 @@ def _load_model_weights(model, path: Path) -> None:
     for f in files:
         state.update(load_file(str(f)))
     result = model.load_state_dict(state, strict=False)
-    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-    params = dict(model.named_parameters())
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in state if k in tensors}
     # tied weights (e.g. lm_head = embed_tokens) are stored once; anything else missing is an error
-    missing = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+    missing = [k for k in result.missing_keys if tensors[k].data_ptr() not in loaded]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")

@@ -1,0 +1,184 @@
+"""Recipes end to end on small models: resume, LoRA, bad input and faults.
+
+Learning curves on the embedded tiny model (the acceptance numbers) are in test_learning.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlxf.cli import main
+from rlxf.config import build_config
+from rlxf.recipes.common import FAULT_ENV, TrainingError
+from rlxf.reporting import read_metrics
+
+FAST = {"task_size": 96, "eval_size": 32, "batch_size": 8, "eval_batch_size": 32, "progress": False,
+        "log_every": 1, "warmup_steps": 2, "threads": 1}
+
+
+def _cfg(recipe: str, model_dir: Path, out: Path, **overrides):
+    from rlxf.cli import _config_class
+
+    return build_config(_config_class(recipe), {"model": str(model_dir), "output_dir": str(out), **FAST, **overrides})
+
+
+def _train(recipe: str, cfg):
+    import importlib
+
+    from rlxf.cli import RECIPES
+
+    return importlib.import_module(RECIPES[recipe][0]).train(cfg)
+
+
+def _flags(values: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("dpo", {}), ("dpo", {"loss": "ipo"}), ("dpo", {"loss": "cdpo"}), ("dpo", {"nll_alpha": 1.0}),
+    ("rpo", {}), ("rpo", {"rpo_distance": "sq"}), ("orpo", {}), ("rm", {}), ("rm", {"loss": "focal"}),
+    ("sft", {"eval_generate": 4, "max_new_tokens": 8}),
+])
+def test_every_recipe_writes_the_run_files(recipe, extra, tiny_random_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _train(recipe, _cfg(recipe, tiny_random_model_dir, out, max_steps=3, **extra))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.png", "report.html"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_model"] == str(out / "final")
+    assert summary["recipe"] == result.summary["recipe"]
+    rows = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert (out / "checkpoints" / "step-3" / "state.json").exists()
+    assert (out / "final" / "config.json").exists()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_random_model_dir, tmp_path):
+    common = {**FAST, "model": str(tiny_random_model_dir), "max_steps": 12, "save_every": 4, "eval_every": 4}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["dpo", *_flags({**common, "output_dir": straight})]) == 0
+    cmd = [sys.executable, "-m", "rlxf", "dpo", *_flags({**common, "output_dir": killed})]
+    env = {**os.environ, FAULT_ENV: "6", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-4"]  # step 6 never saved
+    assert not (killed / "summary.json").exists()
+    assert main(["dpo", *_flags({**common, "output_dir": killed, "resume": "true"})]) == 0
+
+    def comparable(run):
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in read_metrics(run)]
+
+    a, b = comparable(straight), comparable(killed)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ra["step"], key)
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    for key in ("final/accuracy", "final/loss", "start/accuracy", "final/rewards/margin"):
+        assert sb[key] == pytest.approx(sa[key], rel=1e-4, abs=1e-6), key
+
+
+def test_lora_dpo_saves_adapter_and_a_merged_model_transformers_can_load(tiny_random_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    _train("dpo", _cfg("dpo", tiny_random_model_dir, out, max_steps=4, lora_r=4, lr=1e-2))
+    final = out / "final"
+    assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir)
+    ids = torch.tensor([[1, 9, 10, 71, 11, 12]])
+    assert not torch.allclose(merged(ids).logits, base(ids).logits)  # the adapter was trained and merged
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert rows[-1]["rewards/margin"] != 0.0  # reference = base with adapters disabled, policy moved away
+
+
+def test_malformed_rows_stop_with_file_and_line(tiny_random_model_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    good = {"prompt": "1+1=?", "chosen": " #2", "rejected": " #3"}
+    data.write_text("\n".join([json.dumps(good)] * 20 + ['{"prompt": "2+2=?", "chosen": " #4"}']) + "\n")
+    code = main(["dpo", *_flags({**FAST, "model": tiny_random_model_dir, "dataset": data,
+                                 "output_dir": tmp_path / "run", "max_steps": 1})])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:21" in err and "rejected" in err
+
+
+def test_malformed_json_line_and_skip_invalid(tiny_random_model_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "1+1=?", "chosen": " #2", "rejected": " #3"})
+    data.write_text("\n".join([good] * 20 + ['{"prompt": "2+2=?", "chosen": " #4", "rejected":']) + "\n")
+    args = {**FAST, "model": tiny_random_model_dir, "dataset": data, "max_steps": 1, "eval_holdout": 0.1}
+    assert main(["dpo", *_flags({**args, "output_dir": tmp_path / "a"})]) == 1
+    assert "pairs.jsonl:21" in capsys.readouterr().err
+
+
+def test_empty_dataset_is_a_clear_error(tiny_random_model_dir, tmp_path, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    assert main(["sft", *_flags({**FAST, "model": tiny_random_model_dir, "dataset": data,
+                                 "output_dir": tmp_path / "run"})]) == 1
+    assert "no rows" in capsys.readouterr().err
+
+
+def test_prompts_longer_than_max_length_are_dropped_and_counted(tiny_random_model_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": "1+1=?", "completion": " #2"}] * 30 + [{"prompt": "9" * 300, "completion": " #9"}] * 3
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    _train("sft", _cfg("sft", tiny_random_model_dir, out, dataset=str(data), max_steps=2, max_length=64,
+                       max_prompt_length=32, eval_holdout=0.0))
+    stats = json.loads((out / "summary.json").read_text())["data"]["tokenization"]
+    assert stats["dropped"] == 3 and stats["rows_out"] == 30
+
+
+def test_tokenizer_without_pad_token_trains(tiny_random_model_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "nopad"
+    shutil.copytree(tiny_random_model_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    _train("dpo", _cfg("dpo", model_dir, out, max_steps=2))
+    assert (out / "final" / "config.json").exists()
+
+
+def test_non_finite_loss_stops_and_names_the_last_checkpoint(tiny_random_model_dir, tmp_path, monkeypatch):
+    import rlxf.recipes.sft as sft
+
+    calls = {"n": 0}
+    real = sft.completion_nll
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(sft, "completion_nll", poisoned)
+    out = tmp_path / "run"
+    cfg = _cfg("sft", tiny_random_model_dir, out, max_steps=10, save_every=2, eval_every=0)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5; last good checkpoint: .*step-4"):
+        _train("sft", cfg)
+    assert (out / "checkpoints" / "step-4" / "state.json").exists()  # 1 eval call + 4 good steps
+
+
+def test_rpo_without_scores_uses_nemo_defaults(tiny_random_model_dir, tmp_path, caplog):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i}+1=?", "chosen": f" #{i + 1}", "rejected": f" #{i}"})
+                              for i in range(40)) + "\n")
+    with caplog.at_level("WARNING"):
+        _train("rpo", _cfg("rpo", tiny_random_model_dir, tmp_path / "run", dataset=str(data), max_steps=2))
+    assert "NeMo defaults" in caplog.text
