@@ -77,8 +77,9 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many step checkpoints to keep")
     resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = option("auto", "parameter dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16")
-    autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32")
+    dtype: str = option("auto", "parameter dtype: auto (fp32 master weights; with --autocast, bf16 compute on "
+                        "CUDA) | float32 | bfloat16 | float16")
+    autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32 (mixed precision)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -177,7 +178,8 @@ def load_model_for_training(cfg: TrainConfig, *, reward_model: bool = False):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
+    dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     added_pad = ensure_pad_token(tokenizer)
     resize = len(tokenizer) if added_pad else None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rlxf.recipes.evaluation import task_accuracy
 from rlxf.tasks import get_task
 from rlxf.zoo.tokenizer import build_tokenizer
 
@@ -87,29 +88,6 @@ def _batch(examples, pad_id):
     return ids, mask, labels
 
 
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, task_name: str, n: int = 200, max_new_tokens: int = 64) -> float:
-    """Greedy held-out accuracy of ``model`` on ``n`` eval problems of a built-in task."""
-    task = get_task(task_name)
-    problems = task.problems("eval", n, seed=0)
-    model.eval()
-    correct = 0
-    for start in range(0, n, 50):
-        chunk = problems[start:start + 50]
-        enc = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        width = max(map(len, enc))
-        ids = torch.full((len(enc), width), tokenizer.pad_token_id)
-        att = torch.zeros_like(ids)
-        for i, e in enumerate(enc):  # left padding for generation
-            ids[i, width - len(e):] = torch.tensor(e)
-            att[i, width - len(e):] = 1
-        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for p, seq in zip(chunk, out[:, width:]):
-            correct += task.verify(tokenizer.decode(seq, skip_special_tokens=True), p.answer)
-    return correct / n
-
-
 def build(output: Path, cfg: BuildConfig = BuildConfig(), log=print, snapshots: Path | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -146,11 +124,11 @@ def build(output: Path, cfg: BuildConfig = BuildConfig(), log=print, snapshots: 
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
         if snapshots is not None and (step + 1) % cfg.eval_every == 0:
-            acc = {name: greedy_accuracy(model, tokenizer, name) for name in cfg.tasks}
+            acc = {name: task_accuracy(model, tokenizer, name, n=200) for name in cfg.tasks}
             log(f"step {step + 1}: greedy held-out accuracy {acc}")
             model.save_pretrained(snapshots / f"step-{step + 1}", safe_serialization=True)
             model.train()
-    accuracy = {name: greedy_accuracy(model, tokenizer, name) for name in cfg.tasks}
+    accuracy = {name: task_accuracy(model, tokenizer, name, n=200) for name in cfg.tasks}
     log(f"greedy held-out accuracy: {accuracy}")
     output.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
