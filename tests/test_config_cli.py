@@ -71,6 +71,13 @@ def test_example_config_selects_the_method_its_name_says(name, loss):
         assert cfg.lora_r > 0
 
 
+def test_dpo_tiny_config_holds_the_demo_settings():
+    from rlxf.cli import DEMO
+
+    cfg = build_config(_config_class("dpo"), load_yaml(ROOT / "configs" / "dpo_tiny.yaml"))
+    assert {k: getattr(cfg, k) for k in DEMO} == DEMO
+
+
 def test_real_model_example_is_a_realistic_lora_run():
     cfg = build_config(_config_class("dpo"), load_yaml(ROOT / "configs" / "dpo_qwen_lora.yaml"))
     assert cfg.model == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -258,6 +265,13 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo"}
 OTHER_FLAGS = {"--config", "--help", "--output", "--steps"}  # --config, argparse, `rlxf zoo build`
+DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
+
+
+def _doc_path(doc: str) -> Path:
+    path = ROOT / doc
+    assert path.exists(), f"{doc} is missing"
+    return path
 
 
 def _flags_of(recipe: str) -> set[str]:
@@ -270,18 +284,37 @@ def _documented_flags(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("doc", sorted(DOC_RECIPE))
 def test_method_page_documents_only_real_flags(doc):
-    path = ROOT / "docs" / "methods" / doc
-    if not path.exists():
-        pytest.skip(f"{path} not written yet")
+    path = _doc_path(f"docs/methods/{doc}")
     unknown = _documented_flags(path) - _flags_of(DOC_RECIPE[doc]) - OTHER_FLAGS
     assert not unknown, f"{doc} documents flags that `rlxf {DOC_RECIPE[doc]}` does not have: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/tasks.md", "docs/tiny-model.md", "docs/index.md"])
 def test_other_pages_document_only_real_flags(doc):
-    path = ROOT / doc
-    if not path.exists():
-        pytest.skip(f"{path} not written yet")
-    known = set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS
+    path = _doc_path(doc)
+    known = set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS | DOC_EXAMPLES
     unknown = _documented_flags(path) - known
     assert not unknown, f"{doc} documents flags rlxf does not have: {sorted(unknown)}"
+
+
+def _documented_defaults(path: Path) -> list[tuple[str, str]]:
+    """(flag, default) from table rows written as | `--flag` | `default` | meaning |."""
+    return re.findall(r"^\| `(--[a-z0-9-]+)` \| `([^`]*)` \|", path.read_text(), flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("doc,recipe", [("docs/cli.md", None), ("docs/tasks.md", None),
+                                        *((f"docs/methods/{d}", r) for d, r in sorted(DOC_RECIPE.items()))])
+def test_documented_defaults_match_the_config_dataclasses(doc, recipe):
+    from rlxf.recipes.common import TrainConfig
+
+    cls = TrainConfig if recipe is None else _config_class(recipe)
+    rows = _documented_defaults(_doc_path(doc))
+    assert rows, f"{doc}: no option table found"
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for flag, text in rows:
+        name = flag[2:].replace("-", "_")
+        assert name in defaults, f"{doc}: {flag} is not an option of {cls.__name__}"
+        documented = "" if text == '""' else coerce(cls, name, text)
+        assert documented == defaults[name], f"{doc}: {flag} documented default {text}, actual {defaults[name]!r}"
+    if doc == "docs/cli.md":  # the shared-options table is complete
+        assert {flag[2:].replace("-", "_") for flag, _ in rows} == set(defaults)

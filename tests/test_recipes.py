@@ -182,3 +182,25 @@ def test_rpo_without_scores_uses_nemo_defaults(tiny_random_model_dir, tmp_path, 
     with caplog.at_level("WARNING"):
         _train("rpo", _cfg("rpo", tiny_random_model_dir, tmp_path / "run", dataset=str(data), max_steps=2))
     assert "NeMo defaults" in caplog.text
+
+
+def test_resuming_a_finished_run_keeps_its_summary_and_best_loss_is_the_lowest(tiny_random_model_dir, tmp_path):
+    out = tmp_path / "run"
+    first = _train("dpo", _cfg("dpo", tiny_random_model_dir, out, max_steps=4, eval_every=2, lr=1e-2)).summary
+    again = _train("dpo", _cfg("dpo", tiny_random_model_dir, out, max_steps=4, eval_every=2, lr=1e-2,
+                               resume=True)).summary
+    assert again["final/accuracy"] == first["final/accuracy"] is not None
+    evals = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert len(evals) == 3  # steps 0, 2, 4 — no duplicated rows after the resume
+    assert first["best/loss"] == pytest.approx(min(evals))
+
+
+def test_demo_moves_a_finished_previous_demo_aside(tmp_path):
+    from rlxf.cli import _keep_previous_demo
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "summary.json").write_text("{}")
+    _keep_previous_demo(demo, resume=False)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
+    assert not demo.exists() and len(kept) == 1 and (kept[0] / "summary.json").exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
+from pathlib import Path
 
 from rlxf.config import ConfigError, add_arguments, build_config, parse_args
 
@@ -15,7 +17,7 @@ from rlxf.config import ConfigError, add_arguments, build_config, parse_args
 RECIPES: dict[str, tuple[str, str, str]] = {
     "sft": ("rlxf.recipes.sft", "SFTConfig", "supervised fine-tuning on prompt/completion or messages"),
     "rm": ("rlxf.recipes.reward_model", "RewardModelConfig",
-           "reward model: Bradley-Terry (margin, centering, soft labels) or focal ranking"),
+           "reward model: Bradley-Terry (margin, centering) or focal ranking"),
     "dpo": ("rlxf.recipes.preference", "PreferenceConfig", "DPO / IPO / cDPO / DPO+NLL on preference pairs"),
     "rpo": ("rlxf.recipes.preference", "RPOConfig", "NVIDIA reward-aware preference optimisation (scored pairs)"),
     "orpo": ("rlxf.recipes.preference", "ORPOConfig", "odds-ratio preference optimisation (reference-free)"),
@@ -40,12 +42,22 @@ def _run(name: str, cfg) -> int:
     return 0
 
 
+def _keep_previous_demo(out: Path, *, resume: bool) -> None:
+    """A finished demo in ``out`` is moved to ``out-<date>-<time>`` so a new demo never overwrites it."""
+    if resume or not (out / "summary.json").exists():
+        return
+    kept = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime((out / 'summary.json').stat().st_mtime))}")
+    out.rename(kept)
+    print(f"rlxf demo: the previous demo was moved to {kept}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.")
+    parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in RECIPES.items():
         p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. "
-                           "Flags override values from --config.")
+                           "Flags override values from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
         add_arguments(p, _config_class(name))
     demo = sub.add_parser("demo", help="DPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_args(_config_class(args.command), args)
             return _run(args.command, cfg)
         if args.command == "demo":
+            _keep_previous_demo(Path(args.output_dir), resume=args.resume)
             cls = _config_class("dpo")
             values = {**DEMO, "output_dir": args.output_dir, "max_steps": args.max_steps, "resume": args.resume}
             return _run("dpo", build_config(cls, values, where="rlxf demo"))
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlxf.data import DataError
         from rlxf.recipes.common import TrainingError
 
-        if isinstance(exc, (DataError, TrainingError, FileNotFoundError)):
+        if isinstance(exc, (DataError, TrainingError, OSError)):
             print(f"rlxf: error: {exc}", file=sys.stderr)
             return 1
         raise

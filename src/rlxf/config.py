@@ -55,14 +55,24 @@ def _parse_bool(text: str | bool) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
-def coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the declared type of field ``name`` (clear error otherwise)."""
+def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
+    """Convert a YAML/CLI value to the declared type of field ``name`` (clear error otherwise).
+
+    Lists of strings (YAML ``[q_proj, v_proj]``) become comma-separated strings; YAML booleans
+    are not numbers.
+    """
     hints = typing.get_type_hints(cls)
     kind, optional = _base_type(hints[name])
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ConfigError(f"{name}: a value is required (type {kind.__name__})")
+        raise ConfigError(f"{where}: {name}: a value is required (type {kind.__name__})")
+    if isinstance(value, bool) and kind in (int, float):
+        raise ConfigError(f"{where}: {name}: expected a number, got the boolean {value}")
+    if isinstance(value, (list, tuple)):
+        if kind is str and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        raise ConfigError(f"{where}: {name}: expected a single {kind.__name__}, got a list {value!r}")
     try:
         if kind is bool:
             return _parse_bool(value)
@@ -75,7 +85,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
         if kind is str:
             return str(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: cannot read {value!r} as {kind.__name__} ({exc})") from None
+        raise ConfigError(f"{where}: {name}: cannot read {value!r} as {kind.__name__} ({exc})") from None
     return value
 
 
@@ -109,7 +119,7 @@ def build_config(cls: type, values: dict, *, where: str = "config") -> Any:
         name = key.replace("-", "_")
         if name not in names:
             raise _unknown_key_error(cls, key, where)
-        kwargs[name] = coerce(cls, name, value)
+        kwargs[name] = coerce(cls, name, value, where)
     return cls(**kwargs)
 
 

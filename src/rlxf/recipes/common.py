@@ -45,13 +45,14 @@ class TrainConfig:
                           "a saved HF dataset directory or a hub dataset name")
     eval_dataset: str | None = option(None, "held-out data (default: the task's eval split, or a holdout "
                                       "of eval_holdout of a file dataset)")
+    eval_split: str = option("test", "split of a hub/saved eval_dataset to use (tasks use their eval split)")
     eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset")
     task_size: int = option(2000, "training rows drawn from a built-in task")
     eval_size: int = option(256, "eval rows drawn from a built-in task (also caps file eval sets)")
     pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
                             choices=("mixed", "correctness", "conciseness"))
     skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
-    output_dir: str = option("", "where the run writes its files (default: runs/<recipe>)")
+    output_dir: str | None = option(None, "where the run writes its files (None = runs/<recipe>)")
     seed: int = option(0, "random seed (data order, init of new heads)")
     max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
     epochs: float = option(1.0, "passes over the training data when max_steps is 0")
@@ -81,10 +82,12 @@ class TrainConfig:
                         "CUDA) | float32 | bfloat16 | float16")
     autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32 (mixed precision)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
+    disable_dropout: bool = option(True, "set dropout to 0 in the trained model (TRL's default)")
     lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.0, "LoRA dropout")
-    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts, "
+                               "or all-linear")
     merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard)")
@@ -177,9 +180,12 @@ def load_model_for_training(cfg: TrainConfig, *, reward_model: bool = False):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
-    dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+    try:
+        device = resolve_device(cfg.device)
+        # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
+        dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+    except ValueError as exc:
+        raise ConfigError(f"--device/--dtype: {exc}") from None
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     added_pad = ensure_pad_token(tokenizer)
     resize = len(tokenizer) if added_pad else None
@@ -192,11 +198,27 @@ def load_model_for_training(cfg: TrainConfig, *, reward_model: bool = False):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.lora_r > 0:
-        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=targets, task_type="SEQ_CLS" if reward_model else "CAUSAL_LM")
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else tuple(
+            t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        try:
+            model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               target_modules=targets, task_type="SEQ_CLS" if reward_model else "CAUSAL_LM")
+        except ValueError as exc:
+            raise ConfigError(f"--lora-targets: {exc}") from None
     return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (as TRL does by default): policy log-probs stay
+    deterministic and comparable with the reference's."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def load_split_rows(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
@@ -206,7 +228,8 @@ def load_split_rows(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
     opts = dict(kind=kind, seed=cfg.seed, pair_kind=cfg.pair_kind)
     train = load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts)
     if cfg.eval_dataset:
-        evals = load_rows(cfg.eval_dataset, split="eval", task_size=cfg.eval_size, limit=cfg.eval_size, **opts)
+        split = "eval" if cfg.eval_dataset.startswith("task:") else cfg.eval_split
+        evals = load_rows(cfg.eval_dataset, split=split, task_size=cfg.eval_size, limit=cfg.eval_size, **opts)
     elif cfg.dataset.startswith("task:"):
         evals = load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size, **opts)
     else:
@@ -245,11 +268,12 @@ class FitResult:
 
 def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_examples: list,
         collate: Callable[[list], dict], loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
-        evaluate: Callable[[], dict], panels: list[Panel], headline: tuple[str, ...],
+        evaluate: Callable[[], dict], panels: list[Panel], headline: dict[str, str],
         save_final: Callable[[Path], None], extra_summary: Callable[[], dict] | None = None) -> FitResult:
     """Train ``model`` on ``train_examples``; see the module docstring.
 
-    ``headline``: eval metric names recorded as ``start/<m>`` and ``final/<m>`` in summary.json.
+    ``headline``: eval metric name -> "max" or "min" (which way is better); each is recorded as
+    ``start/<m>``, ``final/<m>`` and ``best/<m>`` in summary.json.
     ``save_final(path)`` writes the final model (HF format) to ``path``.
     """
     from rlxf.data import EpochBatcher
@@ -262,7 +286,7 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, warmup=cfg.warmup_steps, total=steps, schedule=cfg.schedule))
     ckpt_root = out / "checkpoints"
-    state: dict = {"start": {}, "best": {}, "tokens": 0, "train_seconds": 0.0}
+    state: dict = {"start": {}, "best": {}, "last_eval": None, "tokens": 0, "train_seconds": 0.0}
     step = 0
     if cfg.resume:
         ckpt = latest_checkpoint(ckpt_root)
@@ -272,9 +296,9 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
             saved = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
             step = saved["step"]
             batcher.load_state_dict(saved["batcher"])
-            state = {k: saved[k] for k in state}
+            state = {k: saved.get(k, v) for k, v in state.items()}
             log.info("resumed from %s (step %d of %d)", ckpt, step, steps)
-    metrics_log = MetricsLogger(out, resume_step=step if cfg.resume else None, tensorboard=cfg.tensorboard)
+    metrics_log = MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
 
     def run_eval(at_step: int) -> dict:
@@ -291,10 +315,9 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
                         keep=cfg.keep_checkpoints)
 
     if step == 0:
-        state["start"] = run_eval(0)
-        state["best"] = dict(state["start"])
+        state["start"] = state["last_eval"] = run_eval(0)
+        state["best"] = {k: v for k, v in state["start"].items() if k in headline}
     model.train()
-    last_eval = state["start"] if step == 0 else None
     bar = Progress(steps, desc=recipe, initial=step, enabled=cfg.progress)
     wall0 = time.time()
     try:
@@ -331,10 +354,11 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
                 metrics_log.log(step, {**train_metrics, "lr": scheduler.get_last_lr()[0],
                                        "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(seconds, 1e-9)})
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-                last_eval = run_eval(step)
-                for key in headline:
-                    if key in last_eval and last_eval[key] >= state["best"].get(key, -math.inf):
-                        state["best"][key] = last_eval[key]
+                state["last_eval"] = run_eval(step)
+                for key, better in headline.items():
+                    value, best = state["last_eval"].get(key), state["best"].get(key)
+                    if value is not None and (best is None or (value > best if better == "max" else value < best)):
+                        state["best"][key] = value
             if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
                 checkpoint(step)
             if fault_step and step == fault_step:
@@ -350,10 +374,10 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
         "model": cfg.model,
         "dataset": cfg.dataset,
         **{f"start/{k}": state["start"].get(k) for k in headline},
-        **{f"final/{k}": (last_eval or {}).get(k) for k in headline},
+        **{f"final/{k}": (state["last_eval"] or {}).get(k) for k in headline},
         **{f"best/{k}": state["best"].get(k) for k in headline},
         "eval_start": state["start"],
-        "eval_final": last_eval,
+        "eval_final": state["last_eval"],
         "wall_seconds": round(time.time() - wall0, 2),
         "train_seconds": round(state["train_seconds"], 2),
         "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),

@@ -64,6 +64,9 @@ class PreferenceConfig(TrainConfig):
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.loss == "cdpo" and not 0 < self.label_smoothing < 0.5:
             raise ConfigError(f"--label-smoothing for cdpo must be in (0, 0.5), got {self.label_smoothing}")
+        if self.loss == "orpo" and self.nll_alpha > 0:
+            raise ConfigError("--nll-alpha does not apply to orpo (its NLL term is built in; weight the "
+                              "odds-ratio term with --orpo-lambda)")
         if self.reference == "lora" and self.lora_r == 0:
             raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
 
@@ -250,7 +253,8 @@ def train(cfg: PreferenceConfig):
                   Panel("log-probs", ["logps/chosen", "logps/rejected"]), Panel("loss", ["loss"])]
     panels += [Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
                Panel("learning rate", ["lr"], split="train")]
-    headline = ("accuracy", "loss", "task_accuracy") + (("rewards/margin",) if cfg.loss != "orpo" else ("log_odds_ratio",))
+    headline = {"accuracy": "max", "loss": "min", "task_accuracy": "max",
+                ("log_odds_ratio" if cfg.loss == "orpo" else "rewards/margin"): "max"}
     data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
                  "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
     return fit(cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,

@@ -97,6 +97,6 @@ def train(cfg: RewardModelConfig):
               Panel("learning rate", ["lr"], split="train")]
     return fit(cfg, recipe="rm", out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
                collate=collate, loss_fn=loss_fn, evaluate=evaluate, panels=panels,
-               headline=("accuracy", "margin", "loss"), save_final=save_final,
+               headline={"accuracy": "max", "margin": "max", "loss": "min"}, save_final=save_final,
                extra_summary=lambda: {"data": {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex),
                                                "tokenization": stats.as_dict()}})

@@ -83,6 +83,6 @@ def train(cfg: SFTConfig):
               Panel("learning rate", ["lr"], split="train")]
     return fit(cfg, recipe="sft", out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
                collate=collate, loss_fn=loss_fn, evaluate=evaluate, panels=panels,
-               headline=("loss", "task_accuracy"), save_final=save_final,
+               headline={"loss": "min", "task_accuracy": "max"}, save_final=save_final,
                extra_summary=lambda: {"data": {"train_rows": len(train_ex), "eval_rows": len(eval_ex),
                                                "tokenization": stats.as_dict()}})
