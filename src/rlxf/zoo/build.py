@@ -34,7 +34,7 @@ class BuildConfig:
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 256
-    steps: int = 1800
+    steps: int = 5700
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
