@@ -47,8 +47,8 @@ class TrainConfig:
                                       "of eval_holdout of a file dataset)")
     eval_split: str = option("test", "split of a hub/saved eval_dataset to use (tasks use their eval split)")
     eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset")
-    task_size: int = option(2000, "training rows drawn from a built-in task")
-    eval_size: int = option(256, "eval rows drawn from a built-in task (also caps file eval sets)")
+    task_size: int = option(4000, "training rows drawn from a built-in task")
+    eval_size: int = option(512, "eval rows drawn from a built-in task (also caps file eval sets)")
     pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
                             choices=("mixed", "correctness", "conciseness"))
     skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
@@ -245,6 +245,21 @@ def load_split_rows(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
         if skipped:
             log.warning("skipped %d malformed eval rows (--skip-invalid)", skipped)
     return train, evals
+
+
+def win_rates_by_kind(margins: torch.Tensor, kinds: list, *, prefix: str = "accuracy") -> dict:
+    """``{"<prefix>/<kind>": fraction of margins > 0 (ties ½)}`` per pair kind; {} without kinds.
+
+    margins: [N] (chosen minus rejected, in whatever score the recipe ranks by); kinds: N labels.
+    """
+    if len(kinds) != margins.numel() or all(k is None for k in kinds):
+        return {}
+    wins = (margins > 0).float() + 0.5 * (margins == 0).float()  # [N]
+    out = {}
+    for kind in sorted({k for k in kinds if k is not None}):
+        picked = torch.tensor([k == kind for k in kinds])
+        out[f"{prefix}/{kind}"] = wins[picked].mean().item()
+    return out
 
 
 def task_eval_metrics(cfg: TrainConfig, model, tokenizer) -> dict:

@@ -30,7 +30,7 @@ import torch
 from rlxf.config import ConfigError, check_choice, option
 from rlxf.losses import RPO_DISTANCES, dpo_loss, ipo_loss, orpo_loss, preference_metrics, rpo_loss
 from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
-                                 setup_logging, task_eval_metrics)
+                                 setup_logging, task_eval_metrics, win_rates_by_kind)
 from rlxf.reporting import Panel
 
 log = logging.getLogger("rlxf.preference")
@@ -53,7 +53,7 @@ class PreferenceConfig(TrainConfig):
     reference: str = option("auto", "reference model: auto (copy, or base-without-adapters for LoRA), copy, lora",
                             choices=("auto", "copy", "lora"))
     precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them")
-    lr: float = option(5e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~5e-7 for real LLMs")
+    lr: float = option(2e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~5e-7 for real LLMs")
     max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
 
     def __post_init__(self):
@@ -230,18 +230,23 @@ def train(cfg: PreferenceConfig):
                 pairs.append(torch.stack([t.float().cpu() for t in p["pairs"]]))
         metrics = {"loss": torch.cat(losses).mean().item()}
         metrics.update({k: torch.cat(v).mean().item() for k, v in extras.items()})
+        kinds = [e.get("pair_kind") for e in eval_ex]
         if pairs:
-            metrics.update(preference_metrics(*torch.cat(pairs, dim=1), beta=cfg.beta))
+            chosen, rejected, ref_c, ref_r = torch.cat(pairs, dim=1)  # each [N]
+            metrics.update(preference_metrics(chosen, rejected, ref_c, ref_r, beta=cfg.beta))
             metrics["accuracy"] = metrics["rewards/accuracy"]
+            metrics.update(win_rates_by_kind((chosen - ref_c) - (rejected - ref_r), kinds))
         else:
-            metrics["log_odds_accuracy"] = _win_rate(torch.cat(extras["log_odds_ratio"]))
-            metrics["accuracy"] = metrics["log_odds_accuracy"]
+            log_odds = torch.cat(extras["log_odds_ratio"])  # [N]
+            metrics["log_odds_accuracy"] = metrics["accuracy"] = _win_rate(log_odds)
+            metrics.update(win_rates_by_kind(log_odds, kinds))
         metrics.update(task_eval_metrics(cfg, model, tokenizer))
         return metrics
 
     def save_final(path: Path) -> None:
         save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
 
+    kind_keys = sorted({f"accuracy/{e['pair_kind']}" for e in eval_ex if e.get("pair_kind")})
     if cfg.loss == "orpo":
         panels = [Panel("log-odds accuracy", ["log_odds_accuracy"], ylabel="fraction"),
                   Panel("log odds ratio (chosen − rejected)", ["log_odds_ratio"]),
@@ -251,7 +256,7 @@ def train(cfg: PreferenceConfig):
                   Panel("reward margin", ["rewards/margin"]),
                   Panel("implicit rewards", ["rewards/chosen", "rewards/rejected"]),
                   Panel("log-probs", ["logps/chosen", "logps/rejected"]), Panel("loss", ["loss"])]
-    panels += [Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
+    panels += [Panel("held-out accuracy by pair kind", kind_keys, split="eval", ylabel="fraction"),Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
                Panel("learning rate", ["lr"], split="train")]
     headline = {"accuracy": "max", "loss": "min", "task_accuracy": "max",
                 ("log_odds_ratio" if cfg.loss == "orpo" else "rewards/margin"): "max"}

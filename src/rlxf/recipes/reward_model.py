@@ -16,7 +16,7 @@ import torch
 from rlxf.config import check_choice, option
 from rlxf.losses import bradley_terry_loss, focal_ranking_loss
 from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
-                                 setup_logging)
+                                 setup_logging, win_rates_by_kind)
 from rlxf.reporting import Panel
 
 
@@ -87,12 +87,17 @@ def train(cfg: RewardModelConfig):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             l, c, r = forward(batch)
             losses.append(l.float().cpu()), chosen.append(c.float().cpu()), rejected.append(r.float().cpu())
-        return {"loss": torch.cat(losses).mean().item(), **pair_metrics(torch.cat(chosen), torch.cat(rejected))}
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # [N], [N]
+        return {"loss": torch.cat(losses).mean().item(), **pair_metrics(chosen, rejected),
+                **win_rates_by_kind(chosen - rejected, [e.get("pair_kind") for e in eval_ex])}
 
     def save_final(path: Path) -> None:
         save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
 
-    panels = [Panel("pairwise accuracy", ["accuracy"], ylabel="fraction"), Panel("score margin", ["margin"]),
+    kind_keys = sorted({f"accuracy/{e['pair_kind']}" for e in eval_ex if e.get("pair_kind")})
+    panels = [Panel("pairwise accuracy", ["accuracy"], ylabel="fraction"),
+              Panel("held-out accuracy by pair kind", kind_keys, split="eval", ylabel="fraction"),
+              Panel("score margin", ["margin"]),
               Panel("scores", ["score/chosen", "score/rejected"]), Panel("loss", ["loss"]),
               Panel("learning rate", ["lr"], split="train")]
     return fit(cfg, recipe="rm", out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,

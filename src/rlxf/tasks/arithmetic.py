@@ -1,8 +1,10 @@
 """``arithmetic``: multi-step integer addition/subtraction with a worked solution.
 
 Prompt ``"23+45-12=?"``; concise completion ``" 23+45=68, 68-12=56. #56"``; the verbose style wraps
-the same steps in filler sentences. A wrong solution makes one step's result off by a typical
-slip (±1, ±2, ±9, ±10, ±11) and carries the error to the end, so the final answer is wrong.
+the same steps in filler sentences. A wrong solution has one of two realistic faults, drawn 50/50:
+a *step slip* — one step's result is off by a typical slip (±1, ±2, ±9, ±10, ±11) and the error
+is carried to the end — or a *final-answer slip* — every step is right but the answer written
+after ``#`` is off by a slip (a copy error). Both make the final answer wrong.
 """
 
 from __future__ import annotations
@@ -38,20 +40,25 @@ class ArithmeticTask(Task):
               wrong: bool = False) -> str:
         values, ops = problem.data
         rng = rng or random.Random(problem.prompt)
-        slip = None
+        slip, final_slip = None, 0
         if wrong:
-            slip = (rng.randrange(len(ops)), rng.choice(_SLIPS) * rng.choice((-1, 1)))
+            delta = rng.choice(_SLIPS) * rng.choice((-1, 1))
+            if rng.random() < 0.5:
+                slip = (rng.randrange(len(ops)), delta)
+            else:
+                final_slip = delta
         results = _evaluate(values, ops, slip)
+        final = results[-1] + final_slip
         steps, left = [], values[0]
         for op, v, res in zip(ops, values[1:], results):
             steps.append(f"{left}{op}{v}={res}")
             left = res
         if not verbose:
-            return " " + ", ".join(steps) + f". #{results[-1]}"
+            return " " + ", ".join(steps) + f". #{final}"
         parts = [rng.choice(_OPENERS)]
         for i, step in enumerate(steps):
             parts.append(f"{_LINKS[min(i, len(_LINKS) - 1)]} {step}.")
-        parts.append(f"{rng.choice(_CLOSERS)} #{results[-1]}")
+        parts.append(f"{rng.choice(_CLOSERS)} #{final}")
         return " " + " ".join(parts)
 
     def answers_match(self, predicted: str, answer: str) -> bool:
