@@ -24,8 +24,8 @@ RECIPES: dict[str, tuple[str, str, str]] = {
 }
 
 DEMO = {
-    "model": "tiny", "dataset": "task:arithmetic", "loss": "dpo", "max_steps": 120, "batch_size": 16,
-    "eval_every": 20, "lr": 5e-4, "beta": 0.1,
+    "model": "tiny", "dataset": "task:arithmetic", "loss": "dpo", "max_steps": 150, "batch_size": 16,
+    "eval_every": 25, "lr": 2e-4, "beta": 0.1, "eval_generate": 200,
 }
 
 
