@@ -140,12 +140,11 @@ def train(cfg: PreferenceConfig):
     """Run the preference recipe; returns the ``FitResult`` (summary + output dir)."""
     from rlxf.data import collate_preference, tokenize_preference
     from rlxf.models import Reference, save_pretrained, token_logps
+    from rlxf.runtime import seed_everything
 
     setup_logging()
     recipe = cfg.loss
     out = prepare_output_dir(cfg, recipe)
-    from rlxf.runtime import seed_everything
-
     seed_everything(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
     device = next(model.parameters()).device
