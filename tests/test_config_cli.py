@@ -19,8 +19,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def recipe_for(path: Path) -> str:
-    """configs/<name>.yaml → the recipe that reads it (rm*, sft*, rpo*, orpo*, else dpo)."""
-    for prefix in ("rm", "sft", "rpo", "orpo"):
+    """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo files → dpo)."""
+    for prefix in ("rm", "sft", "rpo", "orpo", "dr_grpo", "grpo", "dapo", "rloo", "ppo"):
         if path.stem.startswith(prefix):
             return prefix
     return "dpo"
@@ -264,7 +264,8 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 # -- documentation stays true to the flags ---------------------------------------------------------
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo"}
-OTHER_FLAGS = {"--config", "--help", "--output", "--steps"}  # --config, argparse, `rlxf zoo build`
+OTHER_FLAGS = {"--config", "--help", "--output", "--steps",  # --config, argparse, `rlxf zoo build`
+               "--runs", "--report-only", "--metric", "--goal", "--threshold"}  # `rlxf compare`
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
 
 
@@ -289,7 +290,8 @@ def test_method_page_documents_only_real_flags(doc):
     assert not unknown, f"{doc} documents flags that `rlxf {DOC_RECIPE[doc]}` does not have: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/tasks.md", "docs/tiny-model.md", "docs/index.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/tasks.md", "docs/tiny-model.md", "docs/index.md",
+                                 "docs/compare.md"])
 def test_other_pages_document_only_real_flags(doc):
     path = _doc_path(doc)
     known = set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS | DOC_EXAMPLES

@@ -1,4 +1,5 @@
-"""``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``.
+"""``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``,
+``rlxf compare``.
 
 Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
 """
@@ -21,6 +22,12 @@ RECIPES: dict[str, tuple[str, str, str]] = {
     "dpo": ("rlxf.recipes.preference", "PreferenceConfig", "DPO / IPO / cDPO / DPO+NLL on preference pairs"),
     "rpo": ("rlxf.recipes.preference", "RPOConfig", "NVIDIA reward-aware preference optimisation (scored pairs)"),
     "orpo": ("rlxf.recipes.preference", "ORPOConfig", "odds-ratio preference optimisation (reference-free)"),
+    "grpo": ("rlxf.recipes.grpo", "GRPOConfig", "GRPO: group-relative policy optimisation with any reward"),
+    "dr_grpo": ("rlxf.recipes.grpo", "DrGRPOConfig", "Dr. GRPO: no std scaling, constant length normaliser"),
+    "dapo": ("rlxf.recipes.grpo", "DAPOConfig",
+             "DAPO: clip-higher, dynamic sampling, token-mean loss, overlong shaping"),
+    "rloo": ("rlxf.recipes.grpo", "RLOOConfig", "RLOO: leave-one-out baseline, no std scaling"),
+    "ppo": ("rlxf.recipes.ppo", "PPOConfig", "PPO-RLHF: reward model, critic, KL-in-reward, GAE"),
 }
 
 DEMO = {
@@ -51,6 +58,45 @@ def _keep_previous_demo(out: Path, *, resume: bool) -> None:
     print(f"rlxf demo: the previous demo was moved to {kept}")
 
 
+def _add_compare_parser(sub) -> None:
+    cmp = sub.add_parser("compare", help="run several configs on the same budget and seed; one side-by-side report",
+                         description="rlxf compare: train every run of SPEC.yaml that has not finished, then write "
+                         "compare.html/.png/.md/.json; with --runs, only compare existing run directories "
+                         "(docs/compare.md).", allow_abbrev=False)
+    cmp.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="comparison spec: recipe, common, runs")
+    cmp.add_argument("--runs", nargs="+", metavar="LABEL=DIR", help="compare these existing run directories instead")
+    cmp.add_argument("--output-dir", metavar="DIR", help="where the runs and the report go (default: runs/compare/<spec name>; "
+                     "required with --runs)")
+    cmp.add_argument("--resume", action="store_true",
+                     help="continue interrupted runs (finished runs are always skipped)")
+    cmp.add_argument("--report-only", action="store_true", help="train nothing; rewrite the report of the spec's runs")
+    cmp.add_argument("--metric", metavar="NAME", help="eval metric to compare (default: the spec's, else task_accuracy)")
+    cmp.add_argument("--goal", choices=("max", "min"), help="max: higher is better (default); min: lower is better")
+    cmp.add_argument("--threshold", type=float, metavar="X", help="count steps until the metric reaches this "
+                     "(default: midway from the start to the best final value)")
+
+
+def _compare(args) -> int:
+    from rlxf.recipes.compare import run_comparison
+    from rlxf.reporting.compare import compare_runs, parse_run_dirs
+
+    if (args.spec is None) == (args.runs is None):
+        raise ConfigError("rlxf compare: pass either SPEC.yaml or --runs LABEL=DIR ..., not both or neither")
+    if args.runs:
+        if not args.output_dir or args.resume or args.report_only:
+            raise ConfigError("rlxf compare --runs: pass --output-dir (where the report goes); --resume and "
+                              "--report-only apply to a SPEC.yaml only")
+        out = Path(args.output_dir)
+        compare_runs(parse_run_dirs(args.runs), out, metric=args.metric or "task_accuracy",
+                     threshold=args.threshold, goal=args.goal or "max")
+    else:
+        out = Path(args.output_dir or Path("runs/compare") / Path(args.spec).stem)
+        run_comparison(args.spec, output_dir=out, resume=args.resume, only_report=args.report_only,
+                       metric=args.metric, threshold=args.threshold, goal=args.goal)
+    print(f"\nrlxf compare: done. Report: {out / 'compare.html'}  Table: {out / 'compare.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
                                      allow_abbrev=False)
@@ -69,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = zoo_sub.add_parser("build", help="rebuild the tiny model's weights from scratch (deterministic)")
     build.add_argument("--output", default=None, help="output directory (default: the package's tiny/)")
     build.add_argument("--steps", type=int, default=None, help="pre-training steps")
+    _add_compare_parser(sub)
     return parser
 
 
@@ -91,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["--steps", str(args.steps)] if args.steps else [])
             build_main(extra)
             return 0
+        if args.command == "compare":
+            return _compare(args)
         parser.print_help()
         return 2
     except ConfigError as exc:
@@ -102,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # user-facing errors from data/models carry their own clear messages
         from rlxf.data import DataError
         from rlxf.recipes.common import TrainingError
+        from rlxf.rewards import RewardError
 
-        if isinstance(exc, (DataError, TrainingError, OSError)):
+        if isinstance(exc, (DataError, TrainingError, RewardError, OSError)):
             print(f"rlxf: error: {exc}", file=sys.stderr)
             return 1
         raise

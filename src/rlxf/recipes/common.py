@@ -37,8 +37,8 @@ class TrainingError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Fields shared by every offline recipe (sft, rm, dpo, rpo, orpo)."""
+class RunConfig:
+    """Fields shared by every recipe, offline (sft, rm, dpo, rpo, orpo) and online (grpo, ppo)."""
 
     model: str = option("tiny", "model: 'tiny' (embedded), a local HF directory, or a hub id")
     dataset: str = option("task:arithmetic", "training data: task:NAME, a .jsonl/.json/.parquet/.csv file, "
@@ -49,15 +49,10 @@ class TrainConfig:
     eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset")
     task_size: int = option(4000, "training rows drawn from a built-in task")
     eval_size: int = option(512, "eval rows drawn from a built-in task (also caps file eval sets)")
-    pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
-                            choices=("mixed", "correctness", "conciseness"))
     skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
     output_dir: str | None = option(None, "where the run writes its files (None = runs/<recipe>)")
     seed: int = option(0, "random seed (data order, init of new heads)")
     max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
-    epochs: float = option(1.0, "passes over the training data when max_steps is 0")
-    batch_size: int = option(16, "examples (pairs for preference recipes) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
@@ -65,10 +60,7 @@ class TrainConfig:
     warmup_steps: int = option(10, "linear warm-up steps")
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
-    max_length: int = option(256, "max tokens of prompt + completion")
     max_prompt_length: int = option(128, "max prompt tokens (prompts are cut from the left)")
-    truncation: str = option("truncate", "rows longer than max_length: cut them or drop them",
-                             choices=("truncate", "drop"))
     log_every: int = option(5, "log train metrics every N steps")
     eval_every: int = option(50, "evaluate every N steps (and at start and end); 0 = start and end only")
     eval_batch_size: int = option(64, "examples per eval batch")
@@ -95,24 +87,46 @@ class TrainConfig:
     threads: int = option(0, "torch CPU threads; 0 = torch default")
 
     def __post_init__(self):
-        for name in ("pair_kind", "schedule", "truncation"):
-            check_choice(self, name)
-        positive = ("batch_size", "grad_accum", "max_length", "eval_batch_size", "task_size")
-        for name in positive:
+        check_choice(self, "schedule")
+        for name in ("eval_batch_size", "task_size", "max_prompt_length", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
-            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.max_steps < 0:
+            raise ConfigError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.eval_holdout < 1:
             raise ConfigError(f"--eval-holdout must be in [0, 1), got {self.eval_holdout}")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be < --max-length "
-                              f"({self.max_length})")
 
     def resolved_output_dir(self, recipe: str) -> Path:
         return Path(self.output_dir or f"runs/{recipe}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """Fields shared by every offline recipe (sft, rm, dpo, rpo, orpo): a fixed dataset in batches."""
+
+    pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
+                            choices=("mixed", "correctness", "conciseness"))
+    epochs: float = option(1.0, "passes over the training data when max_steps is 0")
+    batch_size: int = option(16, "examples (pairs for preference recipes) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_length: int = option(256, "max tokens of prompt + completion")
+    truncation: str = option("truncate", "rows longer than max_length: cut them or drop them",
+                             choices=("truncate", "drop"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("pair_kind", "truncation"):
+            check_choice(self, name)
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be < --max-length "
+                              f"({self.max_length})")
 
 
 # -- set-up pieces -------------------------------------------------------------------------------
@@ -122,7 +136,7 @@ def setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def prepare_output_dir(cfg: TrainConfig, recipe: str) -> Path:
+def prepare_output_dir(cfg: RunConfig, recipe: str) -> Path:
     """Create output_dir; refuse to overwrite another run's results unless resuming."""
     out = cfg.resolved_output_dir(recipe)
     if out.exists() and any(out.iterdir()) and not cfg.resume:
@@ -162,7 +176,7 @@ def total_steps(cfg: TrainConfig, num_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * (num_examples // per_step)))
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+def autocast_context(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and cfg.autocast and dtype == torch.float32:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
@@ -173,7 +187,7 @@ def mean_metrics(items: list[dict]) -> dict:
     return {k: sum(m[k] for m in items if k in m) / sum(1 for m in items if k in m) for k in sorted(keys)}
 
 
-def load_model_for_training(cfg: TrainConfig, *, reward_model: bool = False):
+def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     """(model, tokenizer) on the configured device/dtype, with LoRA and checkpointing applied."""
     from rlxf.models import (apply_lora, ensure_pad_token, load_policy, load_reward_model, load_tokenizer,
                              resolve_device, resolve_dtype)
@@ -221,11 +235,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def load_split_rows(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
+def load_split_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset."""
     from rlxf.data import load_rows, validate_rows
 
-    opts = dict(kind=kind, seed=cfg.seed, pair_kind=cfg.pair_kind)
+    opts = dict(kind=kind, seed=cfg.seed, pair_kind=getattr(cfg, "pair_kind", "mixed"))
     train = load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts)
     if cfg.eval_dataset:
         split = "eval" if cfg.eval_dataset.startswith("task:") else cfg.eval_split

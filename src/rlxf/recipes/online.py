@@ -1,0 +1,249 @@
+"""What the online recipes (``grpo``, ``ppo``) share: their config, prompts, rewards, evaluation.
+
+An online step is: sampler picks prompts → the rollout engine samples completions from the
+current policy → reward functions score them → (the recipe turns scores into advantages and
+updates the policy). This module holds everything up to the scores, plus greedy evaluation on
+held-out prompts, so each recipe file is only its own objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rlxf.config import ConfigError, check_choice, option
+from rlxf.recipes.common import RunConfig
+
+log = logging.getLogger("rlxf.online")
+
+SAMPLERS = ("uniform", "aps")
+SCORERS = ("reference", "policy")
+LIKELIHOOD_KINDS = ("rlpr", "vr_cli", "verifree")
+
+
+@dataclass(frozen=True)
+class OnlineConfig(RunConfig):
+    """Fields shared by the online recipes: sampling, rewards, prompt sampler."""
+
+    batch_size: int = option(16, "prompts per rollout step (each sampled group_size times)")
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = option(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = option(48, "most tokens per sampled completion (also the eval generation budget)")
+    reward: str = option("verifiable", "reward: a registered name (verifiable, exact_match, numeric_match, "
+                         "likelihood, reward_model, ...) or module:function / path/file.py:function")
+    reward_model: str | None = option(None, "reward-model directory for --reward reward_model")
+    likelihood_kind: str = option("rlpr", "likelihood reward: RLPR mean-prob gain, VR-CLI perplexity "
+                                  "thresholds, or VeriFree sequence probability", choices=LIKELIHOOD_KINDS)
+    likelihood_scorer: str = option("reference", "model scoring the reference answer for --reward likelihood: "
+                                    "the frozen initial policy or the current policy", choices=SCORERS)
+    format_weight: float = option(0.0, "add this weight × format reward (completion has '#<answer>')")
+    length_reward_weight: float = option(0.0, "Kimi length reward weight w (0 = off): reward += w·len_reward")
+    length_reward_warmup: int = option(0, "steps without the length reward before it switches on (Kimi warm-up)")
+    sampler: str = option("uniform", "which prompts each step trains on: uniform epochs or adaptive "
+                          "perplexity-aware sampling", choices=SAMPLERS)
+    eval_generate: int = option(200, "greedy held-out evaluation on N eval prompts at each eval")
+    eval_every: int = option(10, "evaluate every N steps (and at start and end); 0 = start and end only")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    schedule: str = option("constant", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    log_every: int = option(1, "log train metrics every N steps")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("likelihood_kind", "likelihood_scorer", "sampler"):
+            check_choice(self, name)
+        for name in ("batch_size", "group_size", "eval_generate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_steps <= 0:
+            raise ConfigError(f"--max-steps must be > 0 for an online recipe (rollout steps), got {self.max_steps}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0 for RL sampling, got {self.temperature}")
+        if self.length_reward_weight < 0:
+            raise ConfigError(f"--length-reward-weight must be >= 0, got {self.length_reward_weight}")
+        if self.reward == "reward_model" and not self.reward_model:
+            raise ConfigError("--reward reward_model needs --reward-model DIR (a model trained by `rlxf rm`)")
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+@dataclass
+class PromptSet:
+    """Tokenised prompt rows; ``rows[i]`` keeps every field of the row for reward functions."""
+
+    rows: list[dict]
+    task: object | None = None  # rlxf.tasks.Task when the dataset is a built-in task
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompt_ids(self, indices: list[int]) -> list[list[int]]:
+        return [self.rows[i]["prompt_ids"] for i in indices]
+
+
+def load_prompts(cfg: OnlineConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
+    """(train prompts, eval prompts), tokenised; prompts longer than max_prompt_length are dropped."""
+    from rlxf.data import tokenize_prompts
+    from rlxf.recipes.common import load_split_rows
+    from rlxf.tasks import get_task
+
+    train_rows, eval_rows = load_split_rows(cfg, "prompt")
+    task = get_task(cfg.dataset.split(":", 1)[1]) if cfg.dataset.startswith("task:") else None
+    train, _ = tokenize_prompts(train_rows, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    evals, _ = tokenize_prompts(eval_rows[:cfg.eval_generate], tokenizer, max_prompt_length=cfg.max_prompt_length)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train)} usable training prompts; "
+                          f"lower it or add data")
+    return PromptSet(train, task), PromptSet(evals, task)
+
+
+# -- rewards ------------------------------------------------------------------------------------
+
+@dataclass
+class Scores:
+    """Scores of one rollout batch (N rows)."""
+
+    rewards: list[float | None]   # the total reward used for advantages (None = no opinion)
+    correct: list[bool | None]    # verifier outcome (None when there is no verifier)
+    parts: dict[str, list[float | None]] = field(default_factory=dict)  # components, for logging
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class RewardPipeline:
+    """Base reward (+ format, Kimi length and overlong terms) with failures isolated per sample.
+
+    ``correct`` comes from the task's verifier for ``task:`` datasets, else from exact match
+    against an ``answer`` field when rows have one; it feeds accuracy, the length reward and the
+    samplers, never the base reward directly unless the base reward is the verifier.
+    """
+
+    def __init__(self, cfg: OnlineConfig, *, tokenizer, task, policy, ref_model=None):
+        from rlxf.rewards import get_reward
+
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        context = {"tokenizer": tokenizer, "model": policy, "policy": policy, "ref_model": ref_model,
+                   "scorer": cfg.likelihood_scorer, "task": task, "kind": cfg.likelihood_kind,
+                   "path": cfg.reward_model, "device": next(policy.parameters()).device}
+        self.base = get_reward(cfg.reward, **context)
+        self.format = get_reward("format", pattern=r"#\s*-?\d") if cfg.format_weight else None
+
+    def verify(self, completions: list[str], rows: list[dict]) -> list[bool | None]:
+        from rlxf.rewards import exact_match
+
+        if self.task is not None:
+            return [bool(self.task.verify(c, r["answer"])) for c, r in zip(completions, rows)]
+        if all("answer" in r for r in rows):
+            values = exact_match([r["prompt"] for r in rows], completions, answer=[r["answer"] for r in rows])
+            return [v is not None and v > 0.5 for v in values]
+        return [None] * len(rows)
+
+    def __call__(self, rows: list[dict], completions: list[str], lengths: list[int], *, step: int,
+                 group_size: int, overlong: tuple[int, int, float] | None = None) -> Scores:
+        from rlxf.rewards import call_reward, kimi_length_reward, overlong_penalty
+
+        prompts = [r["prompt"] for r in rows]
+        fields = _row_fields(rows)
+        base, stats = call_reward(self.base, prompts, completions, fields)
+        correct = self.verify(completions, rows)
+        parts = {"base": base}
+        total = list(base)
+        if self.format is not None:
+            fmt, _ = call_reward(self.format, prompts, completions, fields)
+            parts["format"] = fmt
+            total = [_add(t, self.cfg.format_weight, f) for t, f in zip(total, fmt)]
+        if self.cfg.length_reward_weight and step >= self.cfg.length_reward_warmup:
+            if any(c is None for c in correct):
+                raise ConfigError("--length-reward-weight needs a verifier (a task: dataset or rows with 'answer')")
+            length = kimi_length_reward(lengths, correct, group_size)
+            parts["length"] = length
+            total = [_add(t, self.cfg.length_reward_weight, v) for t, v in zip(total, length)]
+        if overlong is not None:
+            max_len, buffer, factor = overlong
+            penalty = overlong_penalty(lengths, max_len, buffer, factor=factor)
+            parts["overlong"] = penalty
+            total = [_add(t, 1.0, v) for t, v in zip(total, penalty)]
+        return Scores(rewards=total, correct=correct, parts=parts, stats=stats)
+
+
+def _add(total, weight, value):
+    return None if total is None or value is None else total + weight * value
+
+
+def _row_fields(rows: list[dict]) -> dict[str, list]:
+    """Row fields (except prompt and token ids) as per-row lists, the reward-function contract."""
+    keys = [k for k in rows[0] if k not in ("prompt", "prompt_ids") and not k.startswith("_")]
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def reward_tensor(rewards: list[float | None], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [N] float32, valid [N] bool): a None reward is replaced by its group's mean of
+    valid rewards (so its advantage is 0) and marked invalid, so the recipe masks it out of the
+    loss; a group with no valid reward gets 0 everywhere."""
+    values = torch.tensor([math.nan if r is None else float(r) for r in rewards])   # [N]
+    valid = ~torch.isnan(values)
+    groups = values.view(-1, group_size)                                                 # [P, G]
+    vmask = valid.view(-1, group_size)
+    counts = vmask.sum(-1, keepdim=True).clamp(min=1)
+    means = torch.where(vmask, groups, torch.zeros_like(groups)).sum(-1, keepdim=True) / counts
+    filled = torch.where(vmask, groups, means.expand_as(groups))
+    return filled.reshape(-1), valid
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_greedy(engine, prompts: PromptSet, pipeline: RewardPipeline, *, max_new_tokens: int,
+                    batch_size: int = 256) -> dict:
+    """Greedy completions for the eval prompts: accuracy (verifier), mean base reward, mean length."""
+    from rlxf.rollout import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
+    texts, lengths, truncated = [], [], 0
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(len(prompts), start + batch_size)))
+        out = engine.generate(prompts.prompt_ids(idx), params)
+        texts += out.text
+        lengths += out.completion_lengths().tolist()
+        truncated += sum(r == "length" for r in out.finish_reason)
+    metrics = {"completion_length": sum(lengths) / len(lengths), "truncated_fraction": truncated / len(lengths)}
+    correct = pipeline.verify(texts, prompts.rows)
+    if all(c is not None for c in correct):
+        metrics["task_accuracy"] = sum(correct) / len(correct)
+    from rlxf.rewards import call_reward
+
+    values, _ = call_reward(pipeline.base, [r["prompt"] for r in prompts.rows], texts, _row_fields(prompts.rows))
+    valid = [v for v in values if v is not None]
+    if valid:
+        metrics["reward"] = sum(valid) / len(valid)
+    return metrics
+
+
+@torch.no_grad()
+def reference_answer_nll(model, tokenizer, rows: list[dict], *, field_name: str = "reference") -> list[float] | None:
+    """Mean token NLL of each row's reference completion under ``model`` (APS difficulty input);
+    None when rows carry no reference."""
+    from rlxf.models import token_logps
+
+    if not all(isinstance(r.get(field_name), str) for r in rows):
+        return None
+    device = next(model.parameters()).device
+    seqs, starts = [], []
+    for r in rows:
+        completion = tokenizer(r[field_name], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(list(r["prompt_ids"]) + completion)
+        starts.append(len(r["prompt_ids"]))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    logps = token_logps(model, ids.to(device), mask.to(device)).cpu()          # [B, T-1]
+    target = torch.zeros_like(logps)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        target[i, start - 1:len(s) - 1] = 1
+    return (-(logps * target).sum(-1) / target.sum(-1)).tolist()

@@ -1,0 +1,167 @@
+"""Find reward functions by name: the built-in registry, ``module:function`` and ``file.py:function``.
+
+``--reward SPEC`` (and :func:`get_reward`) accepts
+
+- a registered name (``exact_match``, ``verifiable``, ``likelihood`` ...; :func:`list_rewards`);
+- ``package.module:function`` — imports the module (it must be importable: installed, or on
+  ``PYTHONPATH`` / in the working directory) and takes the attribute (dots walk attributes,
+  ``module:Class.method``);
+- ``path/to/file.py:function`` — loads that file as a module (no package needed).
+
+Registered entries are either contract functions (returned as they are) or *factories*:
+``factory(**options) -> reward function``. :func:`get_reward` passes a factory the keyword
+arguments its signature names and drops the others, so a recipe can offer the same context to
+every factory (``model``, ``ref_model``, ``tokenizer``, ``task``, plus the user's options) and
+each takes what it needs. A user-supplied ``module:function`` is returned as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlxf.rewards.base import RewardError, RewardFn
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """One registered reward: ``target`` is a contract function, or a factory when ``factory``."""
+
+    name: str
+    target: Callable
+    factory: bool
+    summary: str
+
+
+REWARDS: dict[str, RewardEntry] = {}
+
+
+def register_reward(name: str, *, factory: bool = False):
+    """Decorator: register a reward function (or, with ``factory=True``, a factory) under ``name``.
+
+    A factory is called by :func:`get_reward` with the keyword arguments it accepts and must return
+    a contract function. Registering a taken name raises ``ValueError``.
+    """
+    def decorate(target: Callable) -> Callable:
+        if name in REWARDS and REWARDS[name].target is not target:
+            raise ValueError(f"reward name {name!r} is already registered "
+                             f"({_describe(REWARDS[name].target)}); pick another name")
+        doc = inspect.getdoc(target) or ""
+        REWARDS[name] = RewardEntry(name, target, factory, doc.splitlines()[0] if doc else "")
+        return target
+    return decorate
+
+
+def list_rewards() -> list[str]:
+    """Registered reward names, sorted (``REWARDS[name].summary`` is each one's first doc line)."""
+    return sorted(REWARDS)
+
+
+def get_reward(spec: str | Callable, **context) -> RewardFn:
+    """Resolve ``spec`` to a contract function ``fn(prompts, completions, **row_fields)``.
+
+    spec: a registered name, ``module:attr``, ``path/to/file.py:attr``, or a callable (returned
+    as it is). context: keyword arguments for factories (``model``, ``ref_model``, ``tokenizer``,
+    ``task`` and factory options); a factory receives those it names, the rest are ignored.
+    Raises :class:`RewardError` with what was wrong and how to fix it.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError(f"reward spec must be a registered name or 'module:function', got {spec!r}")
+    spec = spec.strip()
+    if spec in REWARDS:
+        entry = REWARDS[spec]
+        return _build(entry, context) if entry.factory else entry.target
+    if ":" in spec:
+        return _load_attribute(spec)
+    raise RewardError(f"unknown reward {spec!r}; registered rewards: {', '.join(list_rewards())}; "
+                      "or give your own function as 'package.module:function' or 'path/to/file.py:function'")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _build(entry: RewardEntry, context: dict) -> RewardFn:
+    params = inspect.signature(entry.target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = dict(context)
+    else:
+        kwargs = {key: value for key, value in context.items() if key in params}
+    missing = [p.name for p in params.values()
+               if p.default is inspect.Parameter.empty and p.name not in kwargs
+               and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if missing:
+        raise RewardError(f"reward {entry.name!r} needs {', '.join(repr(m) for m in missing)}; pass "
+                          f"{'it' if len(missing) == 1 else 'them'} as keyword arguments to get_reward "
+                          f"(e.g. get_reward({entry.name!r}, {missing[0]}=...))")
+    fn = entry.target(**kwargs)
+    if not callable(fn):
+        raise RewardError(f"reward factory {entry.name!r} returned {type(fn).__name__}, not a function")
+    return fn
+
+
+def _load_attribute(spec: str) -> Callable:
+    source, _, attr_path = spec.rpartition(":")
+    if not source or not attr_path:
+        raise RewardError(f"reward spec {spec!r} must look like 'package.module:function' or "
+                          "'path/to/file.py:function'")
+    is_file = source.endswith(".py") or "/" in source or "\\" in source
+    module = _load_file(source, spec) if is_file else _import_module(source, spec)
+    obj = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise RewardError(f"reward spec {spec!r}: {source!r} has no attribute {attr_path!r}; "
+                              f"callables defined there: {', '.join(names) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward spec {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function; "
+                          "point at a function fn(prompts, completions, **row_fields) -> list[float | None]")
+    return obj
+
+
+def _import_module(name: str, spec: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
+            raise RewardError(
+                f"reward spec {spec!r}: module {name!r} not found; install it, add its directory to "
+                "PYTHONPATH (or run from there), or give a file path: 'path/to/file.py:function'") from err
+        raise RewardError(f"reward spec {spec!r}: importing {name!r} failed because it imports "
+                          f"{err.name!r}, which is not installed") from err
+    except Exception as err:
+        raise RewardError(f"reward spec {spec!r}: importing {name!r} raised "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def _load_file(path_text: str, spec: str):
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise RewardError(f"reward spec {spec!r}: file {path_text!r} not found (resolved to {path}); "
+                          "give a path to a .py file relative to the working directory, or an absolute one")
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    module_name = f"rlxf_user_reward_{path.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise RewardError(f"reward spec {spec!r}: {path} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # so dataclasses/pickle inside the file can find their module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[module_name]
+        raise RewardError(f"reward spec {spec!r}: running {path} raised {type(err).__name__}: {err}") from err
+    return module
+
+
+def _describe(target: Callable) -> str:
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
