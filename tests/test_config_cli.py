@@ -13,6 +13,7 @@ import pytest
 
 from rlxf.cli import RECIPES, _config_class, build_parser, main
 from rlxf.config import ConfigError, build_config, coerce, load_yaml, parse_args, save_yaml
+from rlxf.recipes.long2short import Long2ShortDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -266,6 +267,7 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo"}
 OTHER_FLAGS = {"--config", "--help", "--output", "--steps",  # --config, argparse, `rlxf zoo build`
                "--runs", "--report-only", "--metric", "--goal", "--threshold"}  # `rlxf compare`
+OTHER_FLAGS |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Long2ShortDataConfig)}  # long2short-data
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
 
 

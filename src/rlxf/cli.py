@@ -1,5 +1,5 @@
 """``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``,
-``rlxf compare``.
+``rlxf compare``, ``rlxf long2short-data``.
 
 Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
 """
@@ -97,6 +97,30 @@ def _compare(args) -> int:
     return 0
 
 
+L2S_HELP = ("sample a model n times per prompt; write Kimi long2short SFT data and DPO pairs "
+            "(docs/methods/long2short.md)")
+
+
+def _add_long2short_parser(sub) -> None:
+    from rlxf.recipes.long2short import Long2ShortDataConfig
+
+    p = sub.add_parser("long2short-data", help=L2S_HELP, description=f"rlxf long2short-data: {L2S_HELP}. "
+                       "Flags override values from --config.", allow_abbrev=False)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+    add_arguments(p, Long2ShortDataConfig)
+
+
+def _long2short_data(args) -> int:
+    from rlxf.recipes.long2short import Long2ShortDataConfig, build_long2short_data
+
+    cfg = parse_args(Long2ShortDataConfig, args)
+    stats = build_long2short_data(cfg)
+    out = Path(cfg.output_dir)
+    print(f"\nrlxf long2short-data: done. SFT rows: {out / 'sft.jsonl'} ({stats['sft_rows']})  "
+          f"Pairs: {out / 'pairs.jsonl'} ({stats['pairs']})  Stats: {out / 'stats.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
                                      allow_abbrev=False)
@@ -116,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", default=None, help="output directory (default: the package's tiny/)")
     build.add_argument("--steps", type=int, default=None, help="pre-training steps")
     _add_compare_parser(sub)
+    _add_long2short_parser(sub)
     return parser
 
 
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args)
+        if args.command == "long2short-data":
+            return _long2short_data(args)
         parser.print_help()
         return 2
     except ConfigError as exc:

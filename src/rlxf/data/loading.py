@@ -28,13 +28,13 @@ DEFAULT_TASK_SIZE = {"train": 2000, "eval": 256}
 
 
 def load_rows(spec: str, *, kind: str, split: str = "train", limit: int | None = None, seed: int = 0,
-              task_size: int | None = None, pair_kind: str = "mixed") -> list[dict]:
+              task_size: int | None = None, pair_kind: str = "mixed", verbose_fraction: float = 0.0) -> list[dict]:
     """Return the rows named by ``spec`` (see the module docstring), each with ``_where``.
 
     ``kind`` ∈ {"sft", "preference", "prompt"} picks what a task generates (files and hub
     datasets are read as they are). ``limit`` keeps the first N rows. ``seed``, ``task_size``
-    (default 2000 for train, 256 for eval) and ``pair_kind`` ("mixed", "correctness",
-    "conciseness") apply to tasks only. Raises :class:`DataError` when nothing can be read or
+    (default 2000 for train, 256 for eval), ``pair_kind`` ("mixed", "correctness",
+    "conciseness") and ``verbose_fraction`` (share of verbose-style SFT completions) apply to tasks only. Raises :class:`DataError` when nothing can be read or
     no rows remain.
     """
     check_kind(kind)
@@ -43,7 +43,7 @@ def load_rows(spec: str, *, kind: str, split: str = "train", limit: int | None =
     spec = str(spec)
     if spec.startswith(TASK_PREFIX):
         rows = _task_rows(spec[len(TASK_PREFIX):], kind=kind, split=split, seed=seed,
-                          task_size=task_size, pair_kind=pair_kind)
+                          task_size=task_size, pair_kind=pair_kind, verbose_fraction=verbose_fraction)
     elif spec.lower().endswith(FILE_SUFFIXES):
         rows = load_file(spec, limit=limit)
     elif os.path.isdir(spec):
@@ -62,7 +62,7 @@ def load_rows(spec: str, *, kind: str, split: str = "train", limit: int | None =
 # -- tasks --------------------------------------------------------------------------------------
 
 def _task_rows(name: str, *, kind: str, split: str, seed: int, task_size: int | None,
-               pair_kind: str) -> list[dict]:
+               pair_kind: str, verbose_fraction: float = 0.0) -> list[dict]:
     from rlxf.tasks import PAIR_KINDS, SPLITS, TASKS, get_task
 
     if name not in TASKS:
@@ -75,7 +75,7 @@ def _task_rows(name: str, *, kind: str, split: str, seed: int, task_size: int | 
     n = DEFAULT_TASK_SIZE[split] if task_size is None else task_size
     task = get_task(name)
     if kind == "sft":
-        rows = task.sft_rows(split, n, seed)
+        rows = task.sft_rows(split, n, seed, verbose_fraction=verbose_fraction)
     elif kind == "preference":
         rows = task.preference_rows(split, n, seed, kind=pair_kind)
     else:

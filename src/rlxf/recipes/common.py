@@ -239,7 +239,8 @@ def load_split_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset."""
     from rlxf.data import load_rows, validate_rows
 
-    opts = dict(kind=kind, seed=cfg.seed, pair_kind=getattr(cfg, "pair_kind", "mixed"))
+    opts = dict(kind=kind, seed=cfg.seed, pair_kind=getattr(cfg, "pair_kind", "mixed"),
+                verbose_fraction=getattr(cfg, "verbose_fraction", 0.0))
     train = load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts)
     if cfg.eval_dataset:
         split = "eval" if cfg.eval_dataset.startswith("task:") else cfg.eval_split

@@ -298,6 +298,8 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
         saved = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         step = saved["step"]
         sampler.load_state_dict(saved["sampler"])
+        if hasattr(pipeline.base, "load_state_dict"):
+            pipeline.base.load_state_dict(torch.load(ckpt / "reward.pt", weights_only=True))
         state = {k: saved.get(k, v) for k, v in state.items()}
         log.info("resumed from %s (step %d of %d)", ckpt, step, cfg.max_steps)
     metrics_log = MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
@@ -308,6 +310,8 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
         with autocast_context(cfg, device, dtype):
             metrics = evaluate_greedy(engine, eval_prompts, pipeline, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=max(cfg.eval_batch_size, 64))
+            if hasattr(pipeline.base, "evaluate"):  # a learned reward reports its own held-out quality
+                metrics.update(pipeline.base.evaluate())
         model.train()
         metrics_log.log(at_step, metrics, split="eval")
         for key, better in headline.items():
@@ -326,6 +330,8 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
             metrics = grpo_step(cfg, step, model=model, engine=engine, prompts=prompts, sampler=sampler,
                                 pipeline=pipeline, reference=reference, optimizer=optimizer, scheduler=scheduler,
                                 params=params, device=device, dtype=dtype, tokenizer=tokenizer)
+            if hasattr(pipeline.base, "after_step"):  # stateful rewards (COOPER) learn from this step
+                metrics.update(pipeline.base.after_step(step))
             step += 1
             for key in ("sample_seconds", "train_seconds", "sample_tokens", "train_tokens"):
                 state[key] += metrics.pop(f"_{key}")
@@ -335,9 +341,10 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 state["last_eval"] = run_eval(step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                extra = {"reward.pt": pipeline.base.state_dict()} if hasattr(pipeline.base, "state_dict") else None
                 save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                 scheduler=scheduler, state={"sampler": sampler.state_dict(), **state},
-                                keep=cfg.keep_checkpoints)
+                                keep=cfg.keep_checkpoints, extra=extra)
             if fault_step and step == fault_step:
                 os._exit(137)
     finally:

@@ -191,10 +191,9 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 state["last_eval"] = run_eval(step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                path = save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                       scheduler=scheduler, state={"sampler": sampler.state_dict(), **state},
-                                       keep=cfg.keep_checkpoints)
-                torch.save(critic.state_dict(), path / "critic.pt")
+                save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                scheduler=scheduler, state={"sampler": sampler.state_dict(), **state},
+                                keep=cfg.keep_checkpoints, extra={"critic.pt": critic.state_dict()})
             if fault_step and step == fault_step:
                 os._exit(137)
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import option
+from rlxf.config import ConfigError, option
 from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
                                  setup_logging, task_eval_metrics)
 from rlxf.reporting import Panel
@@ -27,6 +27,14 @@ class SFTConfig(TrainConfig):
 
     lr: float = option(1e-3, "peak learning rate (AdamW); tuned for the tiny model — use ~1e-5 for real LLMs")
     max_steps: int = option(200, "optimizer steps; 0 = derive from epochs")
+    verbose_fraction: float = option(0.0, "built-in task data: share of completions written in the verbose style "
+                                     "(e.g. 0.5 makes an SFT policy that PPO against a conciseness-aware RM "
+                                     "can improve)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.verbose_fraction <= 1:
+            raise ConfigError(f"--verbose-fraction must be in [0, 1], got {self.verbose_fraction}")
 
 
 def completion_nll(model, batch: dict) -> torch.Tensor:

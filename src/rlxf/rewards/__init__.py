@@ -7,12 +7,13 @@ through :func:`call_reward` (per-sample failure isolation), find them with :func
 
 Modules: ``base`` (contract, safe call), ``registry``, ``verifiable`` (answer checks, format),
 ``length`` (Kimi length reward, DAPO overlong penalty), ``combine`` (weighted sums),
-``likelihood`` (RLPR / VR-CLI / VeriFree), ``reward_model`` (trained scalar RM), ``scoring``
-(batching a scorer model).
+``likelihood`` (RLPR / VR-CLI / VeriFree), ``reward_model`` (trained scalar RM), ``cooper``
+(COOPER's co-trained verifier RM), ``scoring`` (batching a scorer model).
 """
 
 from rlxf.rewards.base import RewardError, RewardFn, call_reward, reward_name
 from rlxf.rewards.combine import CombinedReward, combine, weighted
+from rlxf.rewards.cooper import CooperReward, corrupt_final_answer, pretrain_verify_rm
 from rlxf.rewards.length import kimi_length_reward, overlong_penalty
 from rlxf.rewards.likelihood import (
     LikelihoodReward,
@@ -28,6 +29,7 @@ from rlxf.rewards.verifiable import exact_match, format_reward, numeric_match, p
 __all__ = [
     "REWARDS",
     "CombinedReward",
+    "CooperReward",
     "LikelihoodReward",
     "RewardError",
     "RewardFn",
@@ -35,6 +37,7 @@ __all__ = [
     "answer_token_logps",
     "call_reward",
     "combine",
+    "corrupt_final_answer",
     "exact_match",
     "format_reward",
     "get_reward",
@@ -43,6 +46,7 @@ __all__ = [
     "numeric_match",
     "overlong_penalty",
     "parse_number",
+    "pretrain_verify_rm",
     "register_reward",
     "reward_name",
     "rlpr_reward",

@@ -40,8 +40,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
-    """Write ``root/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+                    keep: int = 2, extra: dict | None = None) -> Path:
+    """Write ``root/step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``extra``: ``{file name: tensors/state dict}`` saved with ``torch.save`` inside the same atomic
+    write (e.g. a PPO critic or a co-trained reward model)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -54,6 +57,8 @@ def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer,
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(get_rng_state(), tmp / "rng.pt")
+    for name, value in (extra or {}).items():
+        torch.save(value, tmp / name)
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if final.exists():
         shutil.rmtree(final)
