@@ -72,10 +72,10 @@ def test_example_config_selects_the_method_its_name_says(name, loss):
         assert cfg.lora_r > 0
 
 
-def test_dpo_tiny_config_holds_the_demo_settings():
-    from rlxf.cli import DEMO
+def test_grpo_tiny_config_holds_the_demo_settings():
+    from rlxf.cli import DEMO, DEMO_RECIPE
 
-    cfg = build_config(_config_class("dpo"), load_yaml(ROOT / "configs" / "dpo_tiny.yaml"))
+    cfg = build_config(_config_class(DEMO_RECIPE), load_yaml(ROOT / "configs" / "grpo_tiny.yaml"))
     assert {k: getattr(cfg, k) for k in DEMO} == DEMO
 
 
@@ -264,7 +264,8 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 
 # -- documentation stays true to the flags ---------------------------------------------------------
 
-DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo"}
+DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo",
+              "grpo.md": "grpo", "ppo.md": "ppo"}
 OTHER_FLAGS = {"--config", "--help", "--output", "--steps",  # --config, argparse, `rlxf zoo build`
                "--runs", "--report-only", "--metric", "--goal", "--threshold"}  # `rlxf compare`
 OTHER_FLAGS |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Long2ShortDataConfig)}  # long2short-data

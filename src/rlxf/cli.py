@@ -28,12 +28,15 @@ RECIPES: dict[str, tuple[str, str, str]] = {
              "DAPO: clip-higher, dynamic sampling, token-mean loss, overlong shaping"),
     "rloo": ("rlxf.recipes.grpo", "RLOOConfig", "RLOO: leave-one-out baseline, no std scaling"),
     "ppo": ("rlxf.recipes.ppo", "PPOConfig", "PPO-RLHF: reward model, critic, KL-in-reward, GAE"),
+    "cooper": ("rlxf.recipes.cooper", "CooperConfig", "COOPER: GRPO against a verifier RM co-trained on the rollouts"),
 }
 
 DEMO = {
-    "model": "tiny", "dataset": "task:arithmetic", "loss": "dpo", "max_steps": 150, "batch_size": 16,
-    "eval_every": 25, "lr": 2e-4, "beta": 0.1, "eval_generate": 200,
+    "model": "tiny", "dataset": "task:arithmetic", "reward": "verifiable", "beta": 0.0, "batch_size": 32,
+    "group_size": 8, "lr": 5e-4, "schedule": "cosine", "warmup_steps": 10, "max_steps": 200, "eval_every": 25,
+    "eval_generate": 200,
 }
+DEMO_RECIPE = "grpo"
 
 
 def _config_class(name: str):
@@ -130,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "Flags override values from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
         add_arguments(p, _config_class(name))
-    demo = sub.add_parser("demo", help="DPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
+    demo = sub.add_parser("demo", help="GRPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its run (default: runs/demo)")
-    demo.add_argument("--max-steps", type=int, default=DEMO["max_steps"], help="optimizer steps")
+    demo.add_argument("--max-steps", type=int, default=DEMO["max_steps"], help="rollout steps")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     zoo = sub.add_parser("zoo", help="the embedded tiny model")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
@@ -153,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.command, cfg)
         if args.command == "demo":
             _keep_previous_demo(Path(args.output_dir), resume=args.resume)
-            cls = _config_class("dpo")
+            cls = _config_class(DEMO_RECIPE)
             values = {**DEMO, "output_dir": args.output_dir, "max_steps": args.max_steps, "resume": args.resume}
-            return _run("dpo", build_config(cls, values, where="rlxf demo"))
+            return _run(DEMO_RECIPE, build_config(cls, values, where="rlxf demo"))
         if args.command == "zoo" and args.zoo_command == "build":
             from rlxf.zoo.build import main as build_main
 

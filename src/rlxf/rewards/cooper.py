@@ -38,18 +38,18 @@ dropout in the RM (every RM forward runs in eval mode, as rlxf trains its polici
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlxf.models import load_reward_model, reward_scores
+from rlxf.models import load_reward_model, reward_scores, save_pretrained
 from rlxf.rewards.base import RewardError
 from rlxf.rewards.registry import register_reward
 from rlxf.rewards.scoring import eval_mode, length_sorted_batches, model_device, pad_id_of, right_pad
@@ -59,7 +59,7 @@ log = logging.getLogger("rlxf.cooper")
 TEMPLATE_PREFIX = "<question>{question}</question>\n<reference_answer>{answer}</reference_answer>\n<completion>"
 TEMPLATE_SUFFIX = "</completion>"
 SLIPS = tuple(range(1, 11))          # |Δ| of a corrupted final answer
-VERBOSE_FRACTION = 0.3               # share of verbose solutions in the pretraining/eval rows
+VERBOSE_FRACTION = 0.15              # share of verbose solutions in the pretraining/eval rows (the tiny model's mix)
 PRETRAIN_WARMUP = 0.2                # share of pretraining steps spent warming the learning rate up
 _INTEGER = re.compile(r"-?\d+")
 
@@ -135,11 +135,13 @@ def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_s
     """Train a VerifyRM with BCE on task rows (``BCEWithLogits(s, label)``, SPECS §10).
 
     Each step sees ``batch_size`` fresh rows of :func:`verification_examples` from the train split
-    (``batch_size // 2`` problems, correct + wrong each). AdamW, linear warm-up over the first
-    ``PRETRAIN_WARMUP`` (20%) of the steps, then cosine decay to 0; gradients clipped at ``max_grad_norm``. Deviation, stated:
-    the paper trains 3 epochs at lr 2e-5 on 58.7K hybrid-labelled rows; the tiny model needs a far
-    larger rate (docs/methods/cooper.md has the measurement). Returns ``rm/pretrain_loss`` (mean
-    of the last 10% of steps), ``rm/pretrain_steps``, ``rm/pretrain_seconds``.
+    (``batch_size // 2`` problems, correct + wrong each). AdamW (no weight decay), linear warm-up
+    over the first ``PRETRAIN_WARMUP`` (20%) of the steps, then a constant rate; gradients clipped
+    at ``max_grad_norm``. Deviation, stated: the paper trains 3 epochs at lr 2e-5 on 58.7K
+    hybrid-labelled rows. The tiny model needs a much higher rate, and its accuracy stays flat for
+    the first few hundred steps before it rises. A cosine decay would cut the rate before that rise,
+    so the rate stays constant (measured: docs/methods/cooper.md). Returns ``rm/pretrain_loss`` (mean
+    of the last 10% of steps), ``rm/pretrain_steps`` and ``rm/pretrain_seconds``.
     """
     if steps <= 0:
         return {"rm/pretrain_steps": 0}
@@ -152,9 +154,7 @@ def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_s
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, int(steps * PRETRAIN_WARMUP))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else
-        0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     losses = []
     for step in range(steps):
         batch = rows[step * per_step:(step + 1) * per_step]
@@ -237,11 +237,13 @@ class CooperReward:
     on first use (first call, :meth:`evaluate` or :meth:`after_step`) unless :meth:`load_state_dict`
     came first, so a resumed run does not pretrain again; it runs on a forked RNG, so the policy's
     random stream is the same with or without it. ``pretrain=None``: the model is already trained.
+    ``save_dir``: where the freshly pretrained VerifyRM is written (HF format, with the tokenizer), so
+    that other runs can start from it (``--cooper-rm``) instead of pretraining again.
     """
 
     def __init__(self, model, tokenizer, task, *, group_size: int, update: bool = True, lr: float = 1e-5,
                  seed: int = 0, eval_size: int = 256, pretrain: dict | None = None, max_grad_norm: float = 1.0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, save_dir: str | Path | None = None):
         if task is None:
             raise RewardError("reward 'cooper' needs a task verifier to pick positives (a task: dataset)")
         if group_size < 2:
@@ -253,7 +255,7 @@ class CooperReward:
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=0.0)
         self.eval_examples = verification_examples(task, "eval", eval_size, seed=seed)
-        self._pretrain = pretrain
+        self._pretrain, self.save_dir = pretrain, save_dir
         self._pretrain_metrics: dict = {}
         self.updates = 0
         self._reset_stash()
@@ -384,6 +386,10 @@ class CooperReward:
             held_out = evaluate_verify_rm(self.model, self.tokenizer, self.eval_examples, batch_size=self.batch_size)
             log.info("VerifyRM pretrained: %s; held-out %s", self._pretrain_metrics,
                      {k: round(v, 4) for k, v in held_out.items()})
+            if self.save_dir is not None:
+                save_pretrained(self.model, self.tokenizer, self.save_dir)
+                log.info("pretrained VerifyRM saved to %s (reuse it with --cooper-rm %s)", self.save_dir,
+                         self.save_dir)
 
 
 @register_reward("cooper", factory=True)
@@ -394,7 +400,8 @@ def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
     directory, or None to start from ``cfg.model`` with a fresh head and pretrain it),
     ``cooper_update``, ``cooper_rm_lr``, ``cooper_pretrain_steps``, ``cooper_pretrain_lr``,
     ``cooper_pretrain_batch_size``, ``cooper_eval_size``; plus ``group_size``, ``seed``,
-    ``max_grad_norm``, ``trust_remote_code``. The RM uses the policy's tokenizer and dtype.
+    ``max_grad_norm``, ``trust_remote_code``. The RM uses the policy's tokenizer and dtype. A
+    freshly pretrained RM is saved to ``<output_dir>/verify_rm``.
     """
     if cfg is None or not hasattr(cfg, "cooper_update"):
         raise RewardError("reward 'cooper' reads its options from the cooper recipe's config: run "
@@ -413,4 +420,5 @@ def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
                                            "batch_size": cfg.cooper_pretrain_batch_size}
     return CooperReward(rm, tokenizer, task, group_size=cfg.group_size, update=cfg.cooper_update,
                         lr=cfg.cooper_rm_lr, seed=cfg.seed, eval_size=cfg.cooper_eval_size, pretrain=pretrain,
-                        max_grad_norm=cfg.max_grad_norm)
+                        max_grad_norm=cfg.max_grad_norm,
+                        save_dir=None if cfg.cooper_rm else cfg.resolved_output_dir("cooper") / "verify_rm")

@@ -1,0 +1,65 @@
+"""``rlxf cooper``: GRPO with a co-trained verifier reward model (COOPER, SPECS.md §10, Appendix C).
+
+Each step is the GRPO step of :mod:`rlxf.recipes.grpo` with the reward ``cooper``
+(:mod:`rlxf.rewards.cooper`): rollouts are scored by σ(VerifyRM(question, reference answer,
+completion)). Then, in the loop's stateful-reward hook, the VerifyRM takes one contrastive step
+on (first rule-verified rollout of each group, its final answer corrupted) pairs. ``--cooper-update
+false`` keeps the RM frozen: this is the static-RM baseline that the paper shows being reward-hacked.
+
+Defaults follow the paper's example script where it gives one (``rollout.n``/lr/length are tiny-model
+values, as for ``rlxf grpo``): KL-in-loss with the k3 estimator and ``β = 0.001``. The VerifyRM
+pretraining and update rates are the ones measured for the embedded tiny model
+(docs/methods/cooper.md). For a real model, use the paper's values: ``--cooper-rm-lr 1e-5``, and
+pretrain at about 2e-5 or pass a trained VerifyRM with ``--cooper-rm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlxf.config import ConfigError, option
+from rlxf.recipes.grpo import GRPOConfig
+from rlxf.recipes.grpo import train as grpo_train
+
+
+@dataclass(frozen=True)
+class CooperConfig(GRPOConfig):
+    """Config of ``rlxf cooper``: GRPO fields plus the VerifyRM's (``cooper_*``)."""
+
+    reward: str = option("cooper", "reward: 'cooper' (the co-trained VerifyRM); use rlxf grpo for others")
+    beta: float | None = option(0.001, "KL-in-loss coefficient β (COOPER's script: 0.001, k3)")
+    cooper_rm: str | None = option(None, "a trained VerifyRM directory (sequence classifier); None = start "
+                                   "from --model with a fresh head and pretrain it on the task")
+    cooper_update: bool = option(True, "update the VerifyRM contrastively after every policy step (false = the "
+                                 "static-RM baseline)")
+    cooper_rm_lr: float = option(3e-4, "VerifyRM learning rate for the contrastive updates (AdamW); tuned for "
+                                 "the tiny model — the paper uses 1e-5")
+    cooper_pretrain_steps: int = option(800, "BCE pretraining steps of a fresh VerifyRM (ignored with --cooper-rm)")
+    cooper_pretrain_lr: float = option(1e-3, "VerifyRM pretraining learning rate; tuned for the tiny model — the "
+                                       "paper uses 2e-5")
+    cooper_pretrain_batch_size: int = option(64, "rows per pretraining step (half correct, half wrong)")
+    cooper_eval_size: int = option(256, "held-out verification rows (task eval split, balanced) for rm/* eval metrics")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.dataset.startswith("task:"):
+            raise ConfigError(f"rlxf cooper needs a built-in task dataset (--dataset task:NAME): its verifier picks "
+                              f"the positive rollouts the reward model learns from; got {self.dataset!r}")
+        if self.reward != "cooper":
+            raise ConfigError(f"rlxf cooper trains against --reward cooper, got {self.reward!r}; use rlxf grpo "
+                              "for another reward")
+        if self.cooper_rm_lr <= 0 or self.cooper_pretrain_lr <= 0:
+            raise ConfigError(f"--cooper-rm-lr and --cooper-pretrain-lr must be > 0, got {self.cooper_rm_lr}, "
+                              f"{self.cooper_pretrain_lr}")
+        if self.cooper_pretrain_steps < 0:
+            raise ConfigError(f"--cooper-pretrain-steps must be >= 0, got {self.cooper_pretrain_steps}")
+        if self.cooper_pretrain_batch_size < 2:
+            raise ConfigError(f"--cooper-pretrain-batch-size must be >= 2 (a correct and a wrong row), got "
+                              f"{self.cooper_pretrain_batch_size}")
+        if self.cooper_eval_size < 2:
+            raise ConfigError(f"--cooper-eval-size must be >= 2 (a correct and a wrong row), got {self.cooper_eval_size}")
+
+
+def train(cfg: CooperConfig):
+    """The GRPO loop under the recipe name ``cooper`` (runs land in runs/cooper by default)."""
+    return grpo_train(cfg, recipe="cooper")
