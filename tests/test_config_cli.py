@@ -21,7 +21,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def recipe_for(path: Path) -> str:
     """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo files → dpo)."""
-    for prefix in ("rm", "sft", "rpo", "orpo", "dr_grpo", "grpo", "dapo", "rloo", "ppo"):
+    for prefix in ("rm", "sft", "rpo", "orpo", "dr_grpo", "grpo", "dapo", "rloo", "ppo", "cooper"):
         if path.stem.startswith(prefix):
             return prefix
     return "dpo"
@@ -265,7 +265,7 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 # -- documentation stays true to the flags ---------------------------------------------------------
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo",
-              "grpo.md": "grpo", "ppo.md": "ppo"}
+              "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper"}
 OTHER_FLAGS = {"--config", "--help", "--output", "--steps",  # --config, argparse, `rlxf zoo build`
                "--runs", "--report-only", "--metric", "--goal", "--threshold"}  # `rlxf compare`
 OTHER_FLAGS |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Long2ShortDataConfig)}  # long2short-data

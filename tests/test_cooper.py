@@ -19,7 +19,9 @@ from rlxf.recipes.cooper import CooperConfig
 from rlxf.reporting import read_metrics
 from rlxf.rewards import RewardError, get_reward
 from rlxf.rewards.cooper import (CooperReward, contrastive_loss, corrupt_final_answer, encode_verify_input,
-                                 evaluate_verify_rm, pretrain_verify_rm, verification_examples, verify_logits)
+                                 evaluate_verify_rm, pretrain_verify_rm, truncate_before_answer,
+                                 verification_examples, verify_logits)
+from rlxf.tasks import extract_answer
 from rlxf.tasks import get_task
 
 FAST = {"task_size": 64, "eval_size": 16, "eval_generate": 16, "batch_size": 4, "group_size": 4,
@@ -89,6 +91,14 @@ def test_corruption_reads_the_answer_where_the_verifier_does():
     assert corrupt_final_answer(" #-7", random.Random(1)) != " #-7"
 
 
+def test_truncation_drops_the_final_answer():
+    rng = random.Random(0)
+    for _ in range(50):
+        stub = truncate_before_answer(" 55+97=152. #152", rng)
+        assert stub and " 55+97=152. ".startswith(stub) and extract_answer(stub) is None
+    assert truncate_before_answer(" 152", rng) is None and truncate_before_answer("#152", rng) is None
+
+
 # -- pairs -----------------------------------------------------------------------------------------
 
 def test_the_positive_is_the_first_verified_completion_of_each_group(rm_factory, tokenizer):
@@ -104,6 +114,17 @@ def test_the_positive_is_the_first_verified_completion_of_each_group(rm_factory,
     assert (question, answer, positive) == ("2+3=?", "5", " 2+3=5. #5")
     assert not get_task("arithmetic").verify(negative, "5")
     assert reward.build_pairs(step=0) == pairs  # deterministic given (seed, step)
+
+
+def test_mixed_negatives_are_slips_or_stubs_and_all_fail_the_verifier(rm_factory, tokenizer):
+    task = get_task("arithmetic")
+    problems = task.problems("train", 40, seed=2)
+    reward = _reward(rm_factory(), tokenizer, pretrain=None, negatives="mixed")
+    reward._stash["positives"] = [(p.prompt, p.answer, task.solve(p, verbose=False)) for p in problems]
+    pairs = reward.build_pairs(step=3)
+    assert len(pairs) == 40 and not any(task.verify(neg, a) for _, a, _, neg in pairs)
+    stubs = sum(extract_answer(neg) is None for *_, neg in pairs)
+    assert 10 < stubs < 30  # about half are cut before the answer, the rest have a shifted answer
 
 
 def test_no_positive_means_no_pair_and_no_update(rm_factory, tokenizer):
@@ -209,6 +230,8 @@ def test_config_defaults_and_validation():
         build_config(CooperConfig, {"reward": "verifiable"})
     with pytest.raises(ConfigError, match="cooper-rm-lr"):
         build_config(CooperConfig, {"cooper_rm_lr": 0})
+    with pytest.raises(ConfigError, match="cooper-negatives"):
+        build_config(CooperConfig, {"cooper_negatives": "llm"})
 
 
 def test_the_registered_reward_needs_the_cooper_config(tokenizer):
@@ -266,3 +289,16 @@ def test_resume_restores_the_co_trained_rm_exactly(tmp_path):
         a, b = (next(r for r in _rows(run, split) if r["step"] == 2) for run in (straight, resumed))
         assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     assert any(r.get("rm/updates") for r in _rows(straight, "train"))
+
+
+def test_the_example_compare_spec_plans_three_cooper_runs(tmp_path):
+    from pathlib import Path
+
+    from rlxf.recipes.compare import load_spec, plan_runs
+
+    spec, source = load_spec(Path(__file__).parents[1] / "examples" / "compare_cooper_static.yaml")
+    runs = {run.label: run.config for run in plan_runs(spec, output_dir=tmp_path, source=source)}
+    assert list(runs) == ["cooper", "static", "cooper_mixed"]
+    assert runs["cooper"].cooper_update and runs["cooper"].cooper_rm is None
+    assert not runs["static"].cooper_update and runs["static"].cooper_rm.endswith("cooper/verify_rm")
+    assert runs["cooper_mixed"].cooper_negatives == "mixed"

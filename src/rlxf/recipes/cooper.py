@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlxf.config import ConfigError, option
+from rlxf.config import ConfigError, check_choice, option
 from rlxf.recipes.grpo import GRPOConfig
 from rlxf.recipes.grpo import train as grpo_train
+from rlxf.rewards.cooper import NEGATIVES
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,14 @@ class CooperConfig(GRPOConfig):
 
     reward: str = option("cooper", "reward: 'cooper' (the co-trained VerifyRM); use rlxf grpo for others")
     beta: float | None = option(0.001, "KL-in-loss coefficient β (COOPER's script: 0.001, k3)")
-    cooper_rm: str | None = option(None, "a trained VerifyRM directory (sequence classifier); None = start "
-                                   "from --model with a fresh head and pretrain it on the task")
+    cooper_rm: str | None = option(None, "a trained VerifyRM directory, e.g. an earlier cooper run's "
+                                   "<output_dir>/verify_rm; None = start from --model with a fresh head, pretrain "
+                                   "it on the task and save it to <output_dir>/verify_rm")
     cooper_update: bool = option(True, "update the VerifyRM contrastively after every policy step (false = the "
                                  "static-RM baseline)")
+    cooper_negatives: str = option("slip", "negatives for the RM update: slip = the positive with its final answer "
+                                   "shifted; mixed = half of them cut before the final answer instead",
+                                   choices=NEGATIVES)
     cooper_rm_lr: float = option(3e-4, "VerifyRM learning rate for the contrastive updates (AdamW); tuned for "
                                  "the tiny model — the paper uses 1e-5")
     cooper_pretrain_steps: int = option(800, "BCE pretraining steps of a fresh VerifyRM (ignored with --cooper-rm)")
@@ -42,6 +47,7 @@ class CooperConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_choice(self, "cooper_negatives")
         if not self.dataset.startswith("task:"):
             raise ConfigError(f"rlxf cooper needs a built-in task dataset (--dataset task:NAME): its verifier picks "
                               f"the positive rollouts the reward model learns from; got {self.dataset!r}")
@@ -57,7 +63,8 @@ class CooperConfig(GRPOConfig):
             raise ConfigError(f"--cooper-pretrain-batch-size must be >= 2 (a correct and a wrong row), got "
                               f"{self.cooper_pretrain_batch_size}")
         if self.cooper_eval_size < 2:
-            raise ConfigError(f"--cooper-eval-size must be >= 2 (a correct and a wrong row), got {self.cooper_eval_size}")
+            raise ConfigError(f"--cooper-eval-size must be >= 2 (a correct and a wrong row), got "
+                              f"{self.cooper_eval_size}")
 
 
 def train(cfg: CooperConfig):

@@ -423,8 +423,8 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
                 with autocast_context(cfg, device, dtype):
                     loss, stats = policy_loss_terms(model, batch, cfg, units_total=units_total)
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss at step {step + 1}; lower --lr (last good checkpoint: "
-                                        f"{latest_checkpoint(cfg.resolved_output_dir('grpo') / 'checkpoints')})")
+                    raise TrainingError(f"non-finite loss at step {step + 1}; lower --lr and resume from the "
+                                        f"last good checkpoint (--resume)")
                 loss.backward()
                 step_stats.append({"loss": loss.item(), **stats})
             if cfg.max_grad_norm > 0:
@@ -475,6 +475,7 @@ PANELS = [
     Panel("entropy (sampled-token estimate)", ["entropy"], split="train", ylabel="nats/token"),
     Panel("clip fraction / zero-advantage groups", ["clip_fraction", "frac_zero_adv"], split="train"),
     Panel("throughput", ["sample_tokens_per_s", "train_tokens_per_s"], split="train", ylabel="tokens/s"),
+    Panel("learned reward model (COOPER)", ["rm/accuracy", "rm/agreement"]),
 ]
 
 

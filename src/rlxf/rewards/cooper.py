@@ -30,7 +30,12 @@ positive's *final answer* instead (:func:`corrupt_final_answer`: the first integ
 final-answer ``#`` shifted by a nonzero slip in ±1..±10, drawn from a generator seeded by (seed,
 step); a corruption the verifier still accepts is redrawn, and a positive with no number after
 ``#`` gives no pair). Such negatives share the positive's reasoning, so they teach the RM to
-compare the final answer with the reference — the check a hacked RM forgets. Other deviations:
+compare the final answer with the reference — the check a hacked RM forgets. They never show the
+RM a completion without a final answer, though. In one 200-step run on the tiny model, the policy
+learnt to stop after the first number (`` 55``); the co-trained RM scored that 0.48, while it scored
+wrong full answers below 0.1. ``negatives="mixed"`` (``--cooper-negatives mixed``) therefore cuts
+half of the positives before their final answer instead (:func:`truncate_before_answer`). This rlxf
+option is not in the paper. Other deviations:
 no RM learning-rate warm-up (the paper's ratio 0.01 is under one step at rlxf's step counts), no
 dropout in the RM (every RM forward runs in eval mode, as rlxf trains its policies).
 """
@@ -146,7 +151,8 @@ def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_s
     if steps <= 0:
         return {"rm/pretrain_steps": 0}
     if batch_size < 2:
-        raise RewardError(f"VerifyRM pretraining: batch_size must be >= 2 (a correct and a wrong row), got {batch_size}")
+        raise RewardError(f"VerifyRM pretraining: batch_size must be >= 2 (a correct and a wrong row), "
+                          f"got {batch_size}")
     t0 = time.time()
     rows = verification_examples(task, "train", steps * (batch_size // 2) * 2, seed=seed,
                                  verbose_fraction=verbose_fraction)
@@ -217,6 +223,20 @@ def corrupt_final_answer(completion: str, rng: random.Random, *, slips: Sequence
     return completion[:match.start()] + str(value) + completion[match.end():]
 
 
+def truncate_before_answer(completion: str, rng: random.Random) -> str | None:
+    """A prefix of ``completion`` cut at a random point before its final-answer ``#``, so it has no
+    final answer (the stub a policy emits when it stops early); None when there is no ``#`` or
+    nothing before it."""
+    end = completion.find("\n\n")
+    marker = completion.rfind("#", 0, len(completion) if end < 0 else end)
+    if marker < 2:
+        return None
+    return completion[:rng.randrange(1, marker)]
+
+
+NEGATIVES = ("slip", "mixed")
+
+
 def contrastive_loss(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
     """COOPER's RM loss ``−mean log σ(s⁺ − s⁻)`` (SPECS §10); inputs [P], output a scalar."""
     return -F.logsigmoid(positive_logits - negative_logits).mean()
@@ -243,13 +263,15 @@ class CooperReward:
 
     def __init__(self, model, tokenizer, task, *, group_size: int, update: bool = True, lr: float = 1e-5,
                  seed: int = 0, eval_size: int = 256, pretrain: dict | None = None, max_grad_norm: float = 1.0,
-                 batch_size: int = 64, save_dir: str | Path | None = None):
+                 batch_size: int = 64, save_dir: str | Path | None = None, negatives: str = "slip"):
         if task is None:
             raise RewardError("reward 'cooper' needs a task verifier to pick positives (a task: dataset)")
         if group_size < 2:
             raise RewardError(f"reward 'cooper': group_size must be >= 2 (completions per prompt), got {group_size}")
+        if negatives not in NEGATIVES:
+            raise RewardError(f"reward 'cooper': negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.group_size, self.update, self.seed = group_size, update, seed
+        self.group_size, self.update, self.seed, self.negatives = group_size, update, seed, negatives
         self.max_grad_norm, self.batch_size = max_grad_norm, batch_size
         self.reward_name = "cooper"
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -302,14 +324,19 @@ class CooperReward:
 
     # -- hooks for the training loop -------------------------------------------------------------
     def build_pairs(self, step: int) -> list[tuple[str, str, str, str]]:
-        """(question, answer, positive, negative) for the stashed positives; the negatives come from
-        :func:`corrupt_final_answer` with a generator seeded by (seed, step) and are checked to fail
-        the verifier (up to 10 draws each; a positive without one is skipped)."""
+        """(question, answer, positive, negative) for the stashed positives.
+
+        ``negatives="slip"``: :func:`corrupt_final_answer`; ``"mixed"``: each negative is, with
+        probability ½, :func:`truncate_before_answer` instead. Drawn from a generator seeded by
+        (seed, step) and checked to fail the verifier (up to 10 draws each; a positive without one
+        is skipped)."""
         rng = random.Random(f"cooper:negatives:{self.seed}:{step}")
         pairs = []
         for question, answer, positive in self._stash["positives"]:
             for _ in range(10):
-                negative = corrupt_final_answer(positive, rng)
+                corrupt = truncate_before_answer if self.negatives == "mixed" and rng.random() < 0.5 \
+                    else corrupt_final_answer
+                negative = corrupt(positive, rng)
                 if negative is None:
                     break
                 if not self.task.verify(negative, answer):
@@ -398,8 +425,8 @@ def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
 
     Options come from the cooper recipe's config (``cfg``): ``cooper_rm`` (a trained VerifyRM
     directory, or None to start from ``cfg.model`` with a fresh head and pretrain it),
-    ``cooper_update``, ``cooper_rm_lr``, ``cooper_pretrain_steps``, ``cooper_pretrain_lr``,
-    ``cooper_pretrain_batch_size``, ``cooper_eval_size``; plus ``group_size``, ``seed``,
+    ``cooper_update``, ``cooper_negatives``, ``cooper_rm_lr``, ``cooper_pretrain_steps``,
+    ``cooper_pretrain_lr``, ``cooper_pretrain_batch_size``, ``cooper_eval_size``; plus ``group_size``, ``seed``,
     ``max_grad_norm``, ``trust_remote_code``. The RM uses the policy's tokenizer and dtype. A
     freshly pretrained RM is saved to ``<output_dir>/verify_rm``.
     """
@@ -420,5 +447,5 @@ def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
                                            "batch_size": cfg.cooper_pretrain_batch_size}
     return CooperReward(rm, tokenizer, task, group_size=cfg.group_size, update=cfg.cooper_update,
                         lr=cfg.cooper_rm_lr, seed=cfg.seed, eval_size=cfg.cooper_eval_size, pretrain=pretrain,
-                        max_grad_norm=cfg.max_grad_norm,
+                        max_grad_norm=cfg.max_grad_norm, negatives=cfg.cooper_negatives,
                         save_dir=None if cfg.cooper_rm else cfg.resolved_output_dir("cooper") / "verify_rm")
