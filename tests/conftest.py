@@ -32,3 +32,14 @@ def tokenizer():
     from rlxf.zoo.tokenizer import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Recipes given ``threads: 1`` set torch's global thread count; restore it so later (slow)
+    tests keep every core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
