@@ -266,9 +266,21 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo",
               "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper"}
-OTHER_FLAGS = {"--config", "--help", "--output", "--steps",  # --config, argparse, `rlxf zoo build`
-               "--runs", "--report-only", "--metric", "--goal", "--threshold"}  # `rlxf compare`
-OTHER_FLAGS |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Long2ShortDataConfig)}  # long2short-data
+def _all_command_flags() -> set[str]:
+    """Every option string of every rlxf subcommand (nested ones such as `zoo build` included)."""
+    import argparse
+
+    flags, parsers = set(), [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            flags.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(p for name, p in action.choices.items() if name not in RECIPES)
+    return flags | {"--config"}
+
+
+OTHER_FLAGS = _all_command_flags()  # non-recipe commands: compare, serve, text2reward, long2short-data, zoo, demo
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
 
 

@@ -35,3 +35,28 @@ def test_token_logps_cuda_matches_cpu(tiny_random_model_dir):
     cpu = token_logps(model, ids, mask, chunk_size=16)
     gpu = token_logps(model.cuda(), ids.cuda(), mask.cuda(), chunk_size=16).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_static_engine_cuda_graph_matches_hf_engine():
+    """The captured decode step replays the same greedy tokens as HFEngine, and sees in-place weight updates."""
+    from rlxf.models import load_policy
+    from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = load_policy("tiny", dtype="float32", device="cuda").eval()
+    prompts = [tokenizer(p)["input_ids"] for p in ("12+34=", "7=", "hello world!")]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, n=2)
+    engine = StaticEngine(model, tokenizer)
+    out = engine.generate(prompts, params)
+    assert engine.stats["graph_captures"] == 1
+    ref = HFEngine(model, tokenizer).generate(prompts, params)
+    assert torch.equal(out.completion_ids.cpu(), ref.completion_ids.cpu())
+    torch.testing.assert_close(out.logps, ref.logps, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)  # in place: the captured graph must read the new values
+    again = engine.generate(prompts, params)
+    assert engine.stats["graph_captures"] == 1
+    ref = HFEngine(model, tokenizer).generate(prompts, params)
+    assert torch.equal(again.completion_ids.cpu(), ref.completion_ids.cpu())

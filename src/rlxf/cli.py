@@ -1,5 +1,6 @@
 """``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``,
-``rlxf compare``, ``rlxf long2short-data``.
+``rlxf compare``, ``rlxf long2short-data``, ``rlxf serve``, ``rlxf cai-sft``, ``rlxf rlaif``,
+``rlxf cool-rlhf``, ``rlxf text2reward``.
 
 Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
 """
@@ -124,6 +125,138 @@ def _long2short_data(args) -> int:
     return 0
 
 
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server over a model (docs/serve.md)",
+                       description="rlxf serve: GET /v1/models and POST /v1/chat/completions over a model "
+                       "(docs/serve.md).", allow_abbrev=False)
+    p.add_argument("--model", default="tiny", help="model directory, Hub id, or 'tiny' (default: tiny)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger bodies get 413 (default: 1000000)")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default: 512)")
+    p.add_argument("--max-top-logprobs", type=int, default=20, help="largest top_logprobs a request may ask "
+                   "(default: 20, as OpenAI; raise it so a judge can read options the model ranks low)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the --model value)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = torch's default; "
+                   "1 is much faster on a busy small CPU machine)")
+
+
+def _serve(args) -> int:
+    from rlxf.serve import make_server
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        server, thread = make_server(args.model, args.host, args.port, max_request_bytes=args.max_request_bytes,
+                                     max_tokens_limit=args.max_tokens_limit,
+                                     max_top_logprobs=args.max_top_logprobs, device=args.device,
+                                     model_name=args.served_model_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"rlxf serve: {server.model_name!r} at {server.base_url} (Ctrl-C stops)", flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    print("rlxf serve: stopped")
+    return 0
+
+
+# data-generating commands that may train afterwards: name -> (module, config class, help)
+AI_FEEDBACK = {
+    "cai-sft": ("rlxf.recipes.cai", "CAISFTConfig", "Constitutional AI SL stage: the policy critiques and revises "
+                "its answers under principles, then SFT on the revisions (docs/methods/rlaif.md)"),
+    "rlaif": ("rlxf.recipes.rlaif", "RLAIFConfig", "sample response pairs, label them with an AI judge (soft "
+              "labels, both orders), then train an RM or DPO/RPO on them (docs/methods/rlaif.md)"),
+}
+
+
+def _add_ai_feedback_parsers(sub) -> None:
+    for name, (module, cls, help_text) in AI_FEEDBACK.items():
+        p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. Flags override values "
+                           "from --config.", allow_abbrev=False)
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+        add_arguments(p, getattr(importlib.import_module(module), cls))
+
+
+def _ai_feedback(name: str, args) -> int:
+    module, cls, _ = AI_FEEDBACK[name]
+    module = importlib.import_module(module)
+    cfg = parse_args(getattr(module, cls), args)
+    stats = module.train(cfg)
+    out = Path(cfg.output_dir)
+    data = out / ("cai_sft.jsonl" if name == "cai-sft" else "preferences.jsonl")
+    trained = stats.get("sft") or stats.get("train")
+    print(f"\nrlxf {name}: done. Data: {data}  Stats: {out / 'stats.json'}"
+          + (f"  Training run: {trained['output_dir']}" if trained else ""))
+    return 0
+
+
+COOL_HELP = ("COOL-RLHF: a conditional reward model (per-domain condition, focal loss) and online rounds of "
+             "label -> hacking check -> RM patch/refresh -> GRPO/PPO (docs/methods/cool-rlhf.md)")
+
+
+def _add_cool_rlhf_parser(sub) -> None:
+    from rlxf.recipes.cool_rlhf import CoolRLHFConfig
+
+    p = sub.add_parser("cool-rlhf", help=COOL_HELP, description=f"rlxf cool-rlhf: {COOL_HELP}. Re-running the "
+                       "same command continues the loop. Flags override values from --config.", allow_abbrev=False)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+    add_arguments(p, CoolRLHFConfig)
+
+
+def _cool_rlhf(args) -> int:
+    from rlxf.recipes.cool_rlhf import CoolRLHFConfig, train
+
+    out = train(parse_args(CoolRLHFConfig, args)).output_dir
+    print(f"\nrlxf cool-rlhf: done. Rounds: {out / 'rounds.jsonl'}  Report: {out / 'report.html'}  "
+          f"Summary: {out / 'summary.json'}")
+    return 0
+
+
+T2R_HELP = "Text2Reward: a chat model writes a reward function from a sentence; validated in a sandbox"
+
+
+def _add_text2reward_parser(sub) -> None:
+    p = sub.add_parser("text2reward", help=T2R_HELP, description=f"rlxf text2reward: {T2R_HELP}. Writes "
+                       "DIR/reward_fn.py (use it as --reward DIR/reward_fn.py:reward_fn; it always runs sandboxed) "
+                       "and DIR/report.json (docs/text2reward.md).", allow_abbrev=False)
+    p.add_argument("goal", help="what the reward should encourage, in one or a few sentences")
+    p.add_argument("--judge", required=True, metavar="SPEC", help="the code-writing chat model: local:PATH, "
+                   "http://host:port/v1 (OpenAI-compatible), or replay:FILE.json (scripted answers)")
+    p.add_argument("--judge-model", metavar="NAME", help="model name for an HTTP judge (default: the server's first)")
+    p.add_argument("--dataset", default="task:arithmetic", help="rows whose fields the function may use and that "
+                   "the dry run scores (default: task:arithmetic)")
+    p.add_argument("--rows", type=int, default=4, help="sample rows for the dry run (default: 4)")
+    p.add_argument("--output-dir", default="runs/text2reward", help="where the code and report go "
+                   "(default: runs/text2reward)")
+    p.add_argument("--max-attempts", type=int, default=3, help="generate -> check -> dry run rounds (default: 3)")
+    p.add_argument("--feedback", metavar="TEXT", help="refinement: what was wrong with --previous in training")
+    p.add_argument("--previous", metavar="FILE.py", help="refinement: the reward function to improve")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="required range of the values")
+    p.add_argument("--max-tokens", type=int, default=1024, help="answer length limit (default: 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
+    p.add_argument("--timeout", type=float, default=5.0, help="sandbox wall-time limit of the dry run, s (default: 5)")
+
+
+def _text2reward(args) -> int:
+    from rlxf.rewards.text2reward import format_summary, run_text2reward
+
+    result, report = run_text2reward(
+        args.goal, judge=args.judge, judge_model=args.judge_model, dataset=args.dataset, rows=args.rows,
+        output_dir=args.output_dir, max_attempts=args.max_attempts, feedback=args.feedback, previous=args.previous,
+        value_range=tuple(args.range) if args.range else None, max_tokens=args.max_tokens,
+        temperature=args.temperature, timeout=args.timeout)
+    print(format_summary(result, report), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
                                      allow_abbrev=False)
@@ -144,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, default=None, help="pre-training steps")
     _add_compare_parser(sub)
     _add_long2short_parser(sub)
+    _add_cool_rlhf_parser(sub)
+    _add_ai_feedback_parsers(sub)
+    _add_serve_parser(sub)
+    _add_text2reward_parser(sub)
     return parser
 
 
@@ -170,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "long2short-data":
             return _long2short_data(args)
+        if args.command == "cool-rlhf":
+            return _cool_rlhf(args)
+        if args.command in AI_FEEDBACK:
+            return _ai_feedback(args.command, args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "text2reward":
+            return _text2reward(args)
         parser.print_help()
         return 2
     except ConfigError as exc:

@@ -33,8 +33,10 @@ def collate_preference(examples: list[dict], pad_id: int | None) -> dict:
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2B, T]`` long;
     ``chosen_scores``, ``rejected_scores`` ``[B]`` float (NaN where absent); ``margin`` ``[B]``
-    float (0 where absent, i.e. no margin); ``has_scores`` (every pair has both scores, so the
-    score tensors hold no NaN) and ``has_margin`` (at least one pair has a margin).
+    float (0 where absent, i.e. no margin); ``chosen_probability`` ``[B]`` float (the soft label
+    P(chosen ≻ rejected); 1 where absent, i.e. a hard label); ``has_scores`` (every pair has both
+    scores, so the score tensors hold no NaN), ``has_margin`` (at least one pair has a margin) and
+    ``has_soft_label`` (at least one pair has a ``chosen_probability``).
     """
     _check_batch(examples, pad_id)
     sequences, masks = [], []
@@ -47,12 +49,15 @@ def collate_preference(examples: list[dict], pad_id: int | None) -> dict:
     chosen_scores = _floats([e.get("chosen_score") for e in examples], missing=math.nan)  # [B]
     rejected_scores = _floats([e.get("rejected_score") for e in examples], missing=math.nan)  # [B]
     margin = _floats([e.get("margin") for e in examples], missing=0.0)  # [B]
+    soft_label = _floats([e.get("chosen_probability") for e in examples], missing=1.0)  # [B]
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
         "chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "margin": margin,
+        "chosen_probability": soft_label,
         "has_scores": all(e.get("chosen_score") is not None and e.get("rejected_score") is not None
                           for e in examples),
         "has_margin": any(e.get("margin") is not None for e in examples),
+        "has_soft_label": any(e.get("chosen_probability") is not None for e in examples),
     }
 
 

@@ -6,14 +6,15 @@ lists rendered with the tokenizer's chat template):
 - ``prompt``: ``prompt`` (+ any extra fields, e.g. ``answer``, kept for reward functions);
 - ``sft``: ``prompt`` + ``completion``, or ``messages`` whose last message is the assistant's;
 - ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (+ optional finite ``chosen_score``,
-  ``rejected_score``, ``margin``); conversational pairs may omit ``prompt`` when ``chosen`` and
+  ``rejected_score``, ``margin``, and ``chosen_probability`` ∈ [0, 1], a soft label
+  P(chosen ≻ rejected) such as an AI labeler's); conversational pairs may omit ``prompt`` when ``chosen`` and
   ``rejected`` are whole conversations sharing a prefix (TRL's "implicit prompt"), which becomes
   the prompt.
 
 :func:`validate_rows` returns rows in one normalised shape per kind, so tokenization never has to
 guess: ``sft`` rows always have ``prompt`` + ``completion``; ``preference`` rows always have
-``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``, ``margin`` (None when
-absent). A message is ``{"role": ..., "content": str}``.
+``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``, ``margin``,
+``chosen_probability`` (None when absent). A message is ``{"role": ..., "content": str}``.
 
 Every user-facing problem is a :class:`DataError` that says what is wrong, where
 (``file:line``, ``file[index]`` or ``task:NAME[index]``, taken from the row's ``_where``) and how
@@ -28,6 +29,7 @@ from numbers import Real
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SCORE_FIELDS = ("chosen_score", "rejected_score", "margin")
+PROBABILITY_FIELD = "chosen_probability"  # soft label P(chosen ≻ rejected), RLAIF (SPECS §2 L_soft, §7b)
 MAX_REPORTED = 5
 
 EXPECTED = {
@@ -140,6 +142,7 @@ def _normalise_preference(row: dict) -> dict:
         _check_ends_with_assistant(out["rejected"], "rejected")
     for name in SCORE_FIELDS:
         out[name] = _check_score(row.get(name), name)
+    out[PROBABILITY_FIELD] = _check_probability(row.get(PROBABILITY_FIELD), PROBABILITY_FIELD)
     return out
 
 
@@ -235,4 +238,12 @@ def _check_score(value, field: str) -> float | None:
     value = float(value)
     if not math.isfinite(value):
         raise RowProblem(f"field '{field}' must be finite, got {value}")
+    return value
+
+
+def _check_probability(value, field: str) -> float | None:
+    """``None`` stays absent; anything else must be a number in [0, 1]."""
+    value = _check_score(value, field)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise RowProblem(f"field '{field}' is a probability and must be in [0, 1], got {value}")
     return value

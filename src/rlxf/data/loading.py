@@ -150,7 +150,7 @@ def _read_parquet(path: str, limit: int | None) -> list[dict]:
 
 
 def _read_csv(path: str, limit: int | None) -> list[dict]:
-    """CSV via the stdlib; score/margin columns become floats, empty cells become None."""
+    """CSV via the stdlib; score/margin/probability columns become floats, empty cells become None."""
     rows = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
@@ -166,7 +166,7 @@ def _csv_value(key: str, value: str | None):
     """Empty cells are absent (None); score fields are parsed as floats when they parse."""
     if value is None or value == "":
         return None
-    if key == "margin" or key == "score" or key.endswith("_score"):
+    if key in ("margin", "score", "chosen_probability") or key.endswith("_score"):
         try:
             return float(value)
         except ValueError:

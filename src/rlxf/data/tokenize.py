@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from rlxf.data.formats import SCORE_FIELDS, DataError, row_where
+from rlxf.data.formats import PROBABILITY_FIELD, SCORE_FIELDS, DataError, row_where
 
 logger = logging.getLogger("rlxf.data")
 TRUNCATION_POLICIES = ("truncate", "drop")
@@ -79,8 +79,8 @@ def tokenize_sft(rows: list[dict], tokenizer, *, max_length: int,
 def tokenize_preference(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                         truncation: str = "truncate") -> tuple[list[dict], TokenStats]:
     """Encode preference rows as ``{"prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
-    "rejected_score", "margin", "pair_kind"}``; chosen/rejected ids are completion ids, each ending
-    with eos unless truncated; scores are None when absent; ``pair_kind`` (None when absent) lets
+    "rejected_score", "margin", "chosen_probability", "pair_kind"}``; chosen/rejected ids are
+    completion ids, each ending with eos unless truncated; scores and the soft label are None when absent; ``pair_kind`` (None when absent) lets
     evaluation report accuracy per kind of pair."""
     _check_limits(max_length, max_prompt_length, truncation)
     encoded = _encode_rows(rows, tokenizer, completion_fields=("chosen", "rejected"))
@@ -93,6 +93,7 @@ def tokenize_preference(rows: list[dict], tokenizer, *, max_length: int, max_pro
             prompt_ids, (chosen_ids, rejected_ids) = fitted[0], fitted[1]
             examples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
                              **{name: row.get(name) for name in SCORE_FIELDS},
+                             PROBABILITY_FIELD: row.get(PROBABILITY_FIELD),
                              "pair_kind": row.get("pair_kind")})
     _finish(stats, max_length, longest_prompt, "preference", truncation=truncation)
     return examples, stats

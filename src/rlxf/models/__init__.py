@@ -21,6 +21,7 @@ from rlxf.models.logprobs import (
     reward_scores,
     sequence_logps,
     token_logps,
+    top_logps_from_logits,
 )
 from rlxf.models.lora import apply_lora, linear_module_names
 from rlxf.models.reference import Reference
@@ -43,4 +44,5 @@ __all__ = [
     "save_pretrained",
     "sequence_logps",
     "token_logps",
+    "top_logps_from_logits",
 ]

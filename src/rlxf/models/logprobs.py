@@ -47,6 +47,21 @@ def logps_from_logits(logits: Tensor, labels: Tensor, *, temperature: float = 1.
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def top_logps_from_logits(logits: Tensor, k: int, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The ``k`` most likely tokens under ``softmax(logits / temperature)``, most likely first.
+
+    logits: ``[..., V]`` → ``(logps, token_ids)``, both ``[..., min(k, V)]`` (float32, int64).
+    Used for OpenAI-style ``top_logprobs`` (``rlxf serve``).
+    """
+    _check_temperature(temperature)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, indices = logps.topk(min(k, logps.shape[-1]), dim=-1)
+    return values, indices
+
+
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *,
                 temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """Per-token log-probs of the next token: ``out[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1])``.

@@ -330,7 +330,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
             metrics = grpo_step(cfg, step, model=model, engine=engine, prompts=prompts, sampler=sampler,
                                 pipeline=pipeline, reference=reference, optimizer=optimizer, scheduler=scheduler,
                                 params=params, device=device, dtype=dtype, tokenizer=tokenizer)
-            if hasattr(pipeline.base, "after_step"):  # stateful rewards (COOPER) learn from this step
+            if hasattr(pipeline.base, "after_step"):  # stateful rewards (COOPER, LMGT) learn/log after each step
                 metrics.update(pipeline.base.after_step(step))
             step += 1
             for key in ("sample_seconds", "train_seconds", "sample_tokens", "train_tokens"):
@@ -476,6 +476,10 @@ PANELS = [
     Panel("clip fraction / zero-advantage groups", ["clip_fraction", "frac_zero_adv"], split="train"),
     Panel("throughput", ["sample_tokens_per_s", "train_tokens_per_s"], split="train", ylabel="tokens/s"),
     Panel("learned reward model (COOPER)", ["rm/accuracy", "rm/agreement"]),
+    Panel("LMGT judge shifts (counts per step)", ["lmgt/shift_plus", "lmgt/shift_zero", "lmgt/shift_minus"],
+          split="train"),
+    Panel("LMGT agreement of δ with the verifier / base reward", ["lmgt/agreement_verifier", "lmgt/agreement_base"],
+          split="train", ylabel="fraction"),
 ]
 
 

@@ -37,6 +37,20 @@ class OnlineConfig(RunConfig):
     reward: str = option("verifiable", "reward: a registered name (verifiable, exact_match, numeric_match, "
                          "likelihood, reward_model, ...) or module:function / path/file.py:function")
     reward_model: str | None = option(None, "reward-model directory for --reward reward_model")
+    # judge-based rewards (docs/methods/lmgt.md): --reward lmgt wraps --lmgt-base; --reward d_rlaif
+    judge: str | None = option(None, "judge for --reward lmgt / d_rlaif: local:PATH (local:tiny) or an "
+                               "OpenAI-compatible base URL http://host:port/v1")
+    judge_model: str | None = option(None, "model name sent to an HTTP --judge")
+    judge_prompts: str = option("auto", "judge prompt set: standard, compact (short-context judges), auto = "
+                                "compact for local:tiny, else standard", choices=("auto", "standard", "compact"))
+    lmgt_base: str = option("verifiable", "--reward lmgt: the base reward the judge's shift is added to "
+                            "(any --reward spec)")
+    lmgt_scale: float = option(1.0, "--reward lmgt: shift scale; reward = base + scale_t·δ, δ in {-1, 0, +1}")
+    lmgt_decay: float = option(0.0, "--reward lmgt: per-step multiplicative decay, scale_t = scale·(1 - decay)^t")
+    lmgt_call_fraction: float = option(1.0, "--reward lmgt: probability that an uncached sample is sent to the "
+                                       "judge (others get δ = 0)")
+    lmgt_knowledge: str | None = option(None, "--reward lmgt: text file of prior knowledge (a wiki/tutorial) "
+                                        "shown to the judge")
     likelihood_kind: str = option("rlpr", "likelihood reward: RLPR mean-prob gain, VR-CLI perplexity "
                                   "thresholds, or VeriFree sequence probability", choices=LIKELIHOOD_KINDS)
     likelihood_scorer: str = option("reference", "model scoring the reference answer for --reward likelihood: "
@@ -54,7 +68,7 @@ class OnlineConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("likelihood_kind", "likelihood_scorer", "sampler"):
+        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts"):
             check_choice(self, name)
         for name in ("batch_size", "group_size", "eval_generate"):
             if getattr(self, name) <= 0:
@@ -65,8 +79,16 @@ class OnlineConfig(RunConfig):
             raise ConfigError(f"--temperature must be > 0 for RL sampling, got {self.temperature}")
         if self.length_reward_weight < 0:
             raise ConfigError(f"--length-reward-weight must be >= 0, got {self.length_reward_weight}")
-        if self.reward == "reward_model" and not self.reward_model:
+        base_reward = self.lmgt_base if self.reward == "lmgt" else self.reward
+        if base_reward == "reward_model" and not self.reward_model:
             raise ConfigError("--reward reward_model needs --reward-model DIR (a model trained by `rlxf rm`)")
+        if self.reward in ("lmgt", "d_rlaif") and not self.judge:
+            raise ConfigError(f"--reward {self.reward} needs --judge SPEC (local:tiny, local:PATH or "
+                              "http://host:port/v1)")
+        if self.lmgt_scale < 0 or not 0 <= self.lmgt_decay < 1 or not 0 < self.lmgt_call_fraction <= 1:
+            raise ConfigError(f"LMGT options out of range: --lmgt-scale >= 0 (got {self.lmgt_scale}), --lmgt-decay "
+                              f"in [0, 1) (got {self.lmgt_decay}), --lmgt-call-fraction in (0, 1] "
+                              f"(got {self.lmgt_call_fraction})")
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -215,7 +237,8 @@ def evaluate_greedy(engine, prompts: PromptSet, pipeline: RewardPipeline, *, max
         metrics["task_accuracy"] = sum(correct) / len(correct)
     from rlxf.rewards import call_reward
 
-    values, _ = call_reward(pipeline.base, [r["prompt"] for r in prompts.rows], texts, _row_fields(prompts.rows))
+    scorer = getattr(pipeline.base, "eval_fn", pipeline.base)  # a training-only shaping term (LMGT) is left out
+    values, _ = call_reward(scorer, [r["prompt"] for r in prompts.rows], texts, _row_fields(prompts.rows))
     valid = [v for v in values if v is not None]
     if valid:
         metrics["reward"] = sum(valid) / len(valid)

@@ -2,8 +2,14 @@
 
 A scalar head on the last non-pad token (HF ``*ForSequenceClassification``, ``num_labels=1``)
 trained on preference pairs with Bradley-Terry (SPECS §2: optional per-pair margin, reward
-centering η(r_w + r_l)²) or COOL-RLHF's focal ranking loss with log-barrier (SPECS §8).
+centering η(r_w + r_l)², soft labels ``chosen_probability`` from an AI labeler (RLAIF L_soft))
+or COOL-RLHF's focal ranking loss with log-barrier (SPECS §8).
 Eval: held-out pairwise accuracy (chosen scored above rejected, ties ½) and score margins.
+
+``conditions`` makes it COOL-RLHF's *conditional* RM: each row's prompt is prefixed with its
+domain's condition (:mod:`rlxf.data.conditions`) before tokenisation, train and eval alike, and the
+mapping is saved with the model (``final/conditions.yaml``) so the ``reward_model`` reward
+conditions its inputs the same way.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ class RewardModelConfig(TrainConfig):
     loss: str = option("bt", "bt = Bradley-Terry; focal = COOL-RLHF focal ranking + log-barrier",
                        choices=("bt", "focal"))
     use_margin: bool = option(True, "subtract the dataset's per-pair 'margin' inside the BT sigmoid when present")
+    soft_labels: bool = option(True, "train on the dataset's per-pair 'chosen_probability' (soft label, e.g. "
+                               "from rlxf rlaif) with the soft-label BT loss when present; pairs without one "
+                               "count as p = 1")
     center_coef: float = option(0.0, "reward centering η (Eisenstein et al.; TRL recommends 0.01)")
     focal_gamma: float = option(2.0, "focal loss γ")
     barrier_weight: float = option(0.01, "focal loss log-barrier weight λ (xtuner default)")
     barrier_bound: float = option(5.0, "log-barrier keeps scores inside (−bound, bound)")
+    conditions: str | None = option(None, "conditional RM (COOL-RLHF): 'default' (built-in task conditions) or "
+                                    "a YAML file of domain: condition text; each prompt becomes condition + "
+                                    "prompt (domain: the row's 'domain' field, else the task name)")
     lr: float = option(5e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~1e-5 for real LLMs")
     max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
 
@@ -41,6 +53,7 @@ class RewardModelConfig(TrainConfig):
 
 def train(cfg: RewardModelConfig):
     from rlxf.data import collate_preference, tokenize_preference
+    from rlxf.data.conditions import apply_conditions, load_conditions, save_conditions
     from rlxf.models import reward_scores, save_pretrained
     from rlxf.runtime import seed_everything
 
@@ -50,6 +63,11 @@ def train(cfg: RewardModelConfig):
     model, tokenizer = load_model_for_training(cfg, reward_model=True)
     device = next(model.parameters()).device
     train_rows, eval_rows = load_split_rows(cfg, "preference")
+    conditions = load_conditions(cfg.conditions)
+    if conditions is not None:
+        train_rows = apply_conditions(train_rows, conditions, default_domain=task_name(cfg.dataset))
+        eval_rows = apply_conditions(eval_rows, conditions,
+                                     default_domain=task_name(cfg.eval_dataset or cfg.dataset))
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
     train_ex, stats = tokenize_preference(train_rows, tokenizer, **tok)
     eval_ex = tokenize_preference(eval_rows, tokenizer, **tok)[0] if eval_rows else []
@@ -65,7 +83,9 @@ def train(cfg: RewardModelConfig):
                                         bound=cfg.barrier_bound)
         else:
             margin = batch["margin"] if cfg.use_margin and batch["has_margin"] else None
-            losses = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.center_coef)
+            soft = batch["chosen_probability"] if cfg.soft_labels and batch["has_soft_label"] else None
+            losses = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.center_coef,
+                                        soft_label=soft)
         return losses, chosen, rejected
 
     def pair_metrics(chosen, rejected) -> dict:
@@ -93,6 +113,8 @@ def train(cfg: RewardModelConfig):
 
     def save_final(path: Path) -> None:
         save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
+        if conditions is not None:
+            save_conditions(conditions, path)
 
     kind_keys = sorted({f"accuracy/{e['pair_kind']}" for e in eval_ex if e.get("pair_kind")})
     panels = [Panel("pairwise accuracy", ["accuracy"], ylabel="fraction"),
@@ -105,3 +127,8 @@ def train(cfg: RewardModelConfig):
                headline={"accuracy": "max", "margin": "max", "loss": "min"}, save_final=save_final,
                extra_summary=lambda: {"data": {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex),
                                                "tokenization": stats.as_dict()}})
+
+
+def task_name(dataset: str | None) -> str | None:
+    """``NAME`` of a ``task:NAME`` dataset (the default domain of its rows), else None."""
+    return dataset.split(":", 1)[1] if dataset and dataset.startswith("task:") else None

@@ -8,13 +8,16 @@ through :func:`call_reward` (per-sample failure isolation), find them with :func
 Modules: ``base`` (contract, safe call), ``registry``, ``verifiable`` (answer checks, format),
 ``length`` (Kimi length reward, DAPO overlong penalty), ``combine`` (weighted sums),
 ``likelihood`` (RLPR / VR-CLI / VeriFree), ``reward_model`` (trained scalar RM), ``cooper``
-(COOPER's co-trained verifier RM), ``scoring`` (batching a scorer model).
+(COOPER's co-trained verifier RM), ``lmgt`` (LMGT judge shifts, d-RLAIF judge scores),
+``scoring`` (batching a scorer model), ``sandbox`` (run model-written reward code in a limited
+subprocess), ``codecheck`` and ``text2reward`` (Text2Reward: a chat model writes the reward).
 """
 
 from rlxf.rewards.base import RewardError, RewardFn, call_reward, reward_name
 from rlxf.rewards.combine import CombinedReward, combine, weighted
 from rlxf.rewards.cooper import CooperReward, corrupt_final_answer, pretrain_verify_rm
 from rlxf.rewards.length import kimi_length_reward, overlong_penalty
+from rlxf.rewards.lmgt import DirectJudgeReward, LMGTReward
 from rlxf.rewards.likelihood import (
     LikelihoodReward,
     answer_token_logps,
@@ -24,16 +27,21 @@ from rlxf.rewards.likelihood import (
 )
 from rlxf.rewards.registry import REWARDS, get_reward, list_rewards, register_reward
 from rlxf.rewards.reward_model import RewardModelReward
+from rlxf.rewards.sandbox import SandboxedReward, SandboxResult, run_reward_code
 from rlxf.rewards.verifiable import exact_match, format_reward, numeric_match, parse_number, task_reward
 
 __all__ = [
     "REWARDS",
     "CombinedReward",
     "CooperReward",
+    "DirectJudgeReward",
+    "LMGTReward",
     "LikelihoodReward",
     "RewardError",
     "RewardFn",
     "RewardModelReward",
+    "SandboxResult",
+    "SandboxedReward",
     "answer_token_logps",
     "call_reward",
     "combine",
@@ -49,6 +57,7 @@ __all__ = [
     "pretrain_verify_rm",
     "register_reward",
     "reward_name",
+    "run_reward_code",
     "rlpr_reward",
     "split_reasoning",
     "task_reward",

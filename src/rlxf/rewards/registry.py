@@ -6,7 +6,11 @@
 - ``package.module:function`` — imports the module (it must be importable: installed, or on
   ``PYTHONPATH`` / in the working directory) and takes the attribute (dots walk attributes,
   ``module:Class.method``);
-- ``path/to/file.py:function`` — loads that file as a module (no package needed).
+- ``path/to/file.py:function`` — loads that file as a module (no package needed);
+- ``sandbox:path/to/file.py:function`` — runs the function in a separate, limited process for
+  every batch (:class:`rlxf.rewards.sandbox.SandboxedReward`). Files written by ``rlxf text2reward``
+  (first line ``# rlxf: sandboxed``) are always run this way, even without the prefix: code written
+  by a model never runs in the training process (docs/text2reward.md).
 
 Registered entries are either contract functions (returned as they are) or *factories*:
 ``factory(**options) -> reward function``. :func:`get_reward` passes a factory the keyword
@@ -76,6 +80,10 @@ def get_reward(spec: str | Callable, **context) -> RewardFn:
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a registered name or 'module:function', got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("sandbox:") or _generated_file(spec):
+        from rlxf.rewards.sandbox import SandboxedReward
+
+        return SandboxedReward.from_spec(spec)
     if spec in REWARDS:
         entry = REWARDS[spec]
         return _build(entry, context) if entry.factory else entry.target
@@ -161,6 +169,12 @@ def _load_file(path_text: str, spec: str):
         del sys.modules[module_name]
         raise RewardError(f"reward spec {spec!r}: running {path} raised {type(err).__name__}: {err}") from err
     return module
+
+
+def _generated_file(spec: str) -> bool:
+    from rlxf.rewards.sandbox import is_generated_file
+
+    return is_generated_file(spec)
 
 
 def _describe(target: Callable) -> str:

@@ -1,11 +1,13 @@
 """Rollouts: the :class:`RolloutEngine` protocol, :class:`SamplingParams`, :class:`Rollouts`, and
-:class:`HFEngine`, the reference engine for any transformers causal LM.
+:class:`HFEngine`, the reference engine for any transformers causal LM, and :class:`StaticEngine`, the
+fast engine (static KV cache, CUDA-graph decode) for Llama/Qwen2/Qwen3/Mistral shapes.
 
 Recipes sample only through ``engine.generate(prompt_ids, params) -> Rollouts``, so a faster
 engine drops in without touching them. Shapes and the log-prob convention: docs/rollout.md.
 """
 
 from rlxf.rollout.hf_engine import HFEngine
+from rlxf.rollout.static_engine import StaticEngine
 from rlxf.rollout.types import FINISH_REASONS, RolloutEngine, Rollouts, SamplingParams
 
-__all__ = ["FINISH_REASONS", "HFEngine", "RolloutEngine", "Rollouts", "SamplingParams"]
+__all__ = ["FINISH_REASONS", "HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "StaticEngine"]

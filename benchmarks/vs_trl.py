@@ -1,0 +1,774 @@
+"""rlxf vs TRL (and transformers ``generate``) side by side, in one process, on one card.
+
+    python benchmarks/vs_trl.py --out runs/bench            # the GPU run (Qwen2.5-0.5B shape)
+    python benchmarks/vs_trl.py --quick --out /tmp/bench    # CPU smoke test, tiny config
+
+Workloads (PERF.md, issue 5), on the Qwen2.5-0.5B architecture with **random-init weights**
+(bf16; hidden 896, 24 layers, 14 query / 2 KV heads, intermediate 4864, vocab 151,936, tied
+embeddings), synthetic token data from the character tokenizer (every prompt/completion has
+exactly the stated token count):
+
+- ``dpo``: one optimizer step on 8 pairs, prompt 128 + completion 384 tokens. rlxf = its loss +
+  ``token_logps`` + fused AdamW with reference log-probs precomputed once (the preference recipe's
+  default; the one-off cost is reported separately), with and without activation checkpointing.
+  TRL DPOTrainer: defaults (activation checkpointing on), checkpointing off, and checkpointing off +
+  ``precompute_ref_log_probs`` (the like-for-like setting).
+- ``decode``: batch 128, 64-token prompts → 256 new tokens, greedy, no EOS (the EOS id is outside
+  the vocabulary so every row runs the full length). transformers ``generate`` with the dynamic
+  cache, the static cache (no compile) and the static cache with its automatic ``torch.compile``;
+  rlxf ``HFEngine``; rlxf ``StaticEngine`` (CUDA graph) and ``StaticEngine(compile=True)``.
+- ``grpo``: 16 prompts × 8 completions × 256 new tokens (temperature 1), random rewards, one
+  optimizer step (token-mean clipped loss, β = 0 as TRL's default). rlxf = ``StaticEngine``
+  generation + ``token_logps`` policy step (micro-batches of 32); TRL GRPOTrainer without vLLM
+  (its defaults otherwise: activation checkpointing, β = 0).
+
+Timing: warm-up, then ``torch.cuda.synchronize()`` around each step; the median of the timed
+steps. Peak memory: ``torch.cuda.max_memory_allocated()`` with the peak reset (and everything of
+the previous run freed) before each run. FLOPs: ``2·N`` per token forward, ``6·N`` forward +
+backward, ``N`` = all parameters (494M: the tied embedding counted once, since it is also the
+output-head matmul); attention score FLOPs and checkpointing recompute are not counted.
+
+Each workload (and each variant) runs in its own try/except and the results file is rewritten
+after every variant, so one failure or a deadline loses nothing else. ``--deadline`` skips what
+would not finish in time. Results: ``results.json`` and ``results.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+FULL = dict(
+    model=dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768,
+               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    dpo=dict(pairs=8, prompt=128, completion=384, warmup=3, steps=10),
+    decode=dict(batch=128, prompt=64, new=256, warmup_new=8, runs=2),
+    grpo=dict(prompts=16, group=8, prompt=64, new=256, micro=32, warmup=1, steps=2, trl_steps=2),
+)
+QUICK = dict(
+    model=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    dpo=dict(pairs=2, prompt=8, completion=16, warmup=1, steps=2),
+    decode=dict(batch=4, prompt=8, new=8, warmup_new=2, runs=1),
+    grpo=dict(prompts=2, group=2, prompt=8, new=8, micro=2, warmup=1, steps=1, trl_steps=1),
+)
+ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=.,:;?!()"
+
+
+# -- plumbing -----------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.t_start = time.time()
+        self.cfg = QUICK if args.quick else FULL
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {"meta": {}, "dpo": {}, "decode": {}, "grpo": {}, "profile": {}, "errors": {},
+                              "skipped": {}}
+        from rlxf.zoo.tokenizer import build_tokenizer
+
+        self.tokenizer = build_tokenizer()
+        self.tokenizer.model_max_length = 1 << 20
+
+    # time left before the deadline
+    def left(self) -> float:
+        return self.args.deadline - (time.time() - self.t_start)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def fresh(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
+
+    def run(self, section: str, name: str, fn, *, need_s: float = 0.0):
+        if self.left() < need_s:
+            self.results["skipped"][f"{section}/{name}"] = (f"not run: {self.left():.0f} s left before the "
+                                                             f"deadline, needs ~{need_s:.0f} s")
+            print(f"[skip] {section}/{name}: deadline", flush=True)
+            self.save()
+            return None
+        print(f"[run ] {section}/{name} ({self.left():.0f} s left)", flush=True)
+        t0 = time.time()
+        try:
+            self.fresh()
+            res = fn()
+            res["wall_s"] = round(time.time() - t0, 1)
+            self.results[section][name] = res
+            print(f"[done] {section}/{name}: {json.dumps(res, default=str)[:400]}", flush=True)
+        except Exception as err:  # one failure must not lose the others
+            self.results["errors"][f"{section}/{name}"] = f"{type(err).__name__}: {err}"[:2000]
+            print(f"[fail] {section}/{name}: {type(err).__name__}: {err}", flush=True)
+            traceback.print_exc()
+            res = None
+        finally:
+            self.fresh()
+        self.save()
+        return res
+
+    def build_model(self, seed: int = 0):
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        config = Qwen2Config(**self.cfg["model"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(seed)
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        return model
+
+    def text(self, rng: random.Random, n_chars: int) -> str:
+        return "".join(rng.choice(ALPHABET) for _ in range(n_chars))
+
+    def save(self):
+        self.results["meta"]["elapsed_s"] = round(time.time() - self.t_start, 1)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
+        (self.out / "results.md").write_text(render_markdown(self.results))
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+def meta(b: Bench):
+    import transformers
+
+    m = b.results["meta"]
+    m.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv),
+             python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+             device=torch.cuda.get_device_name() if b.cuda else platform.processor() or "cpu",
+             dtype=str(b.dtype), weights="random-init weights (no checkpoint), synthetic tokens",
+             quick=b.args.quick, model_config=b.cfg["model"])
+    try:
+        import trl
+
+        m["trl"] = trl.__version__
+    except Exception as err:
+        m["trl"] = f"not importable: {err}"
+    model = b.build_model()
+    m["params"] = count_params(model)
+    m["params_non_embedding"] = m["params"] - model.get_input_embeddings().weight.numel()
+    del model
+    if b.cuda:
+        x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+        y = torch.empty_like(x)
+        for _ in range(3):
+            y.copy_(x)
+        b.sync()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            y.copy_(x)
+            b.sync()
+            times.append(time.perf_counter() - t0)
+        m["copy_bandwidth_TBps"] = round(2 * x.numel() * 2 / median(times) / 1e12, 3)
+        a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+        for _ in range(2):
+            a @ a
+        b.sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        b.sync()
+        m["matmul_TFLOPs"] = round(10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12, 1)
+        del x, y, a
+    b.save()
+
+
+# -- DPO -----------------------------------------------------------------------------------------
+
+def dpo_data(b: Bench, n_pairs: int, seed: int = 0):
+    """Text triples whose character tokenisation is exactly prompt/completion tokens long."""
+    c = b.cfg["dpo"]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_pairs):
+        rows.append(dict(prompt=b.text(rng, c["prompt"] - 1),            # + <bos>
+                         chosen=b.text(rng, c["completion"] - 1),         # + <eos>
+                         rejected=b.text(rng, c["completion"] - 1)))
+    return rows
+
+
+def dpo_batch(b: Bench, rows):
+    """[chosen; rejected] token batch as the preference recipe collates it (right-sized: no padding)."""
+    tok = b.tokenizer
+    seqs, masks = [], []
+    for key in ("chosen", "rejected"):
+        for r in rows:
+            prompt = tok(r["prompt"])["input_ids"]
+            completion = tok(r[key], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append(prompt + completion)
+            masks.append([0] * len(prompt) + [1] * len(completion))
+    ids = torch.tensor(seqs, device=b.device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                completion_mask=torch.tensor(masks, device=b.device))
+
+
+def dpo_flops(b: Bench, n_params: int, tokens: int, *, reference_forward: bool) -> float:
+    return (6 + (2 if reference_forward else 0)) * n_params * tokens
+
+
+def rlxf_dpo(b: Bench, *, checkpointing: bool):
+    from rlxf.losses import dpo_loss
+    from rlxf.models import sequence_logps, token_logps
+
+    c = b.cfg["dpo"]
+    model = b.build_model()
+    n_params = count_params(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
+    batch = dpo_batch(b, dpo_data(b, c["pairs"]))
+    mask = batch["completion_mask"][:, 1:]
+    n = c["pairs"]
+
+    # reference log-probs, once (the recipe caches them on disk keyed by model + data)
+    b.sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = sequence_logps(token_logps(model, batch["input_ids"], batch["attention_mask"]), mask)
+    b.sync()
+    ref_s = time.perf_counter() - t0
+    ref_c, ref_r = ref[:n], ref[n:]
+
+    phases = {"forward": [], "backward": [], "optimizer": []}
+
+    def step(profile=False):
+        t = [time.perf_counter()]
+        seq = sequence_logps(token_logps(model, batch["input_ids"], batch["attention_mask"]), mask)
+        loss = dpo_loss(seq[:n], seq[n:], ref_c, ref_r, beta=0.1).mean()
+        if profile:
+            b.sync(); t.append(time.perf_counter())
+        loss.backward()
+        if profile:
+            b.sync(); t.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if profile:
+            b.sync(); t.append(time.perf_counter())
+            for k, (a, z) in zip(phases, zip(t, t[1:])):
+                phases[k].append(z - a)
+        return loss
+
+    for _ in range(c["warmup"]):
+        step()
+    b.sync()
+    times = []
+    for _ in range(c["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    step(profile=True)
+    tokens = batch["input_ids"].numel()
+    med = median(times)
+    res = dict(pairs_per_s=n / med, step_ms=1e3 * med, peak_gb=b.peak_gb(),
+               tflops=dpo_flops(b, n_params, tokens, reference_forward=False) / med / 1e12,
+               flops_counted="6N per token (reference precomputed)", tokens_per_step=tokens,
+               ref_precompute_s_per_pair=ref_s / n, checkpointing=checkpointing, loss=float(loss.detach()),
+               phase_ms={k: round(1e3 * median(v), 2) for k, v in phases.items()},
+               step_times_ms=[round(1e3 * t, 2) for t in times])
+    del model, opt
+    return res
+
+
+class _StepTimer:
+    """TrainerCallback: wall time between consecutive optimizer steps (synchronised)."""
+
+    def __init__(self, bench):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                bench.sync()
+                outer.last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                bench.sync()
+                now = time.perf_counter()
+                outer.times.append(now - outer.last)
+                outer.last = now
+
+        self.times: list[float] = []
+        self.last = 0.0
+        self.callback = CB()
+
+
+def _datasets():
+    """``datasets`` with random dataset fingerprints: hashing a table through dill fails on some
+    Python 3.12 / pyarrow / dill combinations (seen on the GPU image); nothing here is cached."""
+    import uuid
+
+    import datasets.arrow_dataset
+
+    datasets.arrow_dataset.generate_fingerprint = lambda dataset: uuid.uuid4().hex
+    return datasets
+
+
+def trl_dpo(b: Bench, *, checkpointing: bool | None, precompute: bool = False):
+    Dataset = _datasets().Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    c = b.cfg["dpo"]
+    total = c["warmup"] + c["steps"]
+    model = b.build_model()
+    n_params = count_params(model)
+    ref_model = copy.deepcopy(model)
+    ds = Dataset.from_list(dpo_data(b, c["pairs"] * total))
+    kwargs = dict(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), per_device_train_batch_size=c["pairs"],
+                  max_steps=total, logging_steps=10_000, save_strategy="no", report_to="none",
+                  learning_rate=1e-6, dataloader_num_workers=0, seed=0, precompute_ref_log_probs=precompute)
+    if checkpointing is not None:
+        kwargs["gradient_checkpointing"] = checkpointing
+    if not b.cuda:
+        kwargs.update(bf16=False, use_cpu=True)
+    args = DPOConfig(**kwargs)
+    timer = _StepTimer(b)
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds,
+                         processing_class=b.tokenizer, callbacks=[timer.callback])
+    setup_s = time.perf_counter() - t0
+    first = trainer.train_dataset[0]
+    lens = (len(first["prompt_ids"]), len(first["chosen_ids"]), len(first["rejected_ids"]))
+    trainer.train()
+    times = timer.times[c["warmup"]:]
+    med = median(times)
+    tokens = 2 * c["pairs"] * (c["prompt"] + c["completion"])
+    res = dict(pairs_per_s=c["pairs"] / med, step_ms=1e3 * med, peak_gb=b.peak_gb(),
+               tflops=dpo_flops(b, n_params, tokens, reference_forward=not precompute) / med / 1e12,
+               flops_counted="8N per token" if not precompute else "6N per token (reference precomputed)",
+               gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=precompute,
+               setup_s=setup_s, tokenized_lengths=lens, step_times_ms=[round(1e3 * t, 2) for t in timer.times])
+    del trainer, model, ref_model
+    return res
+
+
+# -- decode --------------------------------------------------------------------------------------
+
+def decode_prompts(b: Bench, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = b.cfg["model"]["vocab_size"]
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+def decode_result(b: Bench, times, batch, new, model, avg_ctx, extra=None):
+    med = median(times)
+    tok_s = batch * new / med
+    step_ms = 1e3 * med / new
+    res = dict(tok_per_s=tok_s, ms_per_step=step_ms, run_s=[round(t, 3) for t in times])
+    bw = b.results["meta"].get("copy_bandwidth_TBps")
+    if bw:
+        cfg = b.cfg["model"]
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        kv_bytes_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
+        weight_bytes = count_params(model) * 2
+        bound_ms = (weight_bytes + batch * avg_ctx * kv_bytes_token) / (bw * 1e12) * 1e3
+        res.update(bound_ms_per_step=bound_ms, bound_tok_per_s=batch / bound_ms * 1e3,
+                   fraction_of_bound=bound_ms / step_ms)
+    if extra:
+        res.update(extra)
+    return res
+
+
+def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
+    from transformers import GenerationConfig
+
+    c = b.cfg["decode"]
+    model = b.build_model().eval()
+    ids = torch.tensor(decode_prompts(b, c["batch"], c["prompt"]), device=b.device)
+    mask = torch.ones_like(ids)
+
+    def gen(new):
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  use_cache=True)
+        if cache:
+            kw["cache_implementation"] = cache
+        if cache == "static" and not compile_:
+            kw["disable_compile"] = True
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**kw))
+        return out
+
+    b.sync()
+    t0 = time.perf_counter()
+    gen(c["new"] if compile_ else c["warmup_new"])  # compiled: the first full call compiles
+    b.sync()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(c["runs"]):
+        t0 = time.perf_counter()
+        out = gen(c["new"])
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    assert out.shape[1] == c["prompt"] + c["new"], out.shape
+    res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2,
+                        dict(first_call_s=first_s, sampling="greedy"))
+    del model
+    return res
+
+
+def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False):
+    from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
+
+    c = b.cfg["decode"]
+    model = b.build_model()
+    vocab = b.cfg["model"]["vocab_size"]
+    kw = dict(max_batch_size=c["batch"], eos_token_ids=[vocab], pad_token_id=0)  # EOS never sampled
+    engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
+              else StaticEngine(model, b.tokenizer, compile=compile_, **kw))
+    prompts = decode_prompts(b, c["batch"], c["prompt"])
+    b.sync()
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_new_tokens=c["new"] if kind != "hf" else c["warmup_new"],
+                                            temperature=0.0))
+    b.sync()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(c["runs"]):
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, SamplingParams(max_new_tokens=c["new"], temperature=0.0))
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    assert out.completion_ids.shape == (c["batch"], c["new"]), out.completion_ids.shape
+    extra = dict(first_call_s=first_s, sampling="greedy")
+    if kind == "static":
+        extra["stats"] = dict(engine.stats)
+        state = next(iter(engine._states.values()), None)
+        if state is not None and state.graph is not None:  # the model step alone, without sampling
+            state.slot.fill_(c["prompt"])  # 50 replays from slot P stay inside the static cache
+            state.positions.fill_(c["prompt"])
+            b.sync()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                state.graph.replay()
+            b.sync()
+            extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
+    res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
+    if kind == "static" and not compile_:
+        b.results["profile"]["static_decode_step"] = profile_decode_step(b, engine, prompts)
+    del engine, model
+    return res
+
+
+def profile_decode_step(b: Bench, engine, prompts) -> dict:
+    """Kernels and time per eager decode step by op (where the 'where does the time go' answer starts)."""
+    if not b.cuda:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    from rlxf.rollout.static_engine import _decode_step
+
+    state = next(iter(engine._states.values()))
+    state.slot.fill_(len(prompts[0]))  # inside the static cache
+    state.positions.fill_(len(prompts[0]))
+    with torch.no_grad():
+        _decode_step(state)
+        b.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _decode_step(state)
+            b.sync()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    kernels = sum(e.count for e in events)
+    table = sorted(((e.key, e.count, getattr(e, "self_device_time_total", 0.0)) for e in events),
+                   key=lambda x: -x[2])[:15]
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    return dict(kernels_per_step=kernels, gpu_busy_ms=total_us / 1e3,
+                top=[dict(kernel=k[:90], count=n, ms=round(t / 1e3, 3)) for k, n, t in table])
+
+
+# -- GRPO ----------------------------------------------------------------------------------------
+
+def grpo_prompts(b: Bench):
+    c = b.cfg["grpo"]
+    rng = random.Random(1)
+    return [b.text(rng, c["prompt"] - 1) for _ in range(c["prompts"])]  # + <bos>
+
+
+def rlxf_grpo(b: Bench):
+    from rlxf.losses import aggregate, clipped_policy_loss, group_advantages
+    from rlxf.models import token_logps
+    from rlxf.rollout import SamplingParams, StaticEngine
+
+    c = b.cfg["grpo"]
+    model = b.build_model()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
+    engine = StaticEngine(model, b.tokenizer, max_batch_size=c["prompts"] * c["group"])
+    prompts = [b.tokenizer(p)["input_ids"] for p in grpo_prompts(b)]
+    params = SamplingParams(max_new_tokens=c["new"], temperature=1.0, n=c["group"])
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        b.sync()
+        t0 = time.perf_counter()
+        ro = engine.generate(prompts, params)
+        b.sync()
+        t1 = time.perf_counter()
+        rewards = torch.rand(len(ro), generator=g)
+        adv = group_advantages(rewards, c["group"], scale="group").to(b.device)
+        ro = ro.to(b.device)
+        ids, attn = ro.sequences()
+        P = ro.prompt_ids.shape[1]
+        mask = ro.completion_mask.float()
+        total = mask.sum().clamp(min=1)
+        model.train()
+        for s in range(0, len(ro), c["micro"]):
+            sl = slice(s, s + c["micro"])
+            logps = token_logps(model, ids[sl], attn[sl])[:, P - 1:]
+            per_tok = clipped_policy_loss(logps, logps.detach(), adv[sl], eps_low=0.2, eps_high=0.2)
+            loss = aggregate(per_tok, mask[sl], mode="token-mean") * (mask[sl].sum() / total)
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        b.sync()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, ro.num_tokens(), int(attn.sum()), float(grad_norm)
+
+    for _ in range(c["warmup"]):
+        step()
+    runs = [step() for _ in range(c["steps"])]
+    gen = median([r[0] for r in runs])
+    train = median([r[1] for r in runs])
+    n_params = count_params(model)
+    res = dict(step_s=gen + train, generation_s=gen, training_s=train,
+               generation_fraction=gen / (gen + train), sample_tok_per_s=runs[-1][2] / gen,
+               train_tflops=6 * n_params * runs[-1][3] / train / 1e12, peak_gb=b.peak_gb(),
+               grad_norm=runs[-1][4], engine_stats=dict(engine.stats),
+               steps=[[round(x, 3) for x in r[:2]] for r in runs])
+    del engine, model, opt
+    return res
+
+
+def trl_grpo(b: Bench):
+    Dataset = _datasets().Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    c = b.cfg["grpo"]
+    model = b.build_model()
+    n_rows = c["prompts"] * c["group"]
+    total = c["trl_steps"]
+    prompts = grpo_prompts(b)
+    ds = Dataset.from_list([{"prompt": p} for _ in range(total + 1) for p in prompts])
+    rng = random.Random(0)
+
+    def reward(prompts, completions, **kw):
+        return [rng.random() for _ in completions]
+
+    micro = min(16, n_rows)
+    kwargs = dict(output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=n_rows // micro, num_generations=c["group"],
+                  max_completion_length=c["new"], max_steps=total, logging_steps=10_000, save_strategy="no",
+                  report_to="none", learning_rate=1e-6, seed=0, use_vllm=False, temperature=1.0)
+    if not b.cuda:
+        kwargs.update(bf16=False, use_cpu=True)
+    args = GRPOConfig(**kwargs)
+    timer = _StepTimer(b)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
+                          processing_class=b.tokenizer, callbacks=[timer.callback])
+    gen_times = []
+    orig = model.generate
+
+    def timed_generate(*a, **k):
+        b.sync()
+        t0 = time.perf_counter()
+        out = orig(*a, **k)
+        b.sync()
+        gen_times.append(time.perf_counter() - t0)
+        return out
+
+    model.generate = timed_generate
+    trainer.train()
+    times = timer.times
+    last = times[-1]
+    res = dict(step_s=last, generation_s=gen_times[-1] if gen_times else None,
+               training_s=(last - gen_times[-1]) if gen_times else None,
+               generation_fraction=(gen_times[-1] / last) if gen_times else None,
+               step_times_s=[round(t, 2) for t in times], generate_calls_s=[round(t, 2) for t in gen_times],
+               peak_gb=b.peak_gb(), gradient_checkpointing=args.gradient_checkpointing, beta=args.beta,
+               note="step_s is the last timed step (TRL's first step includes warm-up)")
+    del trainer, model
+    return res
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def _fmt(x, nd=1):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:,.{nd}f}"
+
+
+def render_markdown(r: dict) -> str:
+    m = r.get("meta", {})
+    lines = [f"# rlxf vs TRL — {m.get('device', '?')}, {m.get('date', '?')}", "",
+             f"`{m.get('command', '')}` · torch {m.get('torch')} · transformers {m.get('transformers')} · "
+             f"TRL {m.get('trl')} · {m.get('dtype')} · {m.get('weights')} · "
+             f"{m.get('params', 0) / 1e6:.0f}M parameters · copy bandwidth {m.get('copy_bandwidth_TBps')} TB/s · "
+             f"bf16 matmul {m.get('matmul_TFLOPs')} TFLOP/s", ""]
+    d = r.get("dpo", {})
+    if d:
+        lines += ["## DPO step (8 pairs, 128 + 384 tokens)", "",
+                  "| run | pairs/s | step ms | peak GB | TFLOP/s (counted) | FLOPs counted |", "|---|---|---|---|---|---|"]
+        for k, v in d.items():
+            lines.append(f"| {k} | {_fmt(v.get('pairs_per_s'))} | {_fmt(v.get('step_ms'))} | "
+                         f"{_fmt(v.get('peak_gb'), 2)} | {_fmt(v.get('tflops'))} | {v.get('flops_counted', '')} |")
+        lines.append("")
+    dec = r.get("decode", {})
+    if dec:
+        lines += ["## Decode (batch 128, 64 → +256 tokens, greedy)", "",
+                  "| engine | tok/s | ms/step | fraction of bandwidth bound | first call s |", "|---|---|---|---|---|"]
+        for k, v in dec.items():
+            lines.append(f"| {k} | {_fmt(v.get('tok_per_s'), 0)} | {_fmt(v.get('ms_per_step'), 2)} | "
+                         f"{_fmt(v.get('fraction_of_bound'), 3)} | {_fmt(v.get('first_call_s'))} |")
+        lines.append("")
+    g = r.get("grpo", {})
+    if g:
+        lines += ["## GRPO step (16 prompts × 8 × 256 new tokens)", "",
+                  "| run | step s | generation s | training s | generation share | peak GB |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in g.items():
+            lines.append(f"| {k} | {_fmt(v.get('step_s'), 2)} | {_fmt(v.get('generation_s'), 2)} | "
+                         f"{_fmt(v.get('training_s'), 2)} | {_fmt(v.get('generation_fraction'), 2)} | "
+                         f"{_fmt(v.get('peak_gb'), 2)} |")
+        lines.append("")
+    lines += ["## Ratios", "", "| comparison | ratio | target |", "|---|---|---|"]
+    for name, value, target in ratios(r):
+        lines.append(f"| {name} | {_fmt(value, 2)} | {target} |")
+    for key in ("skipped", "errors"):
+        if r.get(key):
+            lines += ["", f"## {key}", ""] + [f"- {k}: {v}" for k, v in r[key].items()]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(r: dict) -> list[tuple[str, float | None, str]]:
+    d, dec, g = r.get("dpo", {}), r.get("decode", {}), r.get("grpo", {})
+
+    def get(section, name, key):
+        return section.get(name, {}).get(key)
+
+    def div(a, b_):
+        return a / b_ if a is not None and b_ else None
+
+    out = []
+    for mine in ("rlxf", "rlxf (grad ckpt)"):
+        for peer, target in (("TRL defaults (grad ckpt)", "≥ 2.0 at ≤ its memory"),
+                             ("TRL no ckpt", "≥ 1.5 at ≤ its memory"),
+                             ("TRL no ckpt + precomputed ref", "")):
+            if mine in d and peer in d:
+                out.append((f"DPO pairs/s: {mine} / {peer}", div(get(d, mine, "pairs_per_s"), get(d, peer, "pairs_per_s")),
+                            target))
+                out.append((f"DPO peak memory: {mine} / {peer}", div(get(d, mine, "peak_gb"), get(d, peer, "peak_gb")),
+                            "≤ 1" if target else ""))
+    for mine in ("rlxf StaticEngine", "rlxf StaticEngine (compile)", "rlxf HFEngine"):
+        for peer, target in (("HF generate static (compiled)", "≥ 10"), ("HF generate static", ""),
+                             ("HF generate dynamic", "")):
+            if mine in dec and peer in dec:
+                out.append((f"decode tok/s: {mine} / {peer}", div(get(dec, mine, "tok_per_s"), get(dec, peer, "tok_per_s")),
+                            target if mine.startswith("rlxf Static") else ""))
+        if mine in dec:
+            out.append((f"decode: {mine} fraction of bandwidth bound", get(dec, mine, "fraction_of_bound"), ""))
+    if "rlxf" in g and "TRL GRPOTrainer" in g:
+        out.append(("GRPO step time: TRL / rlxf", div(get(g, "TRL GRPOTrainer", "step_s"), get(g, "rlxf", "step_s")),
+                    "≥ 5"))
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny config on CPU (smoke test)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--out", default="runs/bench", help="output directory (results.json, results.md)")
+    p.add_argument("--workloads", default="dpo,decode,grpo", help="comma-separated subset of dpo,decode,grpo")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL runs")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--deadline", type=float, default=540.0, help="seconds; later variants are skipped")
+    args = p.parse_args(argv)
+    if args.quick:
+        torch.set_num_threads(1)
+        args.cpu = args.cpu or not torch.cuda.is_available()
+    b = Bench(args)
+    work = set(args.workloads.split(","))
+    trl_ok = not args.no_trl
+    if trl_ok:
+        try:
+            import datasets  # noqa: F401
+            import trl  # noqa: F401
+        except Exception as err:
+            trl_ok = False
+            b.results["skipped"]["trl"] = f"TRL not importable: {err}"
+    meta(b)
+    q = args.quick
+    s = (lambda x: 0.0) if q else (lambda x: x)  # noqa: E731  (estimated seconds; none in quick mode)
+    if "dpo" in work:
+        b.run("dpo", "rlxf", lambda: rlxf_dpo(b, checkpointing=False), need_s=s(15))
+        b.run("dpo", "rlxf (grad ckpt)", lambda: rlxf_dpo(b, checkpointing=True), need_s=s(15))
+        if trl_ok:
+            b.run("dpo", "TRL defaults (grad ckpt)", lambda: trl_dpo(b, checkpointing=None), need_s=s(30))
+            b.run("dpo", "TRL no ckpt", lambda: trl_dpo(b, checkpointing=False), need_s=s(30))
+            b.run("dpo", "TRL no ckpt + precomputed ref",
+                  lambda: trl_dpo(b, checkpointing=False, precompute=True), need_s=s(30))
+    if "decode" in work:
+        b.run("decode", "rlxf StaticEngine", lambda: rlxf_engine(b, "static"), need_s=s(15))
+        b.run("decode", "rlxf HFEngine", lambda: rlxf_engine(b, "hf"), need_s=s(25))
+        b.run("decode", "HF generate dynamic", lambda: hf_generate(b, cache=None, compile_=False), need_s=s(25))
+        b.run("decode", "HF generate static", lambda: hf_generate(b, cache="static", compile_=False), need_s=s(25))
+    if "grpo" in work:
+        b.run("grpo", "rlxf", lambda: rlxf_grpo(b), need_s=s(20))
+        if trl_ok:
+            b.run("grpo", "TRL GRPOTrainer", lambda: trl_grpo(b), need_s=s(75))
+    if "decode" in work and not args.no_compile and b.cuda:
+        b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True),
+              need_s=s(80))
+        b.run("decode", "HF generate static (compiled)", lambda: hf_generate(b, cache="static", compile_=True),
+              need_s=s(100))
+    b.save()
+    print()
+    print((b.out / "results.md").read_text())
+    return b.results
+
+
+if __name__ == "__main__":
+    main()

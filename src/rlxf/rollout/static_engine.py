@@ -1,0 +1,389 @@
+"""StaticEngine: the fast rollout engine for Llama/Qwen2/Qwen3/Mistral-shaped transformers models.
+
+Same contract as :class:`rlxf.rollout.HFEngine` (``generate(prompt_ids, SamplingParams) ->
+Rollouts``, same sampling and log-prob convention, same tokens under greedy decoding), but the
+decode loop does not go through the transformers forward:
+
+- **static KV cache**: per micro-batch one preallocated ``[B, H_kv, L, D]`` key and value buffer
+  per layer (``L`` = prompt width + ``max_new_tokens``, rounded up to a multiple of 64) and one
+  additive attention mask ``[B, 1, 1, L]`` over it; nothing grows or is reallocated while decoding;
+- **batched prefill**: one pass over the left-padded prompts writes cache slots ``0..P-1``
+  (causal + padding mask, positions from the mask as ``generate`` computes them);
+- **decode step written against the model's weights**: embedding, per layer RMSNorm → q/k/v
+  projections (biases and Qwen3's q/k norms included) → RoPE from a table built once by the
+  model's own rotary module → write slot ``P + t`` → attention over the whole static cache through
+  ``scaled_dot_product_attention`` with the mask (grouped-query attention without repeating the
+  KV heads: the ``H_q / H_kv`` query heads of one KV head are laid out as ``G`` query rows) →
+  o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's parameters
+  in place (no copy), so after an optimizer step the next ``generate`` samples from the new weights;
+- **CUDA graph**: on CUDA the decode step is captured once per ``(batch, L)`` shape and replayed;
+  the graph reads the parameters' storage, so in-place optimizer updates are seen; if a parameter
+  is replaced by a new tensor (``model.to(...)``, loading a new module) the graph is re-captured.
+  ``compile=True`` additionally runs the step through ``torch.compile`` before capture (fuses the
+  element-wise work: fewer kernels per step, at a one-off compile cost).
+
+Sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the same
+functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
+read); whether every row has finished is checked every ``sync_every`` steps (a host sync), and the
+completion is trimmed to the last step any row was active, so the result equals a loop that stops
+at the first all-finished step.
+
+Falls back to ``HFEngine`` (same arguments) for other architectures, PEFT models, sliding-window
+attention shorter than the sequence, and rope types whose frequencies depend on the length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlxf.models.loading import is_peft_model
+from rlxf.models.logprobs import logps_from_logits
+from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _eval_mode, _sample, _StopChecker)
+from rlxf.rollout.types import Rollouts, SamplingParams
+
+log = logging.getLogger("rlxf.rollout")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+_CACHE_ALIGN = 64
+
+
+def static_engine_support(model: nn.Module) -> str | None:
+    """None when :class:`StaticEngine` can run ``model`` natively; else the reason it falls back."""
+    if is_peft_model(model):
+        return "PEFT model (adapters): use HFEngine"
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} not in {SUPPORTED_MODEL_TYPES}"
+    body = getattr(model, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            return f"{type(model).__name__}.model has no {name!r}"
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return f"{type(model).__name__} has no lm_head"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = str(rope.get("rope_type", rope.get("type", "default"))) if isinstance(rope, dict) else "default"
+    if any(tag in rope_type for tag in _LENGTH_DEPENDENT_ROPE):
+        return f"rope type {rope_type!r} depends on the sequence length"
+    for layer in body.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                return f"attention module {type(attn).__name__} has no {name}"
+    return None
+
+
+class StaticEngine:
+    """Static-KV-cache, CUDA-graph rollout engine (implements :class:`RolloutEngine`).
+
+    Arguments as :class:`HFEngine`, plus ``use_cuda_graph`` (capture and replay the decode step on
+    CUDA; ignored on CPU), ``compile`` (``torch.compile`` the decode step before capture),
+    ``sync_every`` (decode steps between checks that every row has finished) and
+    ``max_cached_graphs`` (captured shapes kept; each holds its own KV cache).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 256,
+                 eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+                 use_cuda_graph: bool = True, compile: bool = False, sync_every: int = 16,
+                 max_cached_graphs: int = 2):
+        self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
+                                  eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = self._fallback.eos_token_ids
+        self.pad_token_id = self._fallback.pad_token_id
+        self.use_cuda_graph = use_cuda_graph
+        self.compile = compile
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+        self.sync_every = sync_every
+        self.max_cached_graphs = max_cached_graphs
+        self.unsupported = static_engine_support(model)
+        if self.unsupported:
+            log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
+        self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
+        self._compiled_step = None
+        self.stats = {"graph_captures": 0, "fallback_calls": 0}
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+        """Sample ``params.n`` completions for each prompt; see :class:`Rollouts` for the result."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        reason = self.unsupported or self._length_reason(prompt_ids, params)
+        if reason:
+            self.stats["fallback_calls"] += 1
+            return self._fallback.generate(prompt_ids, params)
+        prompts = _check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
+        device = self.model.get_input_embeddings().weight.device
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        rows = [prompt for prompt in prompts for _ in range(params.n)]
+        with torch.no_grad(), _eval_mode(self.model):
+            batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
+                       for i in range(0, len(rows), self.max_batch_size)]
+        return self._fallback._assemble(rows, batches, params, device)
+
+    def release(self) -> None:
+        """Drop the captured graphs and their KV caches (frees their GPU memory)."""
+        self._states.clear()
+
+    # -- one micro-batch ------------------------------------------------------------------------
+
+    def _length_reason(self, prompt_ids, params: SamplingParams) -> str | None:
+        """Sliding-window attention shorter than the longest sequence is not implemented here."""
+        try:
+            longest = max(len(p) for p in prompt_ids) + params.max_new_tokens
+        except TypeError:
+            return None  # let _check_prompts raise its message
+        for layer in self.model.model.layers:
+            window = getattr(layer.self_attn, "sliding_window", None)
+            if window is not None and window < longest:
+                return f"sliding window {window} < sequence length {longest}"
+        return None
+
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator | None, device: torch.device) -> _Batch:
+        batch, width = len(rows), max(map(len, rows))
+        steps = params.max_new_tokens
+        pad = self.pad_token_id
+        input_ids = torch.full((batch, width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros(batch, width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            prompt_mask[i, width - len(row):] = 1
+        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)   # [B, P]
+
+        length = -(-(width + steps) // _CACHE_ALIGN) * _CACHE_ALIGN            # L, static
+        state = self._state(batch, length, device)
+        logits = self._prefill(state, input_ids, prompt_mask)                   # [B, V]
+
+        eos_ids = torch.tensor(self.eos_token_ids, device=device)
+        completion_ids = torch.full((batch, steps), pad, dtype=torch.long, device=device)
+        logps = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+        completion_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        stop_checker = _StopChecker(self.tokenizer, params.stop, batch) if params.stop else None
+        for step in range(steps):
+            tokens = _sample(logits, params, generator)                          # [B]
+            token_logps = logps_from_logits(logits, tokens, temperature=params.logp_temperature)
+            active = ~finished
+            fed = torch.where(active, tokens, pad)
+            completion_ids[:, step] = fed
+            logps[:, step] = torch.where(active, token_logps, 0.0)
+            completion_mask[:, step] = active.long()
+            finished = finished | (active & torch.isin(tokens, eos_ids))
+            if stop_checker is not None:
+                finished = finished | stop_checker.update(fed, active, device)
+            if step == steps - 1:
+                break
+            if stop_checker is not None or (step + 1) % self.sync_every == 0:
+                if bool(finished.all()):
+                    break
+            logits = state.decode(fed)                                           # [B, V]
+
+        used = int(completion_mask.any(0).nonzero().max()) + 1                   # step 0 is always active
+        completion_ids, logps = completion_ids[:, :used], logps[:, :used]
+        completion_mask = completion_mask[:, :used]
+        hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()   # [B, C]
+        return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
+                      ends_with_eos=hit_eos.any(-1).tolist())
+
+    # -- state: static buffers, prefill and the (captured) decode step --------------------------
+
+    def _state(self, batch: int, length: int, device: torch.device) -> _DecodeState:
+        params = tuple(p.data_ptr() for p in self.model.parameters())
+        key = (batch, length, str(device))
+        state = self._states.get(key)
+        if state is not None and state.param_ptrs == params:
+            self._states.move_to_end(key)
+            return state
+        self._states.pop(key, None)
+        while len(self._states) >= self.max_cached_graphs:
+            self._states.popitem(last=False)
+        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params)
+        step_fn = _decode_step
+        if self.compile:
+            if self._compiled_step is None:
+                self._compiled_step = torch.compile(_decode_step, dynamic=False)
+            step_fn = self._compiled_step
+        state.step_fn = step_fn
+        if device.type == "cuda" and self.use_cuda_graph:
+            state.capture()
+            self.stats["graph_captures"] += 1
+        self._states[key] = state
+        return state
+
+    def _prefill(self, state: _DecodeState, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        return state.prefill(input_ids, prompt_mask)
+
+
+@dataclass
+class _DecodeState:
+    """Static buffers of one ``(batch, L)`` shape and the decode step that reads/writes them."""
+
+    model: nn.Module
+    batch: int
+    length: int
+    param_ptrs: tuple
+    k_cache: list[Tensor]       # per layer [B, H_kv, L, D]
+    v_cache: list[Tensor]
+    mask: Tensor                # [B, 1, 1, L] additive (0 = visible, -inf = hidden), model dtype
+    tokens: Tensor              # [B] long, the token fed at this step
+    positions: Tensor           # [B] long, its RoPE position
+    slot: Tensor                # [1] long, the cache slot it is written to
+    cos: Tensor                 # [L, D] RoPE table (model dtype)
+    sin: Tensor
+    spec: dict
+    step_fn: object = None
+    graph: object = None
+    graph_logits: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model, batch: int, length: int, device, *, param_ptrs) -> _DecodeState:
+        config = model.config
+        body = model.model
+        dtype = body.embed_tokens.weight.dtype
+        attn0 = body.layers[0].self_attn
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(attn0, "head_dim", None) or config.hidden_size // n_heads
+        caches = [torch.zeros(batch, n_kv, length, head_dim, dtype=dtype, device=device)
+                  for _ in range(2 * len(body.layers))]
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        cos, sin = body.rotary_emb(probe, torch.arange(length, device=device)[None])   # [1, L, D]
+        spec = {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "groups": n_heads // n_kv,
+                "scaling": getattr(attn0, "scaling", head_dim ** -0.5)}
+        return cls(model=model, batch=batch, length=length, param_ptrs=param_ptrs,
+                   k_cache=caches[0::2], v_cache=caches[1::2],
+                   mask=torch.full((batch, 1, 1, length), float("-inf"), dtype=dtype, device=device),
+                   tokens=torch.zeros(batch, dtype=torch.long, device=device),
+                   positions=torch.zeros(batch, dtype=torch.long, device=device),
+                   slot=torch.zeros(1, dtype=torch.long, device=device),
+                   cos=cos[0].to(dtype).contiguous(), sin=sin[0].to(dtype).contiguous(), spec=spec)
+
+    # prefill: eager, all prompt positions at once -----------------------------------------------
+
+    def prefill(self, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Write cache slots ``0..P-1`` for the left-padded prompts; return last-position logits [B, V]."""
+        model, spec = self.model, self.spec
+        body = model.model
+        batch, width = input_ids.shape
+        device = input_ids.device
+        real = prompt_mask.bool()                                                # [B, P]
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, P]
+        cos = self.cos[positions].unsqueeze(1)                                   # [B, 1, P, D]
+        sin = self.sin[positions].unsqueeze(1)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = causal[None] & real[:, None, :]                                # [B, P(q), P(k)]
+        allowed = allowed | torch.eye(width, dtype=torch.bool, device=device)[None]  # pad rows: no NaN
+        dtype = self.mask.dtype
+        bias = torch.zeros(batch, 1, width, width, dtype=dtype, device=device)
+        bias = bias.masked_fill(~allowed[:, None], float("-inf"))
+        hidden = body.embed_tokens(input_ids)                                    # [B, P, H]
+        for i, layer in enumerate(body.layers):
+            q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin)  # [B, H, P, D]
+            self.k_cache[i][:, :, :width].copy_(k)
+            self.v_cache[i][:, :, :width].copy_(v)
+            g = spec["groups"]
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec["scaling"])
+            out = out.transpose(1, 2).reshape(batch, width, -1)                  # [B, P, H_q·D]
+            hidden = hidden + layer.self_attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = model.lm_head(body.norm(hidden[:, -1:]))[:, 0]                  # [B, V]
+        # decode state: prompt slots visible where real, everything after hidden until written
+        self.mask.fill_(float("-inf"))
+        self.mask[:, 0, 0, :width].masked_fill_(real, 0.0)
+        self.positions.copy_(prompt_mask.sum(-1))
+        self.slot.fill_(width)
+        return logits
+
+    # decode: one token per row, captured in a CUDA graph on CUDA ---------------------------------
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Feed ``tokens`` [B] at the current slot; return next-token logits [B, V]."""
+        self.tokens.copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_logits
+        return self.step_fn(self)
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then capture one decode step into a CUDA graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile (if any), allocator and library warm-up; writes the last slot only
+                self.slot.fill_(self.length - 1)
+                self.positions.zero_()
+                self.step_fn(self)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.slot.fill_(self.length - 1)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self.step_fn(self)
+        # capturing runs nothing; prefill resets mask, positions and slot before the first replay
+
+
+def _decode_step(state: _DecodeState) -> Tensor:
+    """One decode step over the static buffers (graph-safe: only in-place writes, device indices)."""
+    model, spec = state.model, state.spec
+    body = model.model
+    batch = state.batch
+    n_kv, groups, head_dim = spec["n_kv"], spec["groups"], spec["head_dim"]
+    state.mask.index_fill_(-1, state.slot, 0.0)                                  # the new slot is visible
+    cos = state.cos.index_select(0, state.positions)[:, None, None, :]           # [B, 1, 1, D]
+    sin = state.sin.index_select(0, state.positions)[:, None, None, :]
+    hidden = body.embed_tokens(state.tokens[:, None])                            # [B, 1, H]
+    for i, layer in enumerate(body.layers):
+        q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin)     # [B, H, 1, D]
+        state.k_cache[i].index_copy_(2, state.slot, k)
+        state.v_cache[i].index_copy_(2, state.slot, v)
+        # the G query heads sharing a KV head become G query rows of that head: no KV repeat
+        q = q.reshape(batch, n_kv, groups, head_dim)                             # [B, H_kv, G, D]
+        out = F.scaled_dot_product_attention(q, state.k_cache[i], state.v_cache[i],
+                                             attn_mask=state.mask, scale=spec["scaling"])
+        hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    logits = model.lm_head(body.norm(hidden))[:, 0]                              # [B, V]
+    state.positions.add_(1)
+    state.slot.add_(1)
+    return logits
+
+
+def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Projections, Qwen3's per-head q/k norms, RoPE: ``[B, T, H]`` → q ``[B, H_q, T, D]``, k, v ``[B, H_kv, T, D]``."""
+    attn = layer.self_attn
+    batch, length, _ = x.shape
+    head_dim = spec["head_dim"]
+    q = attn.q_proj(x).view(batch, length, -1, head_dim)
+    k = attn.k_proj(x).view(batch, length, -1, head_dim)
+    v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
