@@ -190,6 +190,21 @@ def test_bad_values_are_config_errors(values, match):
         build_config(CoolRLHFConfig, values)
 
 
+def test_sub_run_options_are_checked_before_anything_trains(tmp_path):
+    from rlxf.recipes.cool_rlhf import train
+
+    small = {"rm_pairs": 4, "eval_pairs": 2, "rl_prompts": 4, "eval_prompts": 2, "policy_batch_size": 2}
+    cfg = build_config(CoolRLHFConfig, {**small, "policy_recipe": "ppo", "output_dir": str(tmp_path / "a")})
+    with pytest.raises(ConfigError, match="rlxf ppo sub-runs would fail: --mini-batches 4 .*--policy-options"):
+        train(cfg)
+    options = _write(tmp_path / "o.yaml", [])
+    options.write_text("beta: 0.01\nreward: verifiable\n")
+    cfg = build_config(CoolRLHFConfig, {**small, "policy_options": str(options), "output_dir": str(tmp_path / "b")})
+    with pytest.raises(ConfigError, match="reward is set by rlxf cool-rlhf"):
+        train(cfg)
+    assert not (tmp_path / "a" / "round-0").exists() and not (tmp_path / "b" / "round-0").exists()
+
+
 # -- the loop -------------------------------------------------------------------------------------
 
 LOOP_FAST = {"rounds": 2, "rm_steps": 2, "slow_steps": 1, "fast_steps": 1, "policy_steps": 1, "rm_pairs": 8,

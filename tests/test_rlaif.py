@@ -285,6 +285,7 @@ def test_rlaif_end_to_end_writes_pairs_and_trains_a_soft_label_rm(tiny_random_mo
     assert stats["train"]["recipe"] == "rm" and (out / "rm" / "final").is_dir()
     assert "final/accuracy" in stats["train"]  # held out: the task's correct-vs-wrong pairs
     assert main(argv) == 2  # refuses to overwrite
+    assert main([*argv, "--overwrite=true"]) == 0  # replaces the data and the training run
 
 
 def test_cai_sft_generate_only_with_a_critic_backend(tiny_random_model_dir, tmp_path, fake_judges):

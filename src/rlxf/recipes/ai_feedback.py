@@ -201,8 +201,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def train_values(cfg, dataset: Path, output_dir: Path, config_file: str | None) -> dict:
     """Options for the downstream training recipe: the policy, the new file, our seed/device/threads,
-    then the user's YAML file (``--sft-config`` / ``--train-config``) on top."""
+    then the user's YAML file (``--sft-config`` / ``--train-config``) on top.
+
+    With ``--overwrite`` an earlier training run in ``output_dir`` (inside our own output
+    directory) is removed first, so the whole command can be re-run."""
+    import shutil
+
     from rlxf.config import load_yaml
+
+    if cfg.overwrite and output_dir.is_dir():
+        shutil.rmtree(output_dir)
 
     values = {"model": cfg.model, "dataset": str(dataset), "output_dir": str(output_dir), "seed": cfg.seed,
               "device": cfg.device, "threads": cfg.threads, "trust_remote_code": cfg.trust_remote_code}

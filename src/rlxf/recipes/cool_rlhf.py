@@ -70,6 +70,8 @@ class CoolRLHFConfig:
     rounds: int = option(3, "online rounds after round 0 (the initial RM)")
     labels: str = option("verifier", "source of each round's new preference labels", choices=LABEL_SOURCES)
     judge: str | None = option(None, "judge for --labels judge: local:PATH, local:tiny or http://host:port/v1")
+    judge_prompts: str = option("standard", "judge prompt set: standard, or compact for short-context judges "
+                                "(the tiny model)", choices=("standard", "compact"))
     labels_file: str | None = option(None, "--labels file: .jsonl of prompt/chosen/rejected/domain rows; a row's "
                                      "'round' (default 1) says in which round it is merged")
     fast_path: bool = option(True, "patch the RM each round on pairs rejecting the detected reward-hacking samples")
@@ -107,7 +109,7 @@ class CoolRLHFConfig:
     progress: bool = option(False, "show the sub-runs' progress bars")
 
     def __post_init__(self):
-        for name in ("labels", "policy_recipe", "rm_loss"):
+        for name in ("labels", "judge_prompts", "policy_recipe", "rm_loss"):
             check_choice(self, name)
         if not self.domains:
             raise ConfigError("--datasets: give at least one task:NAME dataset")
@@ -156,6 +158,7 @@ def train(cfg: CoolRLHFConfig):
     out = Path(cfg.output_dir)
     _check_same_loop(cfg, out)
     data = prepare_data(cfg, out)
+    check_sub_runs(cfg, data)
     records = [_round_zero(cfg, out, data)]
     for k in range(1, cfg.rounds + 1):
         records.append(_round(cfg, out, data, k, records[-1]))
@@ -217,6 +220,8 @@ def _round_zero(cfg: CoolRLHFConfig, out: Path, data: dict) -> dict:
 
 
 def _round(cfg: CoolRLHFConfig, out: Path, data: dict, k: int, previous: dict) -> dict:
+    from rlxf.data.online_labels import fast_path_pairs
+
     folder = out / f"round-{k}"
     if (folder / ROUND_FILE).is_file():
         log.info("cool-rlhf: round %d already finished in %s; skipped", k, folder)
@@ -228,8 +233,6 @@ def _round(cfg: CoolRLHFConfig, out: Path, data: dict, k: int, previous: dict) -
     groups = _label_samples(cfg, folder, k, policy_dir=policy_in, rm_dir=rm_in)
     labels, label_stats = collect_labels(cfg, groups, k, data)
     hacked, sample_stats = _detect(cfg, groups)
-    from rlxf.data.online_labels import fast_path_pairs
-
     fast = fast_path_pairs(groups, hacked) if cfg.fast_path else []
     write_jsonl(folder / "labels.jsonl", labels)
     write_jsonl(folder / "fast_pairs.jsonl", fast)
@@ -303,7 +306,8 @@ def collect_labels(cfg: CoolRLHFConfig, groups, k: int, data: dict) -> tuple[lis
     from rlxf.data.conditions import load_conditions
     from rlxf.judges import build_judge
 
-    judge = build_judge(cfg.judge, device=cfg.device, cache_dir=str(Path(cfg.output_dir) / "judge_cache"))
+    judge = build_judge(cfg.judge, device=cfg.device, prompts=cfg.judge_prompts,
+                        cache_dir=str(Path(cfg.output_dir) / "judge_cache"))
     rows, stats = judge_pairs(groups, judge, load_conditions(str(data["conditions"])),
                               max_pairs_per_prompt=cfg.max_pairs_per_prompt, margin=cfg.judge_margin)
     return rows, {f"judge/{key}": value for key, value in stats.items()}
@@ -361,27 +365,53 @@ def run_recipe(module: str, cls_name: str, values: dict, out_dir: Path) -> dict:
     return mod.train(cfg).summary
 
 
-def _train_rm(cfg, out_dir: Path, *, start: str, dataset: Path, eval_dataset: Path, steps: int, data: dict) -> str:
+def rm_values(cfg, *, start: str, dataset: Path, eval_dataset: Path, steps: int, data: dict) -> dict:
+    """Options of one ``rlxf rm`` sub-run (all but output_dir and resume)."""
     n_pairs, n_eval = len(read_jsonl(dataset)), len(read_jsonl(eval_dataset))
-    values = {"lr": cfg.rm_lr, "batch_size": min(cfg.rm_batch_size, n_pairs), "loss": cfg.rm_loss, "eval_every": 0,
-              "warmup_steps": min(10, steps // 5), "seed": cfg.seed, "device": cfg.device, "threads": cfg.threads,
-              "progress": cfg.progress, **_options_file(cfg.rm_options, MANAGED_RM, "--rm-options"),
-              "model": start, "dataset": str(dataset), "eval_dataset": str(eval_dataset), "eval_size": n_eval,
-              "conditions": str(data["conditions"]), "max_steps": steps}
-    return run_recipe("rlxf.recipes.reward_model", "RewardModelConfig", values, out_dir)["final_model"]
+    return {"lr": cfg.rm_lr, "batch_size": min(cfg.rm_batch_size, n_pairs), "loss": cfg.rm_loss, "eval_every": 0,
+            "warmup_steps": min(10, steps // 5), "seed": cfg.seed, "device": cfg.device, "threads": cfg.threads,
+            "progress": cfg.progress, **_options_file(cfg.rm_options, MANAGED_RM, "--rm-options"),
+            "model": start, "dataset": str(dataset), "eval_dataset": str(eval_dataset), "eval_size": n_eval,
+            "conditions": str(data["conditions"]), "max_steps": steps}
 
 
-def _train_policy(cfg, out_dir: Path, *, start: str, rm_dir: str, data: dict, k: int) -> dict:
-    module, cls_name = POLICY_RECIPES[cfg.policy_recipe]
+def policy_values(cfg, *, start: str, rm_dir: str, data: dict, k: int) -> dict:
+    """Options of round ``k``'s ``rlxf grpo`` / ``rlxf ppo`` sub-run (all but output_dir and resume)."""
     n_eval = len(read_jsonl(data["eval_prompts"]))
-    values = {"batch_size": cfg.policy_batch_size, "max_new_tokens": cfg.max_new_tokens, "eval_every": 0,
-              "eval_generate": n_eval, "seed": cfg.seed + k, "device": cfg.device, "threads": cfg.threads,
-              "progress": cfg.progress, **({"lr": cfg.policy_lr} if cfg.policy_lr is not None else {}),
-              **({"group_size": cfg.group_size} if cfg.group_size is not None else {}),
-              **_options_file(cfg.policy_options, MANAGED_POLICY, "--policy-options"),
-              "model": start, "dataset": str(data["rl_prompts"]), "eval_dataset": str(data["eval_prompts"]),
-              "eval_size": n_eval, "reward": "reward_model", "reward_model": rm_dir, "max_steps": cfg.policy_steps}
-    return run_recipe(module, cls_name, values, out_dir)
+    return {"batch_size": cfg.policy_batch_size, "max_new_tokens": cfg.max_new_tokens, "eval_every": 0,
+            "eval_generate": n_eval, "seed": cfg.seed + k, "device": cfg.device, "threads": cfg.threads,
+            "progress": cfg.progress, **({"lr": cfg.policy_lr} if cfg.policy_lr is not None else {}),
+            **({"group_size": cfg.group_size} if cfg.group_size is not None else {}),
+            **_options_file(cfg.policy_options, MANAGED_POLICY, "--policy-options"),
+            "model": start, "dataset": str(data["rl_prompts"]), "eval_dataset": str(data["eval_prompts"]),
+            "eval_size": n_eval, "reward": "reward_model", "reward_model": rm_dir, "max_steps": cfg.policy_steps}
+
+
+def check_sub_runs(cfg, data: dict) -> None:
+    """Build the RM and policy sub-run configs once before anything trains, so a bad combination
+    (e.g. PPO's --mini-batches not dividing --policy-batch-size) fails at once."""
+    import importlib
+
+    module, cls_name = POLICY_RECIPES[cfg.policy_recipe]
+    checks = [("rlxf.recipes.reward_model", "RewardModelConfig", "rm", "--rm-options",
+               rm_values(cfg, start=cfg.model, dataset=data["rm_train"], eval_dataset=data["rm_eval"],
+                         steps=cfg.rm_steps, data=data)),
+              (module, cls_name, cfg.policy_recipe, "--policy-options",
+               policy_values(cfg, start=cfg.model, rm_dir=cfg.model, data=data, k=1))]
+    for mod, name, recipe, flag, values in checks:
+        try:
+            build_config(getattr(importlib.import_module(mod), name), values, where=f"rlxf {recipe} sub-runs")
+        except ConfigError as exc:
+            raise ConfigError(f"the rlxf {recipe} sub-runs would fail: {exc} (their other options go in a YAML "
+                              f"file passed as {flag})") from None
+
+
+def _train_rm(cfg, out_dir: Path, **kwargs) -> str:
+    return run_recipe("rlxf.recipes.reward_model", "RewardModelConfig", rm_values(cfg, **kwargs), out_dir)["final_model"]
+
+
+def _train_policy(cfg, out_dir: Path, **kwargs) -> dict:
+    return run_recipe(*POLICY_RECIPES[cfg.policy_recipe], policy_values(cfg, **kwargs), out_dir)
 
 
 # -- evaluation ---------------------------------------------------------------------------------

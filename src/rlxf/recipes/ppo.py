@@ -181,6 +181,8 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
                                sampler=sampler, pipeline=pipeline, reference=reference, optimizer=optimizer,
                                scheduler=scheduler, params=params, kl_ctl=kl_ctl, device=device, dtype=dtype,
                                trainable=policy_params + critic_params)
+            if hasattr(pipeline.base, "after_step"):  # stateful rewards (LMGT, COOPER) advance per step
+                metrics.update(pipeline.base.after_step(step))
             step += 1
             state["kl_coef"] = kl_ctl.value
             for key in ("sample_seconds", "train_seconds", "sample_tokens", "train_tokens"):
