@@ -34,12 +34,21 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Recipes given ``threads: 1`` set torch's global thread count; restore it so later (slow)
-    tests keep every core."""
+def _session_threads() -> int:
     import torch
 
-    threads = torch.get_num_threads()
+    return torch.get_num_threads()
+
+
+_DEFAULT_THREADS = _session_threads()  # read at start-up, before any test or fixture changes it
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Recipes given ``threads: 1`` (and some module fixtures) set torch's global thread count;
+    put back the count the session started with after every test, so later (slow) tests keep
+    every core."""
+    import torch
+
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_DEFAULT_THREADS)
