@@ -149,7 +149,8 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(loss_agg, tiny_random_
 @pytest.mark.parametrize("preset,extra", [("grpo", {}), ("dr_grpo", {}), ("dapo", {"max_sample_batches": 2}),
                                           ("rloo", {}), ("grpo", {"ppo_epochs": 2, "mini_batches": 2}),
                                           ("grpo", {"sampler": "aps", "length_reward_weight": 0.5,
-                                                    "format_weight": 0.1})])
+                                                    "format_weight": 0.1}),
+                                          ("grpo", {"engine": "static"})])
 def test_every_preset_runs_and_writes_the_run_files(preset, extra, tiny_random_model_dir, tmp_path):
     out = tmp_path / "run"
     argv = [preset, *_flags({**FAST, "model": tiny_random_model_dir, "output_dir": out, "max_steps": 2, **extra})]

@@ -47,7 +47,7 @@ from rlxf.losses import (AGGREGATION_MODES, ADVANTAGE_SCALES, KL_KINDS, aggregat
 from rlxf.recipes.common import (FAULT_ENV, TrainingError, autocast_context, build_optimizer,
                                  load_model_for_training, lr_multiplier, peak_memory_mb, prepare_output_dir,
                                  setup_logging)
-from rlxf.recipes.online import (OnlineConfig, RewardPipeline, evaluate_greedy, load_prompts,
+from rlxf.recipes.online import (OnlineConfig, RewardPipeline, build_engine, evaluate_greedy, load_prompts,
                                  reference_answer_nll, reward_tensor)
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
 from rlxf.runtime import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -261,7 +261,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
     from rlxf.data.samplers import get_sampler
     from rlxf.models import Reference, save_pretrained
     from rlxf.recipes.common import FitResult
-    from rlxf.rollout import HFEngine, SamplingParams
+    from rlxf.rollout import SamplingParams
 
     recipe = recipe or cfg.preset
     setup_logging()
@@ -279,7 +279,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
         reference = Reference.build(model, mode)
     pipeline = RewardPipeline(cfg, tokenizer=tokenizer, task=prompts.task, policy=model,
                               ref_model=reference)
-    engine = HFEngine(model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
+    engine = build_engine(cfg, model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, n=cfg.group_size)
     sampler = get_sampler(cfg.sampler, len(prompts), seed=cfg.seed)

@@ -58,6 +58,8 @@ class OnlineConfig(RunConfig):
     format_weight: float = option(0.0, "add this weight × format reward (completion has '#<answer>')")
     length_reward_weight: float = option(0.0, "Kimi length reward weight w (0 = off): reward += w·len_reward")
     length_reward_warmup: int = option(0, "steps without the length reward before it switches on (Kimi warm-up)")
+    engine: str = option("auto", "rollout engine: auto (static KV cache + CUDA graphs on CUDA, the transformers "
+                         "engine on CPU), hf, static", choices=("auto", "hf", "static"))
     sampler: str = option("uniform", "which prompts each step trains on: uniform epochs or adaptive "
                           "perplexity-aware sampling", choices=SAMPLERS)
     eval_generate: int = option(200, "greedy held-out evaluation on N eval prompts at each eval")
@@ -68,7 +70,7 @@ class OnlineConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts"):
+        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts", "engine"):
             check_choice(self, name)
         for name in ("batch_size", "group_size", "eval_generate"):
             if getattr(self, name) <= 0:
@@ -89,6 +91,18 @@ class OnlineConfig(RunConfig):
             raise ConfigError(f"LMGT options out of range: --lmgt-scale >= 0 (got {self.lmgt_scale}), --lmgt-decay "
                               f"in [0, 1) (got {self.lmgt_decay}), --lmgt-call-fraction in (0, 1] "
                               f"(got {self.lmgt_call_fraction})")
+
+
+def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
+    """The rollout engine sampling from ``model`` in place: ``StaticEngine`` (static KV cache, CUDA-graph
+    decode; it falls back to ``HFEngine`` for architectures it does not cover) on CUDA with
+    ``--engine auto``, else ``HFEngine``. Both return the same ``Rollouts`` (greedy tokens equal, tested)."""
+    from rlxf.rollout import HFEngine, StaticEngine
+
+    device = next(model.parameters()).device
+    use_static = cfg.engine == "static" or (cfg.engine == "auto" and device.type == "cuda")
+    engine_cls = StaticEngine if use_static else HFEngine
+    return engine_cls(model, tokenizer, max_batch_size=max_batch_size)
 
 
 # -- prompts ------------------------------------------------------------------------------------

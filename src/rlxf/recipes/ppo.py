@@ -35,7 +35,8 @@ from rlxf.losses import (KL_KINDS, AdaptiveKLController, FixedKLController, aggr
 from rlxf.recipes.common import (FAULT_ENV, TrainingError, autocast_context, load_model_for_training,
                                  lr_multiplier, prepare_output_dir, setup_logging)
 from rlxf.recipes.grpo import online_summary
-from rlxf.recipes.online import OnlineConfig, RewardPipeline, evaluate_greedy, load_prompts, reward_tensor
+from rlxf.recipes.online import (OnlineConfig, RewardPipeline, build_engine, evaluate_greedy, load_prompts,
+                                 reward_tensor)
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
 from rlxf.runtime import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -111,7 +112,7 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
     from rlxf.data.samplers import get_sampler
     from rlxf.models import Reference, save_pretrained
     from rlxf.recipes.common import FitResult
-    from rlxf.rollout import HFEngine, SamplingParams
+    from rlxf.rollout import SamplingParams
 
     setup_logging()
     out = prepare_output_dir(cfg, recipe)
@@ -126,7 +127,7 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
     critic.train()
     pipeline = RewardPipeline(cfg, tokenizer=tokenizer, task=prompts.task, policy=model,
                               ref_model=reference)
-    engine = HFEngine(model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
+    engine = build_engine(cfg, model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, n=cfg.group_size)
     sampler = get_sampler(cfg.sampler, len(prompts), seed=cfg.seed)

@@ -130,7 +130,9 @@ class StaticEngine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         rows = [prompt for prompt in prompts for _ in range(params.n)]
-        with torch.no_grad(), _eval_mode(self.model):
+        # the static KV cache holds the parameters' dtype, so decode runs in it: an enclosing autocast
+        # (bf16 mixed-precision training) is switched off here rather than mixing dtypes in the cache
+        with torch.no_grad(), _eval_mode(self.model), torch.autocast(device.type, enabled=False):
             batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
                        for i in range(0, len(rows), self.max_batch_size)]
         return self._fallback._assemble(rows, batches, params, device)
