@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from rlxf.models import load_policy, load_tokenizer, token_logps
+from rlxf.models import eval_mode, load_policy, load_tokenizer, token_logps
 from rlxf.rollout import HFEngine, SamplingParams
 
 logger = logging.getLogger("rlxf.judges")
@@ -104,7 +103,7 @@ class LocalBackend:
         rows = [(i, k, prompts[i], option_ids[k]) for i in fits for k in range(len(options))]
         scores: dict[tuple[int, int], float] = {}
         device = self.model.get_input_embeddings().weight.device
-        with self._lock, torch.no_grad(), _eval_mode(self.model):
+        with self._lock, torch.no_grad(), eval_mode(self.model):
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start:start + self.max_batch_size]
                 width = max(len(p) + len(o) for _, _, p, o in chunk)
@@ -139,13 +138,3 @@ class LocalBackend:
         with self._lock:
             self.stats["calls"] += calls
             self.stats["failures"] += failures
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -7,6 +7,7 @@
 from rlxf.models.loading import (
     available_devices,
     ensure_pad_token,
+    eval_mode,
     is_peft_model,
     load_policy,
     load_reward_model,
@@ -31,6 +32,7 @@ __all__ = [
     "apply_lora",
     "available_devices",
     "ensure_pad_token",
+    "eval_mode",
     "is_peft_model",
     "linear_module_names",
     "load_policy",

@@ -8,6 +8,8 @@ mid-save never leaves a half-written model where a complete one is expected.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import copy
 import logging
 import os
@@ -15,6 +17,7 @@ import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -341,3 +344,21 @@ def _set_pad_token_id(model, pad_token_id: int | None) -> None:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.pad_token_id = pad_token_id
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off for the duration; every module's own training flag is restored afterwards.
+
+    Anything that is not an ``nn.Module`` (e.g. a ``Reference`` wrapper) passes through unchanged.
+    """
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

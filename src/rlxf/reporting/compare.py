@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import math
 import os
@@ -32,7 +31,8 @@ from typing import Any
 
 from rlxf.config import ConfigError
 from rlxf.reporting.metrics import METRICS_FILE, SUMMARY_FILE, atomic_write, read_metrics, to_jsonable
-from rlxf.reporting.report import _CSS, _flatten, _format_config_value, _format_summary_value, _table
+from rlxf.reporting.report import (_CSS, _flatten, _format_config_value, _format_summary_value, _table,
+                                   finish_figure)
 
 CONFIG_FILE = "config.yaml"
 # "{metric}" stands for the compared metric; panels no run logged are left out.
@@ -244,17 +244,7 @@ def _plot_png(runs: list[_Run], panels: list[tuple[str, str]], metric: str, thre
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    if not panels:
-        axes[0].set_visible(True)
-        axes[0].text(0.5, 0.5, "no metric to plot", ha="center", va="center", color="gray")
-        axes[0].set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return finish_figure(fig, axes, len(panels), title, empty_text="no metric to plot")
 
 
 def _columns(table: dict[str, dict], metric: str, goal: str, threshold: float | None) -> list[tuple[str, str]]:

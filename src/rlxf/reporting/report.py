@@ -96,11 +96,17 @@ def _plot_png(rows: list[dict[str, Any]], panels: list[Panel], title: str) -> by
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
+    return finish_figure(fig, axes, len(panels), title, empty_text="no panels")
+
+
+def finish_figure(fig, axes, used: int, title: str, *, empty_text: str) -> bytes:
+    """Hide the ``axes`` beyond the first ``used`` (a note when none is used), title, lay out,
+    and return the figure as PNG bytes."""
+    for ax in axes[used:]:
         ax.set_visible(False)
-    if not panels:
+    if not used:
         axes[0].set_visible(True)
-        axes[0].text(0.5, 0.5, "no panels", ha="center", va="center", color="gray")
+        axes[0].text(0.5, 0.5, empty_text, ha="center", va="center", color="gray")
         axes[0].set_axis_off()
     fig.suptitle(title)
     fig.tight_layout()

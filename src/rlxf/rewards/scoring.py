@@ -8,11 +8,11 @@ each module's training flag restored afterwards.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from rlxf.models.loading import eval_mode  # noqa: F401  (re-exported for the reward modules)
 from rlxf.rewards.base import RewardError
 
 
@@ -23,21 +23,6 @@ def model_device(model) -> torch.device:
         raise RewardError(f"{type(model).__name__} holds no model to score with (a reference in mode "
                          "'none'?); pass a model, or a Reference built with mode 'copy' or 'lora'")
     return next(module.parameters()).device
-
-
-@contextmanager
-def eval_mode(model):
-    """Dropout off for the duration; every module's own training flag is restored afterwards."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
-from rlxf.models.loading import is_peft_model
+from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
 from rlxf.rollout.types import Rollouts, SamplingParams
 
@@ -86,7 +85,7 @@ class HFEngine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         rows = [prompt for prompt in prompts for _ in range(params.n)]
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.no_grad(), eval_mode(self.model):
             batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
                        for i in range(0, len(rows), self.max_batch_size)]
         return self._assemble(rows, batches, params, device)
@@ -242,16 +241,6 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator |
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:

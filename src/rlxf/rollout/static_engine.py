@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlxf.models.loading import is_peft_model
+from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
-from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _eval_mode, _sample, _StopChecker)
+from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _sample, _StopChecker)
 from rlxf.rollout.types import Rollouts, SamplingParams
 
 log = logging.getLogger("rlxf.rollout")
@@ -132,7 +132,7 @@ class StaticEngine:
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         # the static KV cache holds the parameters' dtype, so decode runs in it: an enclosing autocast
         # (bf16 mixed-precision training) is switched off here rather than mixing dtypes in the cache
-        with torch.no_grad(), _eval_mode(self.model), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False):
             batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
                        for i in range(0, len(rows), self.max_batch_size)]
         return self._fallback._assemble(rows, batches, params, device)
