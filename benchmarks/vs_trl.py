@@ -245,7 +245,13 @@ def dpo_flops(b: Bench, n_params: int, tokens: int, *, reference_forward: bool) 
     return (6 + (2 if reference_forward else 0)) * n_params * tokens
 
 
-def rlxf_dpo(b: Bench, *, checkpointing: bool):
+def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: bool = True,
+             compile_body: bool = False):
+    """rlxf's DPO step. ``label_mask``: the head runs over completion positions only; ``fused``: the
+    fused head (``_LinearLabelLogps``) instead of checkpointed chunks; ``compile_body``:
+    ``torch.compile`` of each decoder layer (one compiled graph shared by the identical layers)."""
+    from functools import partial
+
     from rlxf.losses import dpo_loss
     from rlxf.models import sequence_logps, token_logps
 
@@ -254,18 +260,23 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool):
     n_params = count_params(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_s = None
+    if compile_body:
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
     model.config.use_cache = False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
     batch = dpo_batch(b, dpo_data(b, c["pairs"]))
     mask = batch["completion_mask"][:, 1:]
     n = c["pairs"]
+    logps_fn = partial(token_logps, label_mask=mask if label_mask else None, fused_head=fused)
 
     # reference log-probs, once (the recipe caches them on disk keyed by model + data)
     b.sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        ref = sequence_logps(token_logps(model, batch["input_ids"], batch["attention_mask"]), mask)
+        ref = sequence_logps(logps_fn(model, batch["input_ids"], batch["attention_mask"]), mask)
     b.sync()
     ref_s = time.perf_counter() - t0
     ref_c, ref_r = ref[:n], ref[n:]
@@ -274,7 +285,7 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool):
 
     def step(profile=False):
         t = [time.perf_counter()]
-        seq = sequence_logps(token_logps(model, batch["input_ids"], batch["attention_mask"]), mask)
+        seq = sequence_logps(logps_fn(model, batch["input_ids"], batch["attention_mask"]), mask)
         loss = dpo_loss(seq[:n], seq[n:], ref_c, ref_r, beta=0.1).mean()
         if profile:
             b.sync(); t.append(time.perf_counter())
@@ -289,9 +300,12 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool):
                 phases[k].append(z - a)
         return loss
 
+    t0 = time.perf_counter()
     for _ in range(c["warmup"]):
         step()
     b.sync()
+    if compile_body:
+        compile_s = time.perf_counter() - t0
     times = []
     for _ in range(c["steps"]):
         t0 = time.perf_counter()
@@ -305,6 +319,9 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool):
                tflops=dpo_flops(b, n_params, tokens, reference_forward=False) / med / 1e12,
                flops_counted="6N per token (reference precomputed)", tokens_per_step=tokens,
                ref_precompute_s_per_pair=ref_s / n, checkpointing=checkpointing, loss=float(loss.detach()),
+               head="completion positions only" if label_mask else "every non-padding position",
+               head_impl="fused (_LinearLabelLogps)" if fused else "checkpointed chunks",
+               compiled_layers=compile_body, warmup_incl_compile_s=compile_s,
                phase_ms={k: round(1e3 * median(v), 2) for k, v in phases.items()},
                step_times_ms=[round(1e3 * t, 2) for t in times])
     del model, opt
@@ -447,7 +464,10 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
     return res
 
 
-def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False):
+def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
+                device_sampling: bool | None = None):
+    """``fuse``/``device_sampling``: StaticEngine's ``fuse_projections``/``device_sampling`` (None =
+    its default: both on with a CUDA graph); False reproduces the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
 
     c = b.cfg["decode"]
@@ -455,7 +475,8 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False):
     vocab = b.cfg["model"]["vocab_size"]
     kw = dict(max_batch_size=c["batch"], eos_token_ids=[vocab], pad_token_id=0)  # EOS never sampled
     engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
-              else StaticEngine(model, b.tokenizer, compile=compile_, **kw))
+              else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
+                                device_sampling=device_sampling, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -474,17 +495,21 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False):
     if kind == "static":
         extra["stats"] = dict(engine.stats)
         state = next(iter(engine._states.values()), None)
-        if state is not None and state.graph is not None:  # the model step alone, without sampling
+        graph = None if state is None else (state.graph or state.loop_graphs.get("greedy"))
+        if isinstance(graph, torch.cuda.CUDAGraph):  # replay alone: no host work between steps
+            extra["fused_projections"] = state.fused is not None
+            extra["graph_contains"] = "decode step" if state.graph is not None else "sample + record + decode step"
             state.slot.fill_(c["prompt"])  # 50 replays from slot P stay inside the static cache
             state.positions.fill_(c["prompt"])
+            state.step_index.zero_()
             b.sync()
             t0 = time.perf_counter()
             for _ in range(50):
-                state.graph.replay()
+                graph.replay()
             b.sync()
             extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
     res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
-    if kind == "static" and not compile_:
+    if kind == "static" and not compile_ and fuse is None:
         b.results["profile"]["static_decode_step"] = profile_decode_step(b, engine, prompts)
     del engine, model
     return res
@@ -524,16 +549,17 @@ def grpo_prompts(b: Bench):
     return [b.text(rng, c["prompt"] - 1) for _ in range(c["prompts"])]  # + <bos>
 
 
-def rlxf_grpo(b: Bench):
+def rlxf_grpo(b: Bench, *, compile_: bool = True):
     from rlxf.losses import aggregate, clipped_policy_loss, group_advantages
-    from rlxf.models import token_logps
+    from rlxf.models import labels_from, token_logps
     from rlxf.rollout import SamplingParams, StaticEngine
 
     c = b.cfg["grpo"]
     model = b.build_model()
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
-    engine = StaticEngine(model, b.tokenizer, max_batch_size=c["prompts"] * c["group"])
+    engine = StaticEngine(model, b.tokenizer, max_batch_size=c["prompts"] * c["group"],
+                          compile=compile_ and b.cuda)
     prompts = [b.tokenizer(p)["input_ids"] for p in grpo_prompts(b)]
     params = SamplingParams(max_new_tokens=c["new"], temperature=1.0, n=c["group"])
     g = torch.Generator().manual_seed(0)
@@ -554,7 +580,7 @@ def rlxf_grpo(b: Bench):
         model.train()
         for s in range(0, len(ro), c["micro"]):
             sl = slice(s, s + c["micro"])
-            logps = token_logps(model, ids[sl], attn[sl])[:, P - 1:]
+            logps = token_logps(model, ids[sl], attn[sl], label_mask=labels_from(P - 1, ids))[:, P - 1:]
             per_tok = clipped_policy_loss(logps, logps.detach(), adv[sl], eps_low=0.2, eps_high=0.2)
             loss = aggregate(per_tok, mask[sl], mode="token-mean") * (mask[sl].sum() / total)
             loss.backward()
@@ -571,7 +597,7 @@ def rlxf_grpo(b: Bench):
     gen = median([r[0] for r in runs])
     train = median([r[1] for r in runs])
     n_params = count_params(model)
-    res = dict(step_s=gen + train, generation_s=gen, training_s=train,
+    res = dict(step_s=gen + train, generation_s=gen, training_s=train, engine_compiled=compile_ and b.cuda,
                generation_fraction=gen / (gen + train), sample_tok_per_s=runs[-1][2] / gen,
                train_tflops=6 * n_params * runs[-1][3] / train / 1e12, peak_gb=b.peak_gb(),
                grad_norm=runs[-1][4], engine_stats=dict(engine.stats),
@@ -691,7 +717,7 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
         return a / b_ if a is not None and b_ else None
 
     out = []
-    for mine in ("rlxf", "rlxf (grad ckpt)"):
+    for mine in ("rlxf", "rlxf (grad ckpt)", "rlxf + compiled layers", "rlxf + compiled layers (grad ckpt)"):
         for peer, target in (("TRL defaults (grad ckpt)", "≥ 2.0 at ≤ its memory"),
                              ("TRL no ckpt", "≥ 1.5 at ≤ its memory"),
                              ("TRL no ckpt + precomputed ref", "")):
@@ -745,6 +771,15 @@ def main(argv=None):
     if "dpo" in work:
         b.run("dpo", "rlxf", lambda: rlxf_dpo(b, checkpointing=False), need_s=s(15))
         b.run("dpo", "rlxf (grad ckpt)", lambda: rlxf_dpo(b, checkpointing=True), need_s=s(15))
+        b.run("dpo", "rlxf, head on all positions, checkpointed chunks (before)",
+              lambda: rlxf_dpo(b, checkpointing=False, label_mask=False, fused=False), need_s=s(15))
+        b.run("dpo", "rlxf, completion-only head, checkpointed chunks",
+              lambda: rlxf_dpo(b, checkpointing=False, fused=False), need_s=s(15))
+        if not args.no_compile and b.cuda:
+            b.run("dpo", "rlxf + compiled layers", lambda: rlxf_dpo(b, checkpointing=False, compile_body=True),
+                  need_s=s(60))
+            b.run("dpo", "rlxf + compiled layers (grad ckpt)",
+                  lambda: rlxf_dpo(b, checkpointing=True, compile_body=True), need_s=s(60))
         if trl_ok:
             b.run("dpo", "TRL defaults (grad ckpt)", lambda: trl_dpo(b, checkpointing=None), need_s=s(30))
             b.run("dpo", "TRL no ckpt", lambda: trl_dpo(b, checkpointing=False), need_s=s(30))
@@ -752,6 +787,10 @@ def main(argv=None):
                   lambda: trl_dpo(b, checkpointing=False, precompute=True), need_s=s(30))
     if "decode" in work:
         b.run("decode", "rlxf StaticEngine", lambda: rlxf_engine(b, "static"), need_s=s(15))
+        b.run("decode", "rlxf StaticEngine (unfused, host sampling: before)",
+              lambda: rlxf_engine(b, "static", fuse=False, device_sampling=False), need_s=s(15))
+        b.run("decode", "rlxf StaticEngine (fused, host sampling)",
+              lambda: rlxf_engine(b, "static", device_sampling=False), need_s=s(15))
         b.run("decode", "rlxf HFEngine", lambda: rlxf_engine(b, "hf"), need_s=s(25))
         b.run("decode", "HF generate dynamic", lambda: hf_generate(b, cache=None, compile_=False), need_s=s(25))
         b.run("decode", "HF generate static", lambda: hf_generate(b, cache="static", compile_=False), need_s=s(25))
@@ -762,6 +801,8 @@ def main(argv=None):
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True),
               need_s=s(80))
+        b.run("decode", "rlxf StaticEngine (compile; unfused, host sampling: before)",
+              lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(80))
         b.run("decode", "HF generate static (compiled)", lambda: hf_generate(b, cache="static", compile_=True),
               need_s=s(100))
     b.save()

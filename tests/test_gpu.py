@@ -60,3 +60,29 @@ def test_static_engine_cuda_graph_matches_hf_engine():
     assert engine.stats["graph_captures"] == 1
     ref = HFEngine(model, tokenizer).generate(prompts, params)
     assert torch.equal(again.completion_ids.cpu(), ref.completion_ids.cpu())
+
+
+def test_static_engine_device_sampling_in_graph_is_seeded_and_exact():
+    """Sampling inside the captured graph: a seed reproduces the draws, another seed changes them, the
+    caller's CUDA random state is untouched, and the first token follows softmax(z/τ)."""
+    from rlxf.models import load_policy
+    from rlxf.rollout import SamplingParams, StaticEngine
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = load_policy("tiny", dtype="float32", device="cuda").eval()
+    prompt = [tokenizer("12+34=")["input_ids"]]
+    engine = StaticEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=1.5, n=4096, seed=3)
+    state = torch.cuda.get_rng_state()
+    out = engine.generate(prompt, params)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert engine.stats["device_sampling_calls"] == 1
+    assert torch.equal(engine.generate(prompt, params).completion_ids, out.completion_ids)
+    other = engine.generate(prompt, SamplingParams(max_new_tokens=6, temperature=1.5, n=4096, seed=4))
+    assert not torch.equal(other.completion_ids, out.completion_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor(prompt, device="cuda")).logits[0, -1].double()
+    probs = torch.softmax(logits / 1.5, -1)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=probs.numel()).double()
+    assert 0.5 * (counts / counts.sum() - probs).abs().sum() < 0.06

@@ -208,3 +208,75 @@ def test_reward_scores_requires_real_tokens(tiny_random_model_dir):
     attention_mask[2] = 0
     with pytest.raises(ValueError, match="no real tokens"):
         reward_scores(reward_model, input_ids, attention_mask)
+
+
+# -- fused head and label masks (issue 5: log-probs without the full-vocabulary tensor) -----------
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_linear_label_logps_matches_float64_reference(bias, temperature):
+    """The fused head's values and all three gradients against log_softmax in float64."""
+    from rlxf.models.logprobs import _LinearLabelLogps
+
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 37, 16, 50
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen, requires_grad=True)
+    b = torch.randn(v, generator=gen, requires_grad=True) if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    upstream = torch.randn(n, generator=gen)
+    out = _LinearLabelLogps.apply(hidden, weight, b, labels, 1 / temperature, 8)   # chunks of 8 rows
+    grads = torch.autograd.grad((out * upstream).sum(), [hidden, weight] + ([b] if bias else []))
+    params = [t.detach().double().requires_grad_() for t in [hidden, weight] + ([b] if bias else [])]
+    logits = torch.nn.functional.linear(params[0], params[1], params[2] if bias else None) / temperature
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), params)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_label_mask_scores_only_masked_positions_with_same_values_and_grads(model, tiny_random_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(str(tiny_random_model_dir), dtype=torch.float32)
+    input_ids, attention_mask = right_padded_batch()
+    completion = attention_mask.clone()
+    completion[:, :3] = 0
+    mask = completion[:, 1:]
+    masked = token_logps(model, input_ids, attention_mask, label_mask=mask, temperature=0.7, chunk_size=5)
+    full = token_logps(other, input_ids, attention_mask, temperature=0.7, fused_head=False)
+    torch.testing.assert_close(masked[mask.bool()], full[mask.bool()], rtol=0, atol=1e-6)
+    assert torch.all(masked[~mask.bool()] == 0)
+    sequence_logps(masked, mask).sum().backward()
+    sequence_logps(full, mask).sum().backward()
+    reference = dict(other.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # a [1, T-1] mask broadcasts over the batch (the GRPO layout: every row's completion starts at P)
+    row = torch.zeros(1, input_ids.shape[1] - 1, dtype=torch.long)
+    row[:, 4:] = 1
+    with torch.no_grad():
+        part = token_logps(model, input_ids, attention_mask, label_mask=row)
+        whole = token_logps(model, input_ids, attention_mask)
+    keep = row.bool().expand_as(whole) & attention_mask[:, 1:].bool()
+    torch.testing.assert_close(part[keep], whole[keep], rtol=0, atol=1e-6)
+    assert torch.all(part[~keep] == 0)
+    with pytest.raises(ValueError, match="label_mask shape"):
+        token_logps(model, input_ids, attention_mask, label_mask=torch.ones(3, 2))
+
+
+def test_fused_head_matches_checkpointed_head_under_bf16_autocast(model):
+    """The fused head computes in the autocast dtype like the checkpointed path: same values, close grads."""
+    input_ids, attention_mask = right_padded_batch()
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = token_logps(model, input_ids, attention_mask, fused_head=fused)
+        sequence_logps(logps, attention_mask[:, 1:]).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fused_logps, fused_grads), (plain_logps, plain_grads) = results
+    torch.testing.assert_close(fused_logps, plain_logps, rtol=0, atol=1e-4)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=0.02, atol=2e-3, msg=name)

@@ -129,3 +129,73 @@ def test_falls_back_for_unsupported_models(tokenizer, prompts):
     out = engine.generate(prompts, params)
     assert engine.stats["fallback_calls"] == 1
     assert torch.equal(out.completion_ids, HFEngine(model, tokenizer).generate(prompts, params).completion_ids)
+
+
+# -- device sampling (sampling inside the captured step) and fused projections, run eagerly on CPU --
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2", "qwen3"])
+def test_device_sampling_and_fused_projections_greedy_equal_hf_engine(kind, tiny, tokenizer, prompts):
+    model = tiny if kind == "tiny" else _random(kind)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, n=2)
+    ref = HFEngine(model, tokenizer).generate(prompts, params)
+    engine = StaticEngine(model, tokenizer, sync_every=3, device_sampling=True, fuse_projections=True)
+    for _ in range(2):  # the second call reuses the state and its fused buffers
+        out = engine.generate(prompts, params)
+        check_invariants(out, params)
+        assert torch.equal(out.completion_ids, ref.completion_ids)
+        assert torch.equal(out.completion_mask, ref.completion_mask)
+        assert out.text == ref.text and out.finish_reason == ref.finish_reason
+        torch.testing.assert_close(out.logps, ref.logps, rtol=1e-4, atol=1e-4)
+    assert engine.stats["device_sampling_calls"] == 2
+    assert engine._states[next(iter(engine._states))].fused is not None
+
+
+def test_fused_projections_follow_weight_updates(tokenizer, prompts):
+    model = _random("qwen2")
+    engine = StaticEngine(model, tokenizer, device_sampling=True, fuse_projections=True)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    before = engine.generate(prompts, greedy).completion_ids
+    with torch.no_grad():
+        for layer in model.model.layers:   # in place, as an optimizer step: only the fused copies see it
+            layer.self_attn.k_proj.weight.mul_(-2.0)
+            layer.mlp.up_proj.weight.mul_(-1.5)
+    after = engine.generate(prompts, greedy).completion_ids
+    assert torch.equal(after, HFEngine(model, tokenizer).generate(prompts, greedy).completion_ids)
+    assert not torch.equal(before, after)
+
+
+def test_device_sampling_draws_from_the_softmax_and_is_seeded(tokenizer):
+    """Gumbel-max draws: the first token's frequencies match softmax(z/τ); same seed, same draws;
+    the caller's random state is untouched by a seeded call; log-probs equal the training side's."""
+    model = _random("qwen2")
+    prompt = [tokenizer("12+")["input_ids"]]
+    temperature = 1.5
+    engine = StaticEngine(model, tokenizer, device_sampling=True)
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, n=4000, seed=11)
+    state = torch.get_rng_state()
+    out = engine.generate(prompt, params)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(engine.generate(prompt, params).completion_ids, out.completion_ids)
+    other = engine.generate(prompt, SamplingParams(max_new_tokens=1, temperature=temperature, n=4000, seed=12))
+    assert not torch.equal(other.completion_ids, out.completion_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor(prompt)).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, -1)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=probs.numel()).double()
+    # total variation between the empirical and the exact distribution: ~0.03 expected at n=4000
+    assert 0.5 * (counts / counts.sum() - probs).abs().sum() < 0.06
+    multi = engine.generate([tokenizer(p)["input_ids"] for p in PROMPTS],
+                            SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=5))
+    check_invariants(multi, SamplingParams(max_new_tokens=12, temperature=1.0, n=3))
+    for row, expected in enumerate(training_side_logps(model, multi, temperature=1.0)):
+        got = multi.logps[row][multi.completion_mask[row].bool()]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_device_sampling_is_skipped_for_top_k_top_p_and_stop_strings(tiny, tokenizer, prompts):
+    engine = StaticEngine(tiny, tokenizer, device_sampling=True)
+    for params in (SamplingParams(max_new_tokens=4, top_k=5, seed=1),
+                   SamplingParams(max_new_tokens=4, top_p=0.9, seed=1),
+                   SamplingParams(max_new_tokens=4, stop=("1",), seed=1)):
+        engine.generate(prompts, params)
+    assert engine.stats["device_sampling_calls"] == 0

@@ -17,6 +17,7 @@ from rlxf.models.loading import (
     save_pretrained,
 )
 from rlxf.models.logprobs import (
+    labels_from,
     logps_from_logits,
     mean_logps,
     reward_scores,
@@ -34,6 +35,7 @@ __all__ = [
     "ensure_pad_token",
     "eval_mode",
     "is_peft_model",
+    "labels_from",
     "linear_module_names",
     "load_policy",
     "load_reward_model",

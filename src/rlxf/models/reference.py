@@ -63,7 +63,7 @@ class Reference:
 
     @torch.no_grad()
     def token_logps(self, input_ids: Tensor, attention_mask: Tensor, *, temperature: float = 1.0,
-                    chunk_size: int = 1024) -> Tensor:
+                    chunk_size: int = 1024, label_mask: Tensor | None = None) -> Tensor:
         """π_ref's per-token log-probs ``[B, T-1]`` (contract of :func:`rlxf.models.logprobs.token_logps`)."""
         if self.model is None:
             raise RuntimeError("this run is reference-free (reference mode 'none'), so it has no "
@@ -71,7 +71,7 @@ class Reference:
                                "need π_ref (DPO, KL penalties)")
         with self._reference_weights():
             return token_logps(self.model, input_ids, attention_mask, temperature=temperature,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, label_mask=label_mask)
 
     @contextmanager
     def _reference_weights(self):

@@ -228,11 +228,11 @@ def policy_loss_terms(model, batch: dict, cfg: GRPOConfig, *, units_total: float
     batch: input_ids/attention_mask [b, P+C], mask/old_logps/ref_logps [b, C], advantages [b].
     ``units_total``: tokens (token-mean) or sequences (other modes) in the whole mini-batch.
     """
-    from rlxf.models import token_logps
+    from rlxf.models import labels_from, token_logps
 
     P = batch["prompt_len"]
-    logps = token_logps(model, batch["input_ids"], batch["attention_mask"],
-                        temperature=cfg.temperature)[:, P - 1:]                      # [b, C]
+    logps = token_logps(model, batch["input_ids"], batch["attention_mask"], temperature=cfg.temperature,
+                        label_mask=labels_from(P - 1, batch["input_ids"]))[:, P - 1:]   # [b, C]
     mask = batch["mask"]
     old = batch["old_logps"] if batch["old_logps"] is not None else logps.detach()
     per_token = clipped_policy_loss(logps, old, batch["advantages"], eps_low=cfg.eps_low, eps_high=cfg.eps_high)
@@ -391,17 +391,22 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
     def slices(rows):
         return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
+    from rlxf.models import labels_from
+
+    completion_labels = labels_from(P - 1, input_ids)                                     # head on completions only
     with torch.no_grad(), autocast_context(cfg, device, dtype):
         ref_logps = old_logps = None
         if cfg.beta > 0:
-            ref_logps = torch.cat([reference.token_logps(input_ids[s], attention_mask[s], temperature=cfg.temperature)
-                                   [:, P - 1:] for s in slices(torch.arange(N, device=device))])
+            ref_logps = torch.cat([reference.token_logps(input_ids[s], attention_mask[s], temperature=cfg.temperature,
+                                                         label_mask=completion_labels)[:, P - 1:]
+                                   for s in slices(torch.arange(N, device=device))])
         if updates_needed := cfg.ppo_epochs * cfg.mini_batches > 1:
             from rlxf.models import token_logps
 
             model.eval()
-            old_logps = torch.cat([token_logps(model, input_ids[s], attention_mask[s], temperature=cfg.temperature)
-                                   [:, P - 1:] for s in slices(torch.arange(N, device=device))])
+            old_logps = torch.cat([token_logps(model, input_ids[s], attention_mask[s], temperature=cfg.temperature,
+                                               label_mask=completion_labels)[:, P - 1:]
+                                   for s in slices(torch.arange(N, device=device))])
             model.train()
     del updates_needed
     step_stats: list[dict] = []

@@ -216,7 +216,7 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
 def ppo_step(cfg: PPOConfig, step: int, *, model, critic, engine, prompts, sampler, pipeline, reference,
              optimizer, scheduler, params, kl_ctl, device, dtype, trainable) -> dict:
     """One rollout step: sample → score → KL-in-reward → GAE → ``ppo_epochs × mini_batches`` updates."""
-    from rlxf.models import token_logps
+    from rlxf.models import labels_from, token_logps
     from rlxf.models.value import values_for_completions
 
     indices = sampler.sample(cfg.batch_size)
@@ -241,8 +241,11 @@ def ppo_step(cfg: PPOConfig, step: int, *, model, critic, engine, prompts, sampl
     with torch.no_grad(), autocast_context(cfg, device, dtype):
         model.eval()
         critic.eval()
-        old_logps = token_logps(model, input_ids, attention_mask, temperature=cfg.temperature)[:, P - 1:]
-        ref_logps = reference.token_logps(input_ids, attention_mask, temperature=cfg.temperature)[:, P - 1:]
+        completion_labels = labels_from(P - 1, input_ids)                                  # head on completions only
+        old_logps = token_logps(model, input_ids, attention_mask, temperature=cfg.temperature,
+                                label_mask=completion_labels)[:, P - 1:]
+        ref_logps = reference.token_logps(input_ids, attention_mask, temperature=cfg.temperature,
+                                          label_mask=completion_labels)[:, P - 1:]
         old_values = values_for_completions(critic, input_ids, attention_mask, P) * mask  # [N, C]
         model.train()
         critic.train()
@@ -263,7 +266,8 @@ def ppo_step(cfg: PPOConfig, step: int, *, model, critic, engine, prompts, sampl
             rows_m = order[m * mini:(m + 1) * mini]
             ids, att, msk = input_ids[rows_m], attention_mask[rows_m], mask[rows_m]
             with autocast_context(cfg, device, dtype):
-                logps = token_logps(model, ids, att, temperature=cfg.temperature)[:, P - 1:]
+                logps = token_logps(model, ids, att, temperature=cfg.temperature,
+                                    label_mask=completion_labels)[:, P - 1:]
                 values = values_for_completions(critic, ids, att, P)
                 pg = aggregate(clipped_policy_loss(logps, old_logps[rows_m], advantages[rows_m], eps_low=cfg.eps,
                                                    eps_high=cfg.eps), msk)

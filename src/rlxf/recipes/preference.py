@@ -97,13 +97,13 @@ def _cache_key(cfg: PreferenceConfig, examples: list[dict]) -> str:
 def _pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(chosen, rejected) sequence log-probs [B] and the per-pair mean log-probs ORPO/NLL need.
 
-    ``logps_fn(input_ids, attention_mask) -> [2B, T-1]`` is the policy's or the reference's
-    :func:`rlxf.models.token_logps`.
+    ``logps_fn(input_ids, attention_mask, label_mask=...) -> [2B, T-1]`` is the policy's or the
+    reference's :func:`rlxf.models.token_logps`; only completion positions reach the output head.
     """
     from rlxf.models import mean_logps, sequence_logps
 
-    logps = logps_fn(batch["input_ids"], batch["attention_mask"])  # [2B, T-1]
     mask = batch["completion_mask"][:, 1:]  # [2B, T-1] aligned with logps
+    logps = logps_fn(batch["input_ids"], batch["attention_mask"], label_mask=mask)  # [2B, T-1]
     means = mean_logps(logps, mask)  # [2B]
     seq = means if length_norm else sequence_logps(logps, mask)  # [2B]
     b = seq.shape[0] // 2
@@ -167,8 +167,8 @@ def train(cfg: PreferenceConfig):
                 reference = None  # the cached values are all we need: free the copy
     pad_id = tokenizer.pad_token_id
 
-    def policy_logps(input_ids, attention_mask):
-        return token_logps(model, input_ids, attention_mask)
+    def policy_logps(input_ids, attention_mask, label_mask=None):
+        return token_logps(model, input_ids, attention_mask, label_mask=label_mask)
 
     def collate(examples: list[dict]) -> dict:
         batch = collate_preference(examples, pad_id)

@@ -41,8 +41,9 @@ def completion_nll(model, batch: dict) -> torch.Tensor:
     """Token-mean NLL of completion tokens over the batch (scalar)."""
     from rlxf.models import token_logps
 
-    logps = token_logps(model, batch["input_ids"], batch["attention_mask"])  # [B, T-1]
-    mask = batch["completion_mask"][:, 1:].to(logps.dtype)  # [B, T-1]
+    mask = batch["completion_mask"][:, 1:]  # [B, T-1]
+    logps = token_logps(model, batch["input_ids"], batch["attention_mask"], label_mask=mask)  # [B, T-1]
+    mask = mask.to(logps.dtype)
     return -(logps * mask).sum() / mask.sum().clamp(min=1)
 
 

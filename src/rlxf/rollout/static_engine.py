@@ -38,6 +38,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +87,19 @@ class StaticEngine:
 
     Arguments as :class:`HFEngine`, plus ``use_cuda_graph`` (capture and replay the decode step on
     CUDA; ignored on CPU), ``compile`` (``torch.compile`` the decode step before capture),
-    ``sync_every`` (decode steps between checks that every row has finished) and
-    ``max_cached_graphs`` (captured shapes kept; each holds its own KV cache).
+    ``sync_every`` (decode steps between checks that every row has finished),
+    ``max_cached_graphs`` (captured shapes kept; each holds its own KV cache),
+    ``fuse_projections`` (decode with one q/k/v and one gate/up matmul per layer from concatenated
+    weight copies, refreshed from the parameters at every ``generate``; None = on CUDA only) and
+    ``device_sampling`` (sample, record and test for EOS inside the captured step; None = on when a
+    CUDA graph is used and the call has no top-k, top-p or stop strings).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 256,
                  eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
                  use_cuda_graph: bool = True, compile: bool = False, sync_every: int = 16,
-                 max_cached_graphs: int = 2):
+                 max_cached_graphs: int = 2, fuse_projections: bool | None = None,
+                 device_sampling: bool | None = None):
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -107,12 +113,14 @@ class StaticEngine:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         self.sync_every = sync_every
         self.max_cached_graphs = max_cached_graphs
+        self.fuse_projections = fuse_projections
+        self.device_sampling = device_sampling
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
-        self._compiled_step = None
-        self.stats = {"graph_captures": 0, "fallback_calls": 0}
+        self._compiled = {}
+        self.stats = {"graph_captures": 0, "fallback_calls": 0, "device_sampling_calls": 0}
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -126,15 +134,25 @@ class StaticEngine:
             return self._fallback.generate(prompt_ids, params)
         prompts = _check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
         device = self.model.get_input_embeddings().weight.device
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
         rows = [prompt for prompt in prompts for _ in range(params.n)]
+        on_device = self._device_sampling(params, device)
+        generator = None
+        if params.seed is not None and not on_device:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        # device sampling draws from the default generator of the device (the only one a CUDA graph
+        # can advance); a seeded call forks it, so the caller's random state is left as it was
+        fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                     enabled=on_device and params.seed is not None)
         # the static KV cache holds the parameters' dtype, so decode runs in it: an enclosing autocast
         # (bf16 mixed-precision training) is switched off here rather than mixing dtypes in the cache
-        with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False):
-            batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
+        with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False), fork:
+            if on_device and params.seed is not None:
+                _seed_device(device, params.seed)
+            run = self._generate_batch_on_device if on_device else self._generate_batch
+            batches = [run(rows[i:i + self.max_batch_size], params, generator, device)
                        for i in range(0, len(rows), self.max_batch_size)]
+        if on_device:
+            self.stats["device_sampling_calls"] += 1
         return self._fallback._assemble(rows, batches, params, device)
 
     def release(self) -> None:
@@ -155,20 +173,92 @@ class StaticEngine:
                 return f"sliding window {window} < sequence length {longest}"
         return None
 
-    def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
-                        generator: torch.Generator | None, device: torch.device) -> _Batch:
+    def _device_sampling(self, params: SamplingParams, device: torch.device) -> bool:
+        """Whether this call samples inside the (captured) step rather than on the host side."""
+        simple = params.top_k == 0 and params.top_p == 1.0 and not params.stop
+        if self.device_sampling is None:
+            return simple and device.type == "cuda" and self.use_cuda_graph
+        return simple and bool(self.device_sampling)
+
+    def _left_padded(self, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
         batch, width = len(rows), max(map(len, rows))
-        steps = params.max_new_tokens
-        pad = self.pad_token_id
-        input_ids = torch.full((batch, width), pad, dtype=torch.long)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros(batch, width, dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, width - len(row):] = torch.tensor(row)
             prompt_mask[i, width - len(row):] = 1
-        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)   # [B, P]
+        return input_ids.to(device), prompt_mask.to(device)                    # [B, P]
+
+    def _generate_batch_on_device(self, rows: list[list[int]], params: SamplingParams,
+                                  generator, device: torch.device) -> _Batch:
+        """Sampling, log-probs, outputs and EOS tests run inside the step (one graph replay per token).
+
+        The draw is Gumbel-max, ``argmax(z/τ − log E)`` with ``E ~ Exp(1)`` from the device's default
+        generator: the same distribution as ``softmax(z/τ)`` sampling, not the same draws as
+        ``HFEngine`` for a given seed. The host checks for all-finished every ``sync_every`` steps.
+        """
+        input_ids, prompt_mask = self._left_padded(rows, device)
+        batch, width = input_ids.shape
+        steps = params.max_new_tokens
+        length = -(-(width + steps) // _CACHE_ALIGN) * _CACHE_ALIGN            # L, static
+        state = self._state(batch, length, device)
+        state.configure(params, self.eos_token_ids, self.pad_token_id)
+        greedy = params.greedy
+        loop = self._loop_fn(state, greedy)                                     # captured before prefill
+        state.logits.copy_(self._prefill(state, input_ids, prompt_mask))       # [B, V]
+        state.clear_outputs()
+        done = 0
+        for step in range(steps - 1):                                           # sample, record, decode
+            loop()
+            done = step + 1
+            if done % self.sync_every == 0 and bool(state.finished.all()):
+                break
+        else:
+            _sample_and_record(state, greedy)                                   # the last token: no decode
+            done = steps
+        completion_mask = state.out_mask[:, :done]
+        used = int(completion_mask.any(0).nonzero().max()) + 1                  # step 0 is always active
+        completion_ids = state.out_ids[:, :used].clone()
+        completion_mask = completion_mask[:, :used].clone()
+        eos_ids = torch.tensor(self.eos_token_ids, device=device)
+        hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()  # [B, C]
+        return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      completion_mask=completion_mask, logps=state.out_logps[:, :used].clone(),
+                      finished=state.finished.tolist(), ends_with_eos=hit_eos.any(-1).tolist())
+
+    def _loop_fn(self, state: _DecodeState, greedy: bool):
+        """The per-token callable: a captured graph on CUDA, else the (compiled) eager step."""
+        key = "greedy" if greedy else "sample"
+        if key not in state.loop_graphs:
+            step = self._maybe_compile(_loop_step, key)
+            fn = partial(step, state, greedy)
+            if state.device.type == "cuda" and self.use_cuda_graph:
+                state.loop_graphs[key] = _capture(fn, state)
+                self.stats["graph_captures"] += 1
+            else:
+                state.loop_graphs[key] = fn
+        entry = state.loop_graphs[key]
+        return entry.replay if isinstance(entry, torch.cuda.CUDAGraph) else entry
+
+    def _maybe_compile(self, fn, key: str):
+        if not self.compile:
+            return fn
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=False)
+        return self._compiled[key]
+
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator | None, device: torch.device) -> _Batch:
+        input_ids, prompt_mask = self._left_padded(rows, device)
+        batch, width = input_ids.shape
+        steps = params.max_new_tokens
+        pad = self.pad_token_id
 
         length = -(-(width + steps) // _CACHE_ALIGN) * _CACHE_ALIGN            # L, static
         state = self._state(batch, length, device)
+        if device.type == "cuda" and self.use_cuda_graph and state.graph is None:
+            state.capture()
+            self.stats["graph_captures"] += 1
         logits = self._prefill(state, input_ids, prompt_mask)                   # [B, V]
 
         eos_ids = torch.tensor(self.eos_token_ids, device=device)
@@ -211,20 +301,14 @@ class StaticEngine:
         state = self._states.get(key)
         if state is not None and state.param_ptrs == params:
             self._states.move_to_end(key)
+            state.refresh_fused()                                               # current weights
             return state
         self._states.pop(key, None)
         while len(self._states) >= self.max_cached_graphs:
             self._states.popitem(last=False)
-        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params)
-        step_fn = _decode_step
-        if self.compile:
-            if self._compiled_step is None:
-                self._compiled_step = torch.compile(_decode_step, dynamic=False)
-            step_fn = self._compiled_step
-        state.step_fn = step_fn
-        if device.type == "cuda" and self.use_cuda_graph:
-            state.capture()
-            self.stats["graph_captures"] += 1
+        fuse = self.fuse_projections if self.fuse_projections is not None else device.type == "cuda"
+        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse)
+        state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
 
@@ -252,10 +336,25 @@ class _DecodeState:
     step_fn: object = None
     graph: object = None
     graph_logits: Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    fused: list | None = None   # per layer (w_qkv, b_qkv | None, w_gate_up, b_gate_up | None) copies
+    logits: Tensor | None = None  # [B, V] next-token logits (device-sampling loop)
+    out_ids: Tensor | None = None  # [B, L] long, tokens fed (pad once finished)
+    out_logps: Tensor | None = None  # [B, L] float32
+    out_mask: Tensor | None = None  # [B, L] long, 1 while the row is active
+    finished: Tensor | None = None  # [B] bool
+    step_index: Tensor | None = None  # [1] long, the output column of the next token
+    eos_ids: Tensor | None = None
+    inv_temperature: Tensor | None = None  # [] float32, 1/τ for sampling
+    logp_inv_temperature: Tensor | None = None  # [] float32, 1/τ of the recorded log-probs
+    pad: int = 0
+    loop_graphs: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
 
     @classmethod
-    def build(cls, model, batch: int, length: int, device, *, param_ptrs) -> _DecodeState:
+    def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False) -> _DecodeState:
         config = model.config
         body = model.model
         dtype = body.embed_tokens.weight.dtype
@@ -269,13 +368,62 @@ class _DecodeState:
         cos, sin = body.rotary_emb(probe, torch.arange(length, device=device)[None])   # [1, L, D]
         spec = {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "groups": n_heads // n_kv,
                 "scaling": getattr(attn0, "scaling", head_dim ** -0.5)}
-        return cls(model=model, batch=batch, length=length, param_ptrs=param_ptrs,
-                   k_cache=caches[0::2], v_cache=caches[1::2],
-                   mask=torch.full((batch, 1, 1, length), float("-inf"), dtype=dtype, device=device),
-                   tokens=torch.zeros(batch, dtype=torch.long, device=device),
-                   positions=torch.zeros(batch, dtype=torch.long, device=device),
-                   slot=torch.zeros(1, dtype=torch.long, device=device),
-                   cos=cos[0].to(dtype).contiguous(), sin=sin[0].to(dtype).contiguous(), spec=spec)
+        vocab = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else config.vocab_size
+        state = cls(model=model, batch=batch, length=length, param_ptrs=param_ptrs,
+                    k_cache=caches[0::2], v_cache=caches[1::2],
+                    mask=torch.full((batch, 1, 1, length), float("-inf"), dtype=dtype, device=device),
+                    tokens=torch.zeros(batch, dtype=torch.long, device=device),
+                    positions=torch.zeros(batch, dtype=torch.long, device=device),
+                    slot=torch.zeros(1, dtype=torch.long, device=device),
+                    cos=cos[0].to(dtype).contiguous(), sin=sin[0].to(dtype).contiguous(), spec=spec,
+                    logits=torch.zeros(batch, vocab, dtype=dtype, device=device),
+                    out_ids=torch.zeros(batch, length, dtype=torch.long, device=device),
+                    out_logps=torch.zeros(batch, length, dtype=torch.float32, device=device),
+                    out_mask=torch.zeros(batch, length, dtype=torch.long, device=device),
+                    finished=torch.zeros(batch, dtype=torch.bool, device=device),
+                    step_index=torch.zeros(1, dtype=torch.long, device=device),
+                    inv_temperature=torch.ones((), dtype=torch.float32, device=device),
+                    logp_inv_temperature=torch.ones((), dtype=torch.float32, device=device))
+        if fuse and all(_fusable(layer) for layer in body.layers):
+            state.fused = [_fused_buffers(layer) for layer in body.layers]
+            state.refresh_fused()
+        return state
+
+    def refresh_fused(self) -> None:
+        """Copy the current q/k/v and gate/up weights into the fused buffers (in place: graphs stay valid)."""
+        if self.fused is None:
+            return
+        for layer, (w_qkv, b_qkv, w_gu, b_gu) in zip(self.model.model.layers, self.fused):
+            attn, mlp = layer.self_attn, layer.mlp
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=w_qkv)
+            if b_qkv is not None:
+                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], out=b_qkv)
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=w_gu)
+            if b_gu is not None:
+                torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], out=b_gu)
+
+    def clear_outputs(self) -> None:
+        """Empty the device-sampling outputs before a call (after prefill)."""
+        self.out_mask.zero_()
+        self.out_logps.zero_()
+        self.out_ids.fill_(self.pad)
+        self.finished.zero_()
+        self.step_index.zero_()
+
+    def configure(self, params: SamplingParams, eos_token_ids, pad: int) -> None:
+        """Set this call's temperatures, EOS ids and pad (a changed EOS count or pad re-captures)."""
+        self.inv_temperature.fill_(1.0 if params.greedy else 1.0 / params.temperature)
+        self.logp_inv_temperature.fill_(1.0 / params.logp_temperature)
+        eos = torch.tensor(tuple(eos_token_ids), dtype=torch.long, device=self.device)
+        if self.eos_ids is None or self.eos_ids.shape != eos.shape:
+            if self.loop_graphs:            # captured graphs read the old buffer: re-capture
+                self.loop_graphs.clear()
+            self.eos_ids = eos
+        else:
+            self.eos_ids.copy_(eos)
+        if pad != self.pad:
+            self.loop_graphs.clear()
+            self.pad = pad
 
     # prefill: eager, all prompt positions at once -----------------------------------------------
 
@@ -353,7 +501,8 @@ def _decode_step(state: _DecodeState) -> Tensor:
     sin = state.sin.index_select(0, state.positions)[:, None, None, :]
     hidden = body.embed_tokens(state.tokens[:, None])                            # [B, 1, H]
     for i, layer in enumerate(body.layers):
-        q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin)     # [B, H, 1, D]
+        fused = state.fused[i] if state.fused is not None else None
+        q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin, fused)  # [B, H, 1, D]
         state.k_cache[i].index_copy_(2, state.slot, k)
         state.v_cache[i].index_copy_(2, state.slot, v)
         # the G query heads sharing a KV head become G query rows of that head: no KV repeat
@@ -361,21 +510,114 @@ def _decode_step(state: _DecodeState) -> Tensor:
         out = F.scaled_dot_product_attention(q, state.k_cache[i], state.v_cache[i],
                                              attn_mask=state.mask, scale=spec["scaling"])
         hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        x = layer.post_attention_layernorm(hidden)
+        if fused is None:
+            hidden = hidden + layer.mlp(x)
+        else:
+            gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
     logits = model.lm_head(body.norm(hidden))[:, 0]                              # [B, V]
     state.positions.add_(1)
     state.slot.add_(1)
     return logits
 
 
-def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _loop_step(state: _DecodeState, greedy: bool) -> None:
+    """Device-sampling step: sample from ``state.logits``, record, feed the token, decode the next logits."""
+    state.tokens.copy_(_sample_and_record(state, greedy))
+    state.logits.copy_(_decode_step(state))
+
+
+def _sample_and_record(state: _DecodeState, greedy: bool) -> Tensor:
+    """Draw one token per row from ``state.logits`` and write it, its log-prob and the mask at ``step_index``.
+
+    Greedy: argmax. Otherwise Gumbel-max: ``argmax(z/τ − log E)``, ``E ~ Exp(1)``, which samples
+    ``softmax(z/τ)`` exactly. Returns the token fed next (pad for rows that already finished).
+    """
+    logits = state.logits.float()                                                # [B, V]
+    if greedy:
+        tokens = logits.argmax(-1)
+    else:
+        scaled = logits * state.inv_temperature
+        noise = torch.empty_like(scaled).exponential_().clamp_(min=torch.finfo(torch.float32).tiny)
+        tokens = (scaled - noise.log()).argmax(-1)                               # [B]
+    z = logits * state.logp_inv_temperature
+    logp = z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)     # [B]
+    active = ~state.finished
+    fed = torch.where(active, tokens, state.pad)
+    state.out_ids.index_copy_(1, state.step_index, fed[:, None])
+    state.out_logps.index_copy_(1, state.step_index, torch.where(active, logp, 0.0)[:, None])
+    state.out_mask.index_copy_(1, state.step_index, active.long()[:, None])
+    state.finished.logical_or_(active & torch.isin(tokens, state.eos_ids))
+    state.step_index.add_(1)
+    return fed
+
+
+def _capture(fn, state: _DecodeState) -> torch.cuda.CUDAGraph:
+    """Warm ``fn`` up on a side stream and capture it (before prefill: prefill and ``clear_outputs``
+    reset every buffer the warm-up wrote)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile (if any), allocator and library warm-up
+            state.slot.fill_(state.length - 1)
+            state.step_index.fill_(state.length - 1)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    state.slot.fill_(state.length - 1)
+    state.step_index.fill_(state.length - 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _seed_device(device: torch.device, seed: int) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
+def _fusable(layer) -> bool:
+    attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
+    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(m) is nn.Linear for m in linears) or not callable(getattr(mlp, "act_fn", None)):
+        return False
+    return (len({m.bias is None for m in linears[:3]}) == 1
+            and len({m.bias is None for m in linears[3:5]}) == 1)
+
+
+def _fused_buffers(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    w = qkv[0].weight
+    w_qkv = torch.empty(sum(m.out_features for m in qkv), w.shape[1], dtype=w.dtype, device=w.device)
+    b_qkv = (torch.empty(w_qkv.shape[0], dtype=w.dtype, device=w.device)
+             if qkv[0].bias is not None else None)
+    w_gu = torch.empty(2 * mlp.gate_proj.out_features, w.shape[1], dtype=w.dtype, device=w.device)
+    b_gu = (torch.empty(w_gu.shape[0], dtype=w.dtype, device=w.device)
+            if mlp.gate_proj.bias is not None else None)
+    return w_qkv, b_qkv, w_gu, b_gu
+
+
+def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor, fused=None) -> tuple[Tensor, Tensor, Tensor]:
     """Projections, Qwen3's per-head q/k norms, RoPE: ``[B, T, H]`` → q ``[B, H_q, T, D]``, k, v ``[B, H_kv, T, D]``."""
     attn = layer.self_attn
     batch, length, _ = x.shape
     head_dim = spec["head_dim"]
-    q = attn.q_proj(x).view(batch, length, -1, head_dim)
-    k = attn.k_proj(x).view(batch, length, -1, head_dim)
-    v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+    if fused is not None:
+        n_q, n_kv = spec["n_heads"] * head_dim, spec["n_kv"] * head_dim
+        q, k, v = F.linear(x, fused[0], fused[1]).split((n_q, n_kv, n_kv), dim=-1)
+        q = q.reshape(batch, length, -1, head_dim)
+        k = k.reshape(batch, length, -1, head_dim)
+        v = v.reshape(batch, length, -1, head_dim).transpose(1, 2)
+    else:
+        q = attn.q_proj(x).view(batch, length, -1, head_dim)
+        k = attn.k_proj(x).view(batch, length, -1, head_dim)
+        v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
