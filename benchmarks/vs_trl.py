@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -63,7 +64,7 @@ FULL = dict(
                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
     dpo=dict(pairs=8, prompt=128, completion=384, warmup=3, steps=10),
     decode=dict(batch=128, prompt=64, new=256, warmup_new=8, runs=2),
-    grpo=dict(prompts=16, group=8, prompt=64, new=256, micro=32, warmup=1, steps=2, trl_steps=2),
+    grpo=dict(prompts=16, group=8, prompt=64, new=256, micro=32, warmup=2, steps=3, trl_steps=2),
 )
 QUICK = dict(
     model=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -113,6 +114,8 @@ class Bench:
         return torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
 
     def run(self, section: str, name: str, fn, *, need_s: float = 0.0):
+        if self.args.match and not re.search(self.args.match, f"{section}/{name}"):
+            return None
         if self.left() < need_s:
             self.results["skipped"][f"{section}/{name}"] = (f"not run: {self.left():.0f} s left before the "
                                                              f"deadline, needs ~{need_s:.0f} s")
@@ -246,14 +249,16 @@ def dpo_flops(b: Bench, n_params: int, tokens: int, *, reference_forward: bool) 
 
 
 def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: bool = True,
-             compile_body: bool = False):
+             compile_body: bool = False, micro_pairs: int | None = None):
     """rlxf's DPO step. ``label_mask``: the head runs over completion positions only; ``fused``: the
-    fused head (``_LinearLabelLogps``) instead of checkpointed chunks; ``compile_body``:
-    ``torch.compile`` of each decoder layer (one compiled graph shared by the identical layers)."""
+    fused head (``_LinearLabelLogps``) instead of checkpointed chunks; ``compile_body``: ``--compile``
+    (``rlxf.models.compile_layers``: each decoder layer compiled, one graph shared by the identical
+    layers); ``micro_pairs``: pairs per forward/backward, gradients accumulated over the 8 pairs
+    (the recipe's ``--grad-accum``), which lowers activation memory without recompute."""
     from functools import partial
 
     from rlxf.losses import dpo_loss
-    from rlxf.models import sequence_logps, token_logps
+    from rlxf.models import compile_layers, sequence_logps, token_logps
 
     c = b.cfg["dpo"]
     model = b.build_model()
@@ -262,8 +267,7 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compile_s = None
     if compile_body:
-        for layer in model.model.layers:
-            layer.compile(dynamic=False)
+        compile_layers(model)
     model.config.use_cache = False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
@@ -283,14 +287,25 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
 
     phases = {"forward": [], "backward": [], "optimizer": []}
 
+    m = micro_pairs or n
+    micro = [torch.cat([torch.arange(i, min(i + m, n)), n + torch.arange(i, min(i + m, n))]).to(b.device)
+             for i in range(0, n, m)]                                   # rows of [chosen; rejected]
+
     def step(profile=False):
         t = [time.perf_counter()]
-        seq = sequence_logps(logps_fn(model, batch["input_ids"], batch["attention_mask"]), mask)
-        loss = dpo_loss(seq[:n], seq[n:], ref_c, ref_r, beta=0.1).mean()
+        for rows in micro:
+            k = rows.numel() // 2
+            mk = mask[rows]
+            seq = sequence_logps(token_logps(model, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                             label_mask=mk if label_mask else None, fused_head=fused), mk)
+            pairs = rows[:k]
+            loss = dpo_loss(seq[:k], seq[k:], ref_c[pairs], ref_r[pairs], beta=0.1).sum() / n
+            if profile and len(micro) == 1:
+                b.sync(); t.append(time.perf_counter())
+            loss.backward()
         if profile:
-            b.sync(); t.append(time.perf_counter())
-        loss.backward()
-        if profile:
+            if len(micro) > 1:
+                t.append(t[-1])  # forward and backward interleave: all of it is reported as backward
             b.sync(); t.append(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -321,7 +336,7 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
                ref_precompute_s_per_pair=ref_s / n, checkpointing=checkpointing, loss=float(loss.detach()),
                head="completion positions only" if label_mask else "every non-padding position",
                head_impl="fused (_LinearLabelLogps)" if fused else "checkpointed chunks",
-               compiled_layers=compile_body, warmup_incl_compile_s=compile_s,
+               compiled_layers=compile_body, warmup_incl_compile_s=compile_s, pairs_per_micro_batch=m,
                phase_ms={k: round(1e3 * median(v), 2) for k, v in phases.items()},
                step_times_ms=[round(1e3 * t, 2) for t in times])
     del model, opt
@@ -465,7 +480,7 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 
 
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
-                device_sampling: bool | None = None):
+                device_sampling: bool | None = None, attention: str = "sdpa", temperature: float = 0.0):
     """``fuse``/``device_sampling``: StaticEngine's ``fuse_projections``/``device_sampling`` (None =
     its default: both on with a CUDA graph); False reproduces the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
@@ -476,26 +491,28 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
     kw = dict(max_batch_size=c["batch"], eos_token_ids=[vocab], pad_token_id=0)  # EOS never sampled
     engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
               else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
-                                device_sampling=device_sampling, **kw))
+                                device_sampling=device_sampling, decode_attention=attention, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
     engine.generate(prompts, SamplingParams(max_new_tokens=c["new"] if kind != "hf" else c["warmup_new"],
-                                            temperature=0.0))
+                                            temperature=temperature))
     b.sync()
     first_s = time.perf_counter() - t0
     times = []
     for _ in range(c["runs"]):
         t0 = time.perf_counter()
-        out = engine.generate(prompts, SamplingParams(max_new_tokens=c["new"], temperature=0.0))
+        out = engine.generate(prompts, SamplingParams(max_new_tokens=c["new"], temperature=temperature))
         b.sync()
         times.append(time.perf_counter() - t0)
     assert out.completion_ids.shape == (c["batch"], c["new"]), out.completion_ids.shape
-    extra = dict(first_call_s=first_s, sampling="greedy")
+    extra = dict(first_call_s=first_s, sampling="greedy" if temperature == 0 else f"temperature {temperature}",
+                 decode_attention=attention)
     if kind == "static":
         extra["stats"] = dict(engine.stats)
         state = next(iter(engine._states.values()), None)
-        graph = None if state is None else (state.graph or state.loop_graphs.get("greedy"))
+        graph = None if state is None else (state.graph or state.loop_graphs.get("greedy")
+                                            or state.loop_graphs.get("sample"))
         if isinstance(graph, torch.cuda.CUDAGraph):  # replay alone: no host work between steps
             extra["fused_projections"] = state.fused is not None
             extra["graph_contains"] = "decode step" if state.graph is not None else "sample + record + decode step"
@@ -509,28 +526,36 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
             b.sync()
             extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
     res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
-    if kind == "static" and not compile_ and fuse is None:
-        b.results["profile"]["static_decode_step"] = profile_decode_step(b, engine, prompts)
+    if kind == "static" and fuse is None and temperature == 0:
+        key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention == "sdpa" else "_matmul")
+        b.results["profile"][key] = profile_decode_step(b, engine, prompts)
     del engine, model
     return res
 
 
 def profile_decode_step(b: Bench, engine, prompts) -> dict:
-    """Kernels and time per eager decode step by op (where the 'where does the time go' answer starts)."""
+    """Kernels and GPU time of one greedy loop step (sample + record + decode), run outside the graph
+    (compiled when the engine compiles): where the 'where does the time go' answer starts."""
     if not b.cuda:
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    from rlxf.rollout.static_engine import _decode_step
+    from rlxf.rollout.static_engine import _loop_step
 
     state = next(iter(engine._states.values()))
-    state.slot.fill_(len(prompts[0]))  # inside the static cache
-    state.positions.fill_(len(prompts[0]))
+    fn = engine._compiled.get("greedy", _loop_step)
+
+    def one():
+        state.slot.fill_(len(prompts[0]))  # inside the static cache
+        state.positions.fill_(len(prompts[0]))
+        state.step_index.zero_()
+        fn(state, True)
+
     with torch.no_grad():
-        _decode_step(state)
+        one()
         b.sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _decode_step(state)
+            one()
             b.sync()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     kernels = sum(e.count for e in events)
@@ -549,7 +574,8 @@ def grpo_prompts(b: Bench):
     return [b.text(rng, c["prompt"] - 1) for _ in range(c["prompts"])]  # + <bos>
 
 
-def rlxf_grpo(b: Bench, *, compile_: bool = True):
+def rlxf_grpo(b: Bench, *, compile_: bool = False):
+    """``compile_``: ``rlxf grpo --compile`` (compiled decoder layers for training, compiled decode step)."""
     from rlxf.losses import aggregate, clipped_policy_loss, group_advantages
     from rlxf.models import labels_from, token_logps
     from rlxf.rollout import SamplingParams, StaticEngine
@@ -558,6 +584,10 @@ def rlxf_grpo(b: Bench, *, compile_: bool = True):
     model = b.build_model()
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
+    if compile_ and b.cuda:
+        from rlxf.models import compile_layers
+
+        compile_layers(model)
     engine = StaticEngine(model, b.tokenizer, max_batch_size=c["prompts"] * c["group"],
                           compile=compile_ and b.cuda)
     prompts = [b.tokenizer(p)["input_ids"] for p in grpo_prompts(b)]
@@ -717,7 +747,8 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
         return a / b_ if a is not None and b_ else None
 
     out = []
-    for mine in ("rlxf", "rlxf (grad ckpt)", "rlxf + compiled layers", "rlxf + compiled layers (grad ckpt)"):
+    for mine in ("rlxf", "rlxf (grad ckpt)", "rlxf --compile", "rlxf --compile (grad ckpt)",
+                 "rlxf --compile, 4 micro-batches of 2 pairs", "rlxf --compile, 8 micro-batches of 1 pair"):
         for peer, target in (("TRL defaults (grad ckpt)", "≥ 2.0 at ≤ its memory"),
                              ("TRL no ckpt", "≥ 1.5 at ≤ its memory"),
                              ("TRL no ckpt + precomputed ref", "")):
@@ -726,7 +757,8 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
                             target))
                 out.append((f"DPO peak memory: {mine} / {peer}", div(get(d, mine, "peak_gb"), get(d, peer, "peak_gb")),
                             "≤ 1" if target else ""))
-    for mine in ("rlxf StaticEngine", "rlxf StaticEngine (compile)", "rlxf HFEngine"):
+    for mine in ("rlxf StaticEngine", "rlxf StaticEngine (compile)", "rlxf StaticEngine (compile, matmul attention)",
+                 "rlxf HFEngine"):
         for peer, target in (("HF generate static (compiled)", "≥ 10"), ("HF generate static", ""),
                              ("HF generate dynamic", "")):
             if mine in dec and peer in dec:
@@ -734,9 +766,10 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
                             target if mine.startswith("rlxf Static") else ""))
         if mine in dec:
             out.append((f"decode: {mine} fraction of bandwidth bound", get(dec, mine, "fraction_of_bound"), ""))
-    if "rlxf" in g and "TRL GRPOTrainer" in g:
-        out.append(("GRPO step time: TRL / rlxf", div(get(g, "TRL GRPOTrainer", "step_s"), get(g, "rlxf", "step_s")),
-                    "≥ 5"))
+    for mine in ("rlxf", "rlxf --compile"):
+        if mine in g and "TRL GRPOTrainer" in g:
+            out.append((f"GRPO step time: TRL / {mine}",
+                        div(get(g, "TRL GRPOTrainer", "step_s"), get(g, mine, "step_s")), "≥ 5"))
     return out
 
 
@@ -750,6 +783,8 @@ def main(argv=None):
     p.add_argument("--workloads", default="dpo,decode,grpo", help="comma-separated subset of dpo,decode,grpo")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL runs")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--match", default=None,
+                   help="regular expression: run only the variants whose 'workload/name' matches")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds; later variants are skipped")
     args = p.parse_args(argv)
     if args.quick:
@@ -776,10 +811,14 @@ def main(argv=None):
         b.run("dpo", "rlxf, completion-only head, checkpointed chunks",
               lambda: rlxf_dpo(b, checkpointing=False, fused=False), need_s=s(15))
         if not args.no_compile and b.cuda:
-            b.run("dpo", "rlxf + compiled layers", lambda: rlxf_dpo(b, checkpointing=False, compile_body=True),
-                  need_s=s(60))
-            b.run("dpo", "rlxf + compiled layers (grad ckpt)",
-                  lambda: rlxf_dpo(b, checkpointing=True, compile_body=True), need_s=s(60))
+            b.run("dpo", "rlxf --compile", lambda: rlxf_dpo(b, checkpointing=False, compile_body=True),
+                  need_s=s(40))
+            b.run("dpo", "rlxf --compile (grad ckpt)",
+                  lambda: rlxf_dpo(b, checkpointing=True, compile_body=True), need_s=s(40))
+            for m in (2, 1):
+                b.run("dpo", f"rlxf --compile, {b.cfg['dpo']['pairs'] // m} micro-batches of {m} pair{'s' * (m > 1)}",
+                      lambda m=m: rlxf_dpo(b, checkpointing=False, compile_body=True, micro_pairs=m),
+                      need_s=s(40))
         if trl_ok:
             b.run("dpo", "TRL defaults (grad ckpt)", lambda: trl_dpo(b, checkpointing=None), need_s=s(30))
             b.run("dpo", "TRL no ckpt", lambda: trl_dpo(b, checkpointing=False), need_s=s(30))
@@ -796,13 +835,19 @@ def main(argv=None):
         b.run("decode", "HF generate static", lambda: hf_generate(b, cache="static", compile_=False), need_s=s(25))
     if "grpo" in work:
         b.run("grpo", "rlxf", lambda: rlxf_grpo(b), need_s=s(20))
+        if not args.no_compile and b.cuda:
+            b.run("grpo", "rlxf --compile", lambda: rlxf_grpo(b, compile_=True), need_s=s(60))
         if trl_ok:
             b.run("grpo", "TRL GRPOTrainer", lambda: trl_grpo(b), need_s=s(75))
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True),
               need_s=s(80))
         b.run("decode", "rlxf StaticEngine (compile; unfused, host sampling: before)",
-              lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(80))
+              lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile, matmul attention)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention="matmul"), need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile, temperature 1)",
+              lambda: rlxf_engine(b, "static", compile_=True, temperature=1.0), need_s=s(60))
         b.run("decode", "HF generate static (compiled)", lambda: hf_generate(b, cache="static", compile_=True),
               need_s=s(100))
     b.save()

@@ -276,3 +276,15 @@ def test_reward_model_lora_keeps_score_head_trainable(tiny_random_model_dir):
     scores.sum().backward()
     score_grads = [p.grad for name, p in peft_model.named_parameters() if "score" in name and p.requires_grad]
     assert score_grads and all(g is not None and g.abs().sum() > 0 for g in score_grads)
+
+
+def test_compile_layers_finds_the_decoder_stack(tiny_random_model_dir):
+    """compile_layers wraps exactly the decoder layers (the compile itself happens lazily, on CUDA runs)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.models import compile_layers
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_random_model_dir))
+    assert compile_layers(model) == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model.lm_head._compiled_call_impl is None

@@ -6,6 +6,7 @@
 
 from rlxf.models.loading import (
     available_devices,
+    compile_layers,
     ensure_pad_token,
     eval_mode,
     is_peft_model,
@@ -32,6 +33,7 @@ __all__ = [
     "Reference",
     "apply_lora",
     "available_devices",
+    "compile_layers",
     "ensure_pad_token",
     "eval_mode",
     "is_peft_model",

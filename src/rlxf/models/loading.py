@@ -346,6 +346,25 @@ def _set_pad_token_id(model, pad_token_id: int | None) -> None:
         generation_config.pad_token_id = pad_token_id
 
 
+def compile_layers(model: torch.nn.Module, **compile_kwargs) -> int:
+    """``torch.compile`` every decoder layer of ``model`` in place; returns how many were compiled.
+
+    Decoder layers are the members of the model's ``nn.ModuleList`` stacks (``model.model.layers``
+    in Llama/Qwen/Mistral, also inside PEFT wrappers). Identical layers share one compiled graph, so
+    the compile cost is paid about once. The layer bodies fuse their element-wise work (norms,
+    rotary embedding, activation, residual adds), which also saves activation memory; the embedding,
+    attention-mask construction and the output head stay eager.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and all(
+                type(m).__name__.endswith(("DecoderLayer", "Block")) for m in module):
+            for layer in module:
+                layer.compile(**compile_kwargs)
+                count += 1
+    return count
+
+
 @contextmanager
 def eval_mode(model):
     """Dropout off for the duration; every module's own training flag is restored afterwards.

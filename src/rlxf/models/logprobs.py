@@ -237,11 +237,12 @@ class _LinearLabelLogps(torch.autograd.Function):
     """``log softmax(h Wᵀ + b)·τ⁻¹)[y]`` for ``[N, H]`` hidden states, chunk by chunk, without keeping logits.
 
     Forward: per chunk of ``chunk`` rows, the ``[c, V]`` logits are formed in the compute dtype (the
-    autocast dtype when autocast is on, else the weight's), upcast to float32 for the log-sum-exp,
-    and dropped; only the ``[N]`` log-sum-exps are saved. Backward: per chunk, the logits are
-    recomputed and ``∂out/∂logits = (one-hot(y) − softmax)/τ`` is formed in place from them and the
-    saved log-sum-exp; the hidden-state gradient is ``G W`` and the head's weight gradient ``Gᵀ h``
-    is accumulated in the weight's dtype. Peak extra memory is one float32 ``[c, V]`` block.
+    autocast dtype when autocast is on, else the weight's), reduced in float32 to the label's
+    log-prob and the log-sum-exp, and dropped; only the ``[N]`` log-sum-exps are saved. Backward:
+    per chunk, the logits are recomputed and ``G = ∂out/∂logits = (one-hot(y) − softmax)/τ`` (times
+    the incoming gradient) is formed from them and the saved log-sum-exp in one element-wise pass
+    (compiled on CUDA); the hidden-state gradient is ``G W`` and the head's weight gradient ``Gᵀ h``
+    is accumulated in the weight's dtype. Peak extra memory is a few ``[c, V]`` blocks.
     """
 
     @staticmethod
@@ -255,13 +256,11 @@ class _LinearLabelLogps(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        pick = _elementwise("pick", hidden.device)
         with torch.autocast(device_type, enabled=False):
             for i in range(0, labels.shape[0], chunk):
-                logits = F.linear(h[i:i + chunk], w, b).float()              # [c, V] float32
-                if inv_temperature != 1.0:
-                    logits.mul_(inv_temperature)
-                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-                out[i:i + chunk] = logits.gather(-1, labels[i:i + chunk, None])[:, 0] - lse[i:i + chunk]
+                logits = F.linear(h[i:i + chunk], w, b)                      # [c, V] compute dtype
+                out[i:i + chunk], lse[i:i + chunk] = pick(logits, labels[i:i + chunk], inv_temperature)
         ctx.save_for_backward(h, w, b, labels, lse)
         ctx.inv_temperature, ctx.chunk = inv_temperature, chunk
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -277,18 +276,13 @@ class _LinearLabelLogps(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=weight_dtype, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         grad_out = grad_out.float()
+        dlogits = _elementwise("dlogits", h.device)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, labels.shape[0], chunk):
-                g_out = grad_out[i:i + chunk, None]                          # [c, 1]
-                logits = F.linear(h[i:i + chunk], w, b).float()              # [c, V]
-                if inv_t != 1.0:
-                    logits.mul_(inv_t)
-                # ∂(z_y − lse)/∂z = one-hot(y) − softmax(z); times the incoming gradient and 1/τ
-                grad = logits.sub_(lse[i:i + chunk, None]).exp_().mul_(-g_out * inv_t)
-                grad.scatter_add_(-1, labels[i:i + chunk, None], g_out * inv_t)
+                logits = F.linear(h[i:i + chunk], w, b)                      # [c, V]
+                grad = dlogits(logits, lse[i:i + chunk], grad_out[i:i + chunk], labels[i:i + chunk], inv_t)
                 if need_b:
-                    grad_b += grad.sum(0)
-                grad = grad.to(h.dtype)                                      # [c, V] compute dtype
+                    grad_b += grad.float().sum(0)
                 if need_h:
                     grad_h[i:i + chunk] = grad @ w
                 if need_w:
@@ -299,6 +293,46 @@ class _LinearLabelLogps(torch.autograd.Function):
         if need_b:
             grad_b = grad_b.to(bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def _pick_logps(logits: Tensor, labels: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor]:
+    """``[c, V]`` logits → (label log-prob ``[c]``, log-sum-exp ``[c]``), both float32, of ``logits/τ``."""
+    z = logits.float() * inv_temperature
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, labels[:, None])[:, 0] - lse, lse
+
+
+def _dlogits(logits: Tensor, lse: Tensor, grad_out: Tensor, labels: Tensor, inv_temperature: float) -> Tensor:
+    """Gradient of ``Σ grad_out · logp[y]`` w.r.t. the logits: ``(one-hot(y) − softmax(z/τ)) · grad_out / τ``.
+
+    Written element-wise (no scatter), so on CUDA it compiles into one pass over the ``[c, V]`` block;
+    returned in the logits' dtype.
+    """
+    probs = torch.exp(logits.float() * inv_temperature - lse[:, None])          # [c, V]
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = vocab[None, :] == labels[:, None]
+    scale = (grad_out * inv_temperature)[:, None]
+    return ((onehot.float() - probs) * scale).to(logits.dtype)
+
+
+_ELEMENTWISE = {"pick": _pick_logps, "dlogits": _dlogits}
+_COMPILED_ELEMENTWISE: dict[str, object] = {}
+
+
+def _elementwise(name: str, device: torch.device):
+    """The element-wise part of the fused head: ``torch.compile``-d on CUDA (one kernel per chunk
+    instead of five passes over a float32 ``[c, V]`` block), plain eager elsewhere or if compiling
+    is unavailable."""
+    fn = _ELEMENTWISE[name]
+    if device.type != "cuda":
+        return fn
+    if name not in _COMPILED_ELEMENTWISE:
+        try:
+            _COMPILED_ELEMENTWISE[name] = torch.compile(fn, dynamic=True)
+        except Exception as err:  # no compiler backend: eager is correct, only slower
+            logger.warning("fused head: torch.compile unavailable (%s); using eager element-wise ops", err)
+            _COMPILED_ELEMENTWISE[name] = fn
+    return _COMPILED_ELEMENTWISE[name]
 
 
 def _split_head(model: nn.Module):

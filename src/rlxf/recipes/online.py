@@ -101,8 +101,10 @@ def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
 
     device = next(model.parameters()).device
     use_static = cfg.engine == "static" or (cfg.engine == "auto" and device.type == "cuda")
-    engine_cls = StaticEngine if use_static else HFEngine
-    return engine_cls(model, tokenizer, max_batch_size=max_batch_size)
+    if use_static:
+        return StaticEngine(model, tokenizer, max_batch_size=max_batch_size,
+                            compile=cfg.compile and device.type == "cuda")
+    return HFEngine(model, tokenizer, max_batch_size=max_batch_size)
 
 
 # -- prompts ------------------------------------------------------------------------------------

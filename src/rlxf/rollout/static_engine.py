@@ -92,14 +92,16 @@ class StaticEngine:
     ``fuse_projections`` (decode with one q/k/v and one gate/up matmul per layer from concatenated
     weight copies, refreshed from the parameters at every ``generate``; None = on CUDA only) and
     ``device_sampling`` (sample, record and test for EOS inside the captured step; None = on when a
-    CUDA graph is used and the call has no top-k, top-p or stop strings).
+    CUDA graph is used and the call has no top-k, top-p or stop strings) and ``decode_attention``
+    (``"sdpa"``: ``scaled_dot_product_attention`` over the static cache; ``"matmul"``: two matmuls
+    and a softmax, which ``compile`` fuses).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 256,
                  eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
                  use_cuda_graph: bool = True, compile: bool = False, sync_every: int = 16,
                  max_cached_graphs: int = 2, fuse_projections: bool | None = None,
-                 device_sampling: bool | None = None):
+                 device_sampling: bool | None = None, decode_attention: str = "sdpa"):
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -115,6 +117,9 @@ class StaticEngine:
         self.max_cached_graphs = max_cached_graphs
         self.fuse_projections = fuse_projections
         self.device_sampling = device_sampling
+        if decode_attention not in ("sdpa", "matmul"):
+            raise ValueError(f"decode_attention must be 'sdpa' or 'matmul', got {decode_attention!r}")
+        self.decode_attention = decode_attention
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
@@ -146,11 +151,14 @@ class StaticEngine:
         # the static KV cache holds the parameters' dtype, so decode runs in it: an enclosing autocast
         # (bf16 mixed-precision training) is switched off here rather than mixing dtypes in the cache
         with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False), fork:
-            if on_device and params.seed is not None:
-                _seed_device(device, params.seed)
-            run = self._generate_batch_on_device if on_device else self._generate_batch
-            batches = [run(rows[i:i + self.max_batch_size], params, generator, device)
-                       for i in range(0, len(rows), self.max_batch_size)]
+            starts = range(0, len(rows), self.max_batch_size)
+            if on_device:
+                batches = [self._generate_batch_on_device(rows[i:i + self.max_batch_size], params, device,
+                                                          batch_index=k)
+                           for k, i in enumerate(starts)]
+            else:
+                batches = [self._generate_batch(rows[i:i + self.max_batch_size], params, generator, device)
+                           for i in starts]
         if on_device:
             self.stats["device_sampling_calls"] += 1
         return self._fallback._assemble(rows, batches, params, device)
@@ -190,12 +198,15 @@ class StaticEngine:
         return input_ids.to(device), prompt_mask.to(device)                    # [B, P]
 
     def _generate_batch_on_device(self, rows: list[list[int]], params: SamplingParams,
-                                  generator, device: torch.device) -> _Batch:
+                                  device: torch.device, batch_index: int = 0) -> _Batch:
         """Sampling, log-probs, outputs and EOS tests run inside the step (one graph replay per token).
 
         The draw is Gumbel-max, ``argmax(z/τ − log E)`` with ``E ~ Exp(1)`` from the device's default
         generator: the same distribution as ``softmax(z/τ)`` sampling, not the same draws as
-        ``HFEngine`` for a given seed. The host checks for all-finished every ``sync_every`` steps.
+        ``HFEngine`` for a given seed. With a seed, the generator is seeded after any capture or
+        compile warm-up (which draw too) with ``seed`` and the micro-batch index, so a call is
+        reproducible whether or not it had to capture. The host checks for all-finished every
+        ``sync_every`` steps.
         """
         input_ids, prompt_mask = self._left_padded(rows, device)
         batch, width = input_ids.shape
@@ -207,6 +218,8 @@ class StaticEngine:
         loop = self._loop_fn(state, greedy)                                     # captured before prefill
         state.logits.copy_(self._prefill(state, input_ids, prompt_mask))       # [B, V]
         state.clear_outputs()
+        if params.seed is not None:
+            _seed_device(device, params.seed + 1_000_003 * batch_index)
         done = 0
         for step in range(steps - 1):                                           # sample, record, decode
             loop()
@@ -307,7 +320,8 @@ class StaticEngine:
         while len(self._states) >= self.max_cached_graphs:
             self._states.popitem(last=False)
         fuse = self.fuse_projections if self.fuse_projections is not None else device.type == "cuda"
-        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse)
+        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
+                                   attention=self.decode_attention)
         state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
@@ -354,7 +368,8 @@ class _DecodeState:
         return self.mask.device
 
     @classmethod
-    def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False) -> _DecodeState:
+    def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False,
+              attention: str = "sdpa") -> _DecodeState:
         config = model.config
         body = model.model
         dtype = body.embed_tokens.weight.dtype
@@ -367,7 +382,7 @@ class _DecodeState:
         probe = torch.zeros(1, dtype=dtype, device=device)
         cos, sin = body.rotary_emb(probe, torch.arange(length, device=device)[None])   # [1, L, D]
         spec = {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "groups": n_heads // n_kv,
-                "scaling": getattr(attn0, "scaling", head_dim ** -0.5)}
+                "scaling": getattr(attn0, "scaling", head_dim ** -0.5), "attention": attention}
         vocab = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else config.vocab_size
         state = cls(model=model, batch=batch, length=length, param_ptrs=param_ptrs,
                     k_cache=caches[0::2], v_cache=caches[1::2],
@@ -507,8 +522,13 @@ def _decode_step(state: _DecodeState) -> Tensor:
         state.v_cache[i].index_copy_(2, state.slot, v)
         # the G query heads sharing a KV head become G query rows of that head: no KV repeat
         q = q.reshape(batch, n_kv, groups, head_dim)                             # [B, H_kv, G, D]
-        out = F.scaled_dot_product_attention(q, state.k_cache[i], state.v_cache[i],
-                                             attn_mask=state.mask, scale=spec["scaling"])
+        if spec["attention"] == "matmul":   # plain matmuls: compile fuses mask + softmax into one kernel
+            scores = torch.matmul(q, state.k_cache[i].transpose(-1, -2)).float() * spec["scaling"]
+            probs = (scores + state.mask).softmax(-1).to(q.dtype)                # [B, H_kv, G, L]
+            out = torch.matmul(probs, state.v_cache[i])                          # [B, H_kv, G, D]
+        else:
+            out = F.scaled_dot_product_attention(q, state.k_cache[i], state.v_cache[i],
+                                                 attn_mask=state.mask, scale=spec["scaling"])
         hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
         x = layer.post_attention_layernorm(hidden)
         if fused is None:
