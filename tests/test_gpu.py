@@ -113,7 +113,9 @@ def test_fused_head_gradients_on_cuda_match_the_checkpointed_head(tiny_random_mo
         results.append((logps.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=2e-3)
     for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=0.05, atol=5e-3, msg=name)
+        other = results[1][1][name]
+        relative = float((grad - other).norm() / other.norm().clamp(min=1e-12))
+        assert relative < 0.02, f"{name}: relative gradient difference {relative:.4f} (bf16 rounding is ~0.004)"
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
