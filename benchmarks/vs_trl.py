@@ -480,7 +480,8 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 
 
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
-                device_sampling: bool | None = None, attention: str = "sdpa", temperature: float = 0.0):
+                device_sampling: bool | None = None, attention: str | None = "sdpa", temperature: float = 0.0,
+                graph_steps: int = 8):
     """``fuse``/``device_sampling``: StaticEngine's ``fuse_projections``/``device_sampling`` (None =
     its default: both on with a CUDA graph); False reproduces the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
@@ -491,7 +492,8 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
     kw = dict(max_batch_size=c["batch"], eos_token_ids=[vocab], pad_token_id=0)  # EOS never sampled
     engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
               else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
-                                device_sampling=device_sampling, decode_attention=attention, **kw))
+                                device_sampling=device_sampling, decode_attention=attention,
+                                graph_steps=graph_steps, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -512,7 +514,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
         extra["stats"] = dict(engine.stats)
         state = next(iter(engine._states.values()), None)
         graph = None if state is None else (state.graph or state.loop_graphs.get("greedy")
-                                            or state.loop_graphs.get("sample"))
+                                            or state.loop_graphs.get("sample"))  # one token per replay
         if isinstance(graph, torch.cuda.CUDAGraph):  # replay alone: no host work between steps
             extra["fused_projections"] = state.fused is not None
             extra["graph_contains"] = "decode step" if state.graph is not None else "sample + record + decode step"
@@ -526,8 +528,8 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
             b.sync()
             extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
     res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
-    if kind == "static" and fuse is None and temperature == 0:
-        key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention == "sdpa" else "_matmul")
+    if kind == "static" and fuse is None and device_sampling is None and temperature == 0:
+        key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention == "sdpa" else f"_{attention}")
         b.results["profile"][key] = profile_decode_step(b, engine, prompts)
     del engine, model
     return res
@@ -757,8 +759,7 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
                             target))
                 out.append((f"DPO peak memory: {mine} / {peer}", div(get(d, mine, "peak_gb"), get(d, peer, "peak_gb")),
                             "≤ 1" if target else ""))
-    for mine in ("rlxf StaticEngine", "rlxf StaticEngine (compile)", "rlxf StaticEngine (compile, matmul attention)",
-                 "rlxf HFEngine"):
+    for mine in ("rlxf StaticEngine", "rlxf StaticEngine (compile)", "rlxf HFEngine"):
         for peer, target in (("HF generate static (compiled)", "≥ 10"), ("HF generate static", ""),
                              ("HF generate dynamic", "")):
             if mine in dec and peer in dec:
@@ -840,14 +841,16 @@ def main(argv=None):
         if trl_ok:
             b.run("grpo", "TRL GRPOTrainer", lambda: trl_grpo(b), need_s=s(75))
     if "decode" in work and not args.no_compile and b.cuda:
-        b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True),
+        b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
         b.run("decode", "rlxf StaticEngine (compile; unfused, host sampling: before)",
               lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(60))
-        b.run("decode", "rlxf StaticEngine (compile, matmul attention)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention="matmul"), need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile, 1 step per graph)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention=None, graph_steps=1), need_s=s(40))
+        b.run("decode", "rlxf StaticEngine (compile, sdpa attention)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention="sdpa"), need_s=s(60))
         b.run("decode", "rlxf StaticEngine (compile, temperature 1)",
-              lambda: rlxf_engine(b, "static", compile_=True, temperature=1.0), need_s=s(60))
+              lambda: rlxf_engine(b, "static", compile_=True, attention=None, temperature=1.0), need_s=s(60))
         b.run("decode", "HF generate static (compiled)", lambda: hf_generate(b, cache="static", compile_=True),
               need_s=s(100))
     b.save()
