@@ -481,7 +481,7 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
                 device_sampling: bool | None = None, attention: str | None = "sdpa", temperature: float = 0.0,
-                graph_steps: int = 8):
+                graph_steps: int = 8, compile_mode: str | None = None):
     """``fuse``/``device_sampling``: StaticEngine's ``fuse_projections``/``device_sampling`` (None =
     its default: both on with a CUDA graph); False reproduces the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
@@ -493,7 +493,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
     engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
               else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
                                 device_sampling=device_sampling, decode_attention=attention,
-                                graph_steps=graph_steps, **kw))
+                                graph_steps=graph_steps, compile_mode=compile_mode, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -845,6 +845,9 @@ def main(argv=None):
               need_s=s(80))
         b.run("decode", "rlxf StaticEngine (compile; unfused, host sampling: before)",
               lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile, max-autotune)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention=None,
+                                  compile_mode="max-autotune-no-cudagraphs"), need_s=s(150))
         b.run("decode", "rlxf StaticEngine (compile, 1 step per graph)",
               lambda: rlxf_engine(b, "static", compile_=True, attention=None, graph_steps=1), need_s=s(40))
         b.run("decode", "rlxf StaticEngine (compile, sdpa attention)",

@@ -96,7 +96,9 @@ class StaticEngine:
     (``"sdpa"``: ``scaled_dot_product_attention`` over the static cache; ``"matmul"``: two matmuls
     and a softmax, which ``compile`` fuses; None = ``"matmul"`` with ``compile``, else ``"sdpa"``:
     7% faster compiled on an H200, see docs/performance.md) and ``graph_steps`` (decode steps
-    unrolled into one captured graph with device sampling: fewer replays and host round trips).
+    unrolled into one captured graph with device sampling: fewer replays and host round trips) and
+    ``compile_mode`` (``torch.compile``'s ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` to autotune
+    the skinny decode matmuls; the graph capture is rlxf's own either way).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 256,
@@ -104,7 +106,7 @@ class StaticEngine:
                  use_cuda_graph: bool = True, compile: bool = False, sync_every: int = 16,
                  max_cached_graphs: int = 2, fuse_projections: bool | None = None,
                  device_sampling: bool | None = None, decode_attention: str | None = None,
-                 graph_steps: int = 8):
+                 graph_steps: int = 8, compile_mode: str | None = None):
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -114,6 +116,7 @@ class StaticEngine:
         self.pad_token_id = self._fallback.pad_token_id
         self.use_cuda_graph = use_cuda_graph
         self.compile = compile
+        self.compile_mode = compile_mode
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         self.sync_every = sync_every
@@ -274,7 +277,7 @@ class StaticEngine:
         if not self.compile:
             return fn
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(fn, dynamic=False)
+            self._compiled[key] = torch.compile(fn, dynamic=False, mode=self.compile_mode)
         return self._compiled[key]
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
