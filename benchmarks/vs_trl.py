@@ -707,10 +707,14 @@ def render_markdown(r: dict) -> str:
     d = r.get("dpo", {})
     if d:
         lines += ["## DPO step (8 pairs, 128 + 384 tokens)", "",
-                  "| run | pairs/s | step ms | peak GB | TFLOP/s (counted) | FLOPs counted |", "|---|---|---|---|---|---|"]
+                  "| run | pairs/s | step ms | peak GB | TFLOP/s (counted) | share of measured bf16 matmul rate "
+                  "| FLOPs counted |", "|---|---|---|---|---|---|---|"]
+        peak = m.get("matmul_TFLOPs")
         for k, v in d.items():
+            share = v["tflops"] / peak if peak and v.get("tflops") else None
             lines.append(f"| {k} | {_fmt(v.get('pairs_per_s'))} | {_fmt(v.get('step_ms'))} | "
-                         f"{_fmt(v.get('peak_gb'), 2)} | {_fmt(v.get('tflops'))} | {v.get('flops_counted', '')} |")
+                         f"{_fmt(v.get('peak_gb'), 2)} | {_fmt(v.get('tflops'))} | {_fmt(share, 2)} | "
+                         f"{v.get('flops_counted', '')} |")
         lines.append("")
     dec = r.get("decode", {})
     if dec:
@@ -723,11 +727,12 @@ def render_markdown(r: dict) -> str:
     g = r.get("grpo", {})
     if g:
         lines += ["## GRPO step (16 prompts × 8 × 256 new tokens)", "",
-                  "| run | step s | generation s | training s | generation share | peak GB |",
-                  "|---|---|---|---|---|---|"]
+                  "| run | step s | generation s | training s | generation share | sampling tok/s "
+                  "| training TFLOP/s (counted) | peak GB |", "|---|---|---|---|---|---|---|---|"]
         for k, v in g.items():
             lines.append(f"| {k} | {_fmt(v.get('step_s'), 2)} | {_fmt(v.get('generation_s'), 2)} | "
                          f"{_fmt(v.get('training_s'), 2)} | {_fmt(v.get('generation_fraction'), 2)} | "
+                         f"{_fmt(v.get('sample_tok_per_s'), 0)} | {_fmt(v.get('train_tflops'))} | "
                          f"{_fmt(v.get('peak_gb'), 2)} |")
         lines.append("")
     lines += ["## Ratios", "", "| comparison | ratio | target |", "|---|---|---|"]
