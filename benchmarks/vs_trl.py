@@ -249,16 +249,17 @@ def dpo_flops(b: Bench, n_params: int, tokens: int, *, reference_forward: bool) 
 
 
 def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: bool = True,
-             compile_body: bool = False, micro_pairs: int | None = None):
+             compile_body: bool = False, micro_pairs: int | None = None, share_prompt: bool = False):
     """rlxf's DPO step. ``label_mask``: the head runs over completion positions only; ``fused``: the
     fused head (``_LinearLabelLogps``) instead of checkpointed chunks; ``compile_body``: ``--compile``
     (``rlxf.models.compile_layers``: each decoder layer compiled, one graph shared by the identical
     layers); ``micro_pairs``: pairs per forward/backward, gradients accumulated over the 8 pairs
-    (the recipe's ``--grad-accum``), which lowers activation memory without recompute."""
+    (the recipe's ``--grad-accum``), which lowers activation memory without recompute;
+    ``share_prompt``: ``--share-prompt`` (each prompt encoded once for chosen and rejected)."""
     from functools import partial
 
     from rlxf.losses import dpo_loss
-    from rlxf.models import compile_layers, sequence_logps, token_logps
+    from rlxf.models import compile_layers, sequence_logps, shared_prompt_logps, token_logps
 
     c = b.cfg["dpo"]
     model = b.build_model()
@@ -287,11 +288,34 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
 
     phases = {"forward": [], "backward": [], "optimizer": []}
 
+    if share_prompt:  # prompts [n, P] (all the same length here: no padding), completions interleaved
+        p_len = int((batch["completion_mask"][0] == 0).sum())
+        prompt_ids = batch["input_ids"][:n, :p_len]
+        pair_ids = torch.stack([batch["input_ids"][:n, p_len:], batch["input_ids"][n:, p_len:]], 1).flatten(0, 1)
+        ones_p, ones_c = torch.ones_like(prompt_ids), torch.ones_like(pair_ids)
+
+        def step(profile=False):
+            t = [time.perf_counter()]
+            seq = sequence_logps(shared_prompt_logps(model, prompt_ids, ones_p, pair_ids, ones_c), ones_c)
+            loss = dpo_loss(seq[0::2], seq[1::2], ref_c, ref_r, beta=0.1).mean()
+            if profile:
+                b.sync(); t.append(time.perf_counter())
+            loss.backward()
+            if profile:
+                b.sync(); t.append(time.perf_counter())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if profile:
+                b.sync(); t.append(time.perf_counter())
+                for k, (a, z) in zip(phases, zip(t, t[1:])):
+                    phases[k].append(z - a)
+            return loss
+
     m = micro_pairs or n
     micro = [torch.cat([torch.arange(i, min(i + m, n)), n + torch.arange(i, min(i + m, n))]).to(b.device)
              for i in range(0, n, m)]                                   # rows of [chosen; rejected]
 
-    def step(profile=False):
+    def plain_step(profile=False):
         t = [time.perf_counter()]
         for rows in micro:
             k = rows.numel() // 2
@@ -315,6 +339,8 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
                 phases[k].append(z - a)
         return loss
 
+    if not share_prompt:
+        step = plain_step
     t0 = time.perf_counter()
     for _ in range(c["warmup"]):
         step()
@@ -337,6 +363,8 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
                head="completion positions only" if label_mask else "every non-padding position",
                head_impl="fused (_LinearLabelLogps)" if fused else "checkpointed chunks",
                compiled_layers=compile_body, warmup_incl_compile_s=compile_s, pairs_per_micro_batch=m,
+               share_prompt=share_prompt,
+               tokens_through_body=tokens - (n * p_len if share_prompt else 0),
                phase_ms={k: round(1e3 * median(v), 2) for k, v in phases.items()},
                step_times_ms=[round(1e3 * t, 2) for t in times])
     del model, opt
@@ -816,6 +844,7 @@ def main(argv=None):
               lambda: rlxf_dpo(b, checkpointing=False, label_mask=False, fused=False), need_s=s(15))
         b.run("dpo", "rlxf, completion-only head, checkpointed chunks",
               lambda: rlxf_dpo(b, checkpointing=False, fused=False), need_s=s(15))
+        b.run("dpo", "rlxf --share-prompt", lambda: rlxf_dpo(b, checkpointing=False, share_prompt=True), need_s=s(15))
         if not args.no_compile and b.cuda:
             b.run("dpo", "rlxf --compile", lambda: rlxf_dpo(b, checkpointing=False, compile_body=True),
                   need_s=s(40))

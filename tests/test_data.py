@@ -359,3 +359,15 @@ def test_epoch_batcher_epochs_differ_and_cover_data():
         EpochBatcher(10, 16, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         EpochBatcher(10, 3, seed=1).load_state_dict(EpochBatcher(10, 2, seed=1).state_dict())
+
+
+def test_collate_preference_splits_pairs_for_prompt_sharing():
+    from rlxf.data import collate_preference
+
+    examples = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+                {"prompt_ids": [11], "chosen_ids": [12], "rejected_ids": [13, 14, 15]}]
+    batch = collate_preference(examples, pad_id=0)
+    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 11]]                 # left-padded
+    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["pair_completion_ids"].tolist() == [[8, 9, 0], [10, 0, 0], [12, 0, 0], [13, 14, 15]]
+    assert batch["pair_completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]

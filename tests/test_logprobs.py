@@ -280,3 +280,74 @@ def test_fused_head_matches_checkpointed_head_under_bf16_autocast(model):
     torch.testing.assert_close(fused_logps, plain_logps, rtol=0, atol=1e-4)
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=0.02, atol=2e-3, msg=name)
+
+
+# -- prompts encoded once for several completions (shared_prompt_logps) ---------------------------
+
+def _prompt_groups(seed=1, plens=(5, 3, 7), clens=((4, 6), (2, 5), (6, 1)), vocab=103):
+    """Left-padded prompts, right-padded completions grouped by prompt, and the full sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    group = len(clens[0])
+    width, cwidth = max(plens), max(max(c) for c in clens)
+    prompt_ids = torch.zeros(len(plens), width, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_ids = torch.zeros(len(plens) * group, cwidth, dtype=torch.long)
+    completion_mask = torch.zeros_like(completion_ids)
+    full = []
+    for i, n in enumerate(plens):
+        prompt = torch.randint(3, vocab, (n,), generator=gen)
+        prompt_ids[i, width - n:], prompt_mask[i, width - n:] = prompt, 1
+        for j, m in enumerate(clens[i]):
+            completion = torch.randint(3, vocab, (m,), generator=gen)
+            completion_ids[i * group + j, :m], completion_mask[i * group + j, :m] = completion, 1
+            full.append((prompt, completion))
+    return prompt_ids, prompt_mask, completion_ids, completion_mask, full
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_shared_prompt_logps_equal_token_logps_values_and_grads(kind, model, tiny_random_model_dir):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlxf.models import shared_prompt_logps
+
+    def build():
+        if kind == "llama":
+            return AutoModelForCausalLM.from_pretrained(str(tiny_random_model_dir), dtype=torch.float32)
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=103, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                            tie_word_embeddings=True, pad_token_id=0))
+
+    shared_model, plain_model = build(), build()
+    prompt_ids, prompt_mask, completion_ids, completion_mask, full = _prompt_groups()
+    shared = shared_prompt_logps(shared_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                 temperature=0.8, chunk_size=5)
+    sequence_logps(shared, completion_mask).sum().backward()
+    width = max(len(p) + len(c) for p, c in full)
+    ids = torch.zeros(len(full), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.zeros(len(full), width - 1, dtype=torch.long)
+    for r, (p, c) in enumerate(full):
+        ids[r, :len(p) + len(c)], mask[r, :len(p) + len(c)] = torch.cat([p, c]), 1
+        labels[r, len(p) - 1:len(p) + len(c) - 1] = 1
+    plain = token_logps(plain_model, ids, mask, label_mask=labels, temperature=0.8)
+    sequence_logps(plain, labels).sum().backward()
+    for r, (p, c) in enumerate(full):
+        torch.testing.assert_close(shared[r, :len(c)], plain[r, len(p) - 1:len(p) + len(c) - 1], rtol=0, atol=1e-5)
+        assert torch.all(shared[r, len(c):] == 0)
+    reference = dict(plain_model.named_parameters())
+    for name, param in shared_model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_prompt_logps_rejects_bad_layouts(model):
+    from rlxf.models import shared_prompt_logps
+
+    prompt_ids, prompt_mask, completion_ids, completion_mask, _ = _prompt_groups()
+    with pytest.raises(ValueError, match="multiple"):
+        shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids[:5], completion_mask[:5])
+    with pytest.raises(ValueError, match="left-padded"):
+        shared_prompt_logps(model, prompt_ids, prompt_mask.flip(-1), completion_ids, completion_mask)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="checkpointing"):
+        shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)

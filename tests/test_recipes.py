@@ -204,3 +204,27 @@ def test_demo_moves_a_finished_previous_demo_aside(tmp_path):
     _keep_previous_demo(demo, resume=False)
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
     assert not demo.exists() and len(kept) == 1 and (kept[0] / "summary.json").exists()
+
+
+@pytest.mark.parametrize("recipe,extra", [("dpo", {}), ("orpo", {}), ("dpo", {"lora_r": 4})])
+def test_share_prompt_trains_like_the_unshared_step(recipe, extra, tiny_random_model_dir, tmp_path):
+    """--share-prompt encodes each prompt once; the losses and eval metrics match the plain run."""
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / f"share-{share}"
+        _train(recipe, _cfg(recipe, tiny_random_model_dir, out, max_steps=3, eval_every=3, share_prompt=share,
+                            **extra))
+        runs[share] = read_metrics(out / "metrics.jsonl")
+    for plain, shared in zip(runs[False], runs[True], strict=True):
+        assert plain["step"] == shared["step"] and plain["split"] == shared["split"]
+        assert plain["loss"] == pytest.approx(shared["loss"], rel=1e-4, abs=1e-5)
+        if "accuracy" in plain:
+            assert plain["accuracy"] == pytest.approx(shared["accuracy"], abs=1e-6)
+
+
+def test_share_prompt_refuses_checkpointing_and_compile(tiny_random_model_dir, tmp_path):
+    from rlxf.config import ConfigError
+
+    for extra in ({"gradient_checkpointing": True}, {"compile": True}):
+        with pytest.raises(ConfigError, match="--share-prompt"):
+            _cfg("dpo", tiny_random_model_dir, tmp_path, share_prompt=True, **extra)

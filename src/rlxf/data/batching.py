@@ -31,7 +31,10 @@ def collate_sft(examples: list[dict], pad_id: int | None) -> dict:
 def collate_preference(examples: list[dict], pad_id: int | None) -> dict:
     """Stack preference examples: B chosen sequences (prompt + chosen), then B rejected ones.
 
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2B, T]`` long;
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2B, T]`` long; the same pairs
+    split for prompt sharing: ``prompt_ids``/``prompt_mask`` ``[B, P]`` (left-padded) and
+    ``pair_completion_ids``/``pair_completion_mask`` ``[2B, C]`` (right-padded, rows chosen_0,
+    rejected_0, chosen_1, …);
     ``chosen_scores``, ``rejected_scores`` ``[B]`` float (NaN where absent); ``margin`` ``[B]``
     float (0 where absent, i.e. no margin); ``chosen_probability`` ``[B]`` float (the soft label
     P(chosen ≻ rejected); 1 where absent, i.e. a hard label); ``has_scores`` (every pair has both
@@ -46,12 +49,21 @@ def collate_preference(examples: list[dict], pad_id: int | None) -> dict:
             masks.append([0] * len(e["prompt_ids"]) + [1] * len(e[side]))
     input_ids, attention_mask = _pad(sequences, pad_id)  # [2B, T]
     completion_mask, _ = _pad(masks, 0)  # [2B, T]
+    # the same pairs split for prompt sharing (rlxf.models.shared_prompt_logps): prompts left-padded,
+    # completions right-padded and interleaved chosen_0, rejected_0, chosen_1, …
+    prompts = [e["prompt_ids"] for e in examples]
+    prompt_ids, prompt_mask = _pad([p[::-1] for p in prompts], pad_id)
+    prompt_ids, prompt_mask = prompt_ids.flip(-1), prompt_mask.flip(-1)  # [B, P] left-padded
+    pair_completion_ids, pair_completion_mask = _pad(
+        [e[side] for e in examples for side in ("chosen_ids", "rejected_ids")], pad_id)  # [2B, C]
     chosen_scores = _floats([e.get("chosen_score") for e in examples], missing=math.nan)  # [B]
     rejected_scores = _floats([e.get("rejected_score") for e in examples], missing=math.nan)  # [B]
     margin = _floats([e.get("margin") for e in examples], missing=0.0)  # [B]
     soft_label = _floats([e.get("chosen_probability") for e in examples], missing=1.0)  # [B]
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "pair_completion_ids": pair_completion_ids, "pair_completion_mask": pair_completion_mask,
         "chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "margin": margin,
         "chosen_probability": soft_label,
         "has_scores": all(e.get("chosen_score") is not None and e.get("rejected_score") is not None

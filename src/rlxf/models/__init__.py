@@ -23,6 +23,7 @@ from rlxf.models.logprobs import (
     mean_logps,
     reward_scores,
     sequence_logps,
+    shared_prompt_logps,
     token_logps,
     top_logps_from_logits,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "reward_scores",
     "save_pretrained",
     "sequence_logps",
+    "shared_prompt_logps",
     "token_logps",
     "top_logps_from_logits",
 ]

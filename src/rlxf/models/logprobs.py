@@ -138,25 +138,101 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
         if hidden.shape[-1] != in_features:
             _FORCE_FULL_FORWARD.add(_model_class(model))
             return token_logps(model, input_ids, attention_mask, temperature=temperature,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, label_mask=label_mask, fused_head=fused_head)
         hidden = hidden[:, :-1][label_mask]                                 # [N, H]
-        if fused_head and transform.keywords.get("identity") and type(head) is nn.Linear:
-            if not labels.numel():
-                return out
-            picked = _LinearLabelLogps.apply(hidden, head.weight, head.bias, labels, 1.0 / temperature,
-                                             chunk_size)
-            return out.masked_scatter(label_mask, picked)
-        chunk_fn = partial(_head_logps, head=head, transform=transform, temperature=temperature)
-        use_checkpoint = torch.is_grad_enabled() and (
-            hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-        pieces = []
-        for i in range(0, labels.numel(), chunk_size):
-            h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
-            pieces.append(checkpoint(chunk_fn, h, y, use_reentrant=False) if use_checkpoint
-                          else chunk_fn(h, y))
+        if not labels.numel():
+            return out
+        picked = _head_label_logps(hidden, labels, head, transform, temperature=temperature,
+                                   chunk_size=chunk_size, fused_head=fused_head)
+        return out.masked_scatter(label_mask, picked)
     if not pieces:
         return out
     return out.masked_scatter(label_mask, torch.cat(pieces))
+
+
+def shared_prompt_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024,
+                        fused_head: bool = True) -> Tensor:
+    """Log-probs of ``G`` completions per prompt with each prompt encoded **once**.
+
+    prompt_ids, prompt_mask: ``[B, P]`` left-padded (every row's last position is a real token);
+    completion_ids, completion_mask: ``[B·G, C]`` right-padded, grouped by prompt (rows
+    ``i·G … i·G+G-1`` continue prompt ``i``). Returns ``[B·G, C]`` float32: ``out[r, t] = log p(
+    completion[r, t] | prompt, completion[r, :t])``, 0 where ``completion_mask`` is 0 — the same values
+    as :func:`token_logps` on the concatenated sequences, and the same gradients.
+
+    How: the body runs over the prompts with a KV cache, the cache rows are repeated ``G`` times, and
+    the completions run against it (positions continue from each prompt's length). Gradients flow
+    through the cached keys and values into the prompt pass, so the prompt's activations are
+    computed and stored once instead of ``G`` times: for DPO (``G = 2``) that saves the prompt
+    share of the tokens, half of it per pair. Needs a model whose body takes ``past_key_values``
+    (transformers decoder models) and no activation checkpointing (transformers turns the cache off
+    under it); :func:`token_logps` is the general path.
+    """
+    _check_temperature(temperature)
+    if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape \
+            or completion_mask.shape != completion_ids.shape:
+        raise ValueError("shared_prompt_logps: prompt_ids/prompt_mask must be [B, P] and "
+                         "completion_ids/completion_mask [B*G, C]")
+    batch = prompt_ids.shape[0]
+    rows, width = completion_ids.shape
+    if batch == 0 or rows % batch:
+        raise ValueError(f"shared_prompt_logps: {rows} completion rows is not a multiple of {batch} prompts")
+    if not bool(prompt_mask[:, -1].bool().all()):
+        raise ValueError("shared_prompt_logps: prompts must be left-padded (the last position real in every row)")
+    group = rows // batch
+    split = _split_head(model)
+    base = model.get_base_model() if is_peft_model(model) else model
+    if split is None or getattr(base, "is_activation_checkpointing",
+                                getattr(base, "is_gradient_checkpointing", False)):
+        raise ValueError("shared_prompt_logps needs a transformers decoder whose body can be separated "
+                         "from its head, without activation checkpointing; use token_logps")
+    body, head, transform = split
+    from transformers import DynamicCache
+
+    prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                  # [B, P]
+    cache = DynamicCache()
+    # transformers renamed `past_key_values` to `cache` (5.2x); the object is updated in place either way
+    accepted = inspect.signature(type(body).forward).parameters
+    cache_kw = "cache" if "cache" in accepted else "past_key_values"
+    prompt_hidden = _last_hidden_state(body(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                            position_ids=prompt_pos, use_cache=True,
+                                            **{cache_kw: cache}))                 # [B, P, H]
+    if cache.get_seq_length() != prompt_ids.shape[1]:
+        raise ValueError(f"shared_prompt_logps: {type(body).__name__} did not fill the KV cache; use token_logps")
+    cache.batch_repeat_interleave(group)                                           # [B·G] rows
+    lengths = prompt_mask.long().sum(-1).repeat_interleave(group)                  # [B·G]
+    completion_pos = lengths[:, None] + torch.arange(width, device=completion_ids.device)  # [B·G, C]
+    full_mask = torch.cat([prompt_mask.repeat_interleave(group, dim=0), completion_mask], dim=1)
+    completion_hidden = _last_hidden_state(body(
+        input_ids=completion_ids, attention_mask=full_mask, position_ids=completion_pos,
+        use_cache=True, **{cache_kw: cache}))                                      # [B·G, C, H]
+    # token t is predicted from the hidden state before it: the prompt's last one for t = 0
+    first = prompt_hidden[:, -1:].repeat_interleave(group, dim=0)                  # [B·G, 1, H]
+    hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)                  # [B·G, C, H]
+    scored = completion_mask.bool()
+    out = torch.zeros(rows, width, dtype=torch.float32, device=completion_ids.device)
+    labels = completion_ids[scored]
+    if not labels.numel():
+        return out
+    picked = _head_label_logps(hidden[scored], labels, head, transform, temperature=temperature,
+                               chunk_size=chunk_size, fused_head=fused_head)
+    return out.masked_scatter(scored, picked)
+
+
+def _head_label_logps(hidden: Tensor, labels: Tensor, head: nn.Module, transform, *, temperature: float,
+                      chunk_size: int, fused_head: bool) -> Tensor:
+    """``[N, H]`` hidden states → ``[N]`` label log-probs through ``head`` (fused or checkpointed chunks)."""
+    if fused_head and transform.keywords.get("identity") and type(head) is nn.Linear:
+        return _LinearLabelLogps.apply(hidden, head.weight, head.bias, labels, 1.0 / temperature, chunk_size)
+    chunk_fn = partial(_head_logps, head=head, transform=transform, temperature=temperature)
+    use_checkpoint = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for i in range(0, labels.numel(), chunk_size):
+        h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
+        pieces.append(checkpoint(chunk_fn, h, y, use_reentrant=False) if use_checkpoint else chunk_fn(h, y))
+    return torch.cat(pieces)
 
 
 def labels_from(start: int, input_ids: Tensor) -> Tensor:

@@ -73,6 +73,19 @@ class Reference:
             return token_logps(self.model, input_ids, attention_mask, temperature=temperature,
                                chunk_size=chunk_size, label_mask=label_mask)
 
+    @torch.no_grad()
+    def shared_prompt_logps(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                            completion_mask: Tensor, *, temperature: float = 1.0) -> Tensor:
+        """π_ref's log-probs with each prompt encoded once (:func:`rlxf.models.shared_prompt_logps`)."""
+        from rlxf.models.logprobs import shared_prompt_logps
+
+        if self.model is None:
+            raise RuntimeError("this run is reference-free (reference mode 'none'), so it has no "
+                               "reference log-probs")
+        with self._reference_weights():
+            return shared_prompt_logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                       temperature=temperature)
+
     @contextmanager
     def _reference_weights(self):
         """In ``"lora"`` mode: adapters off and dropout off for the call, training state restored after."""

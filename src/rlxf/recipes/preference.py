@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ class PreferenceConfig(TrainConfig):
     reference: str = option("auto", "reference model: auto (copy, or base-without-adapters for LoRA), copy, lora",
                             choices=("auto", "copy", "lora"))
     precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them")
+    share_prompt: bool = option(False, "encode each pair's prompt once for chosen and rejected (through a KV "
+                                "cache; same values and gradients); not with --gradient-checkpointing or --compile")
     lr: float = option(2e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~5e-7 for real LLMs")
     max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
 
@@ -69,6 +72,9 @@ class PreferenceConfig(TrainConfig):
                               "odds-ratio term with --orpo-lambda)")
         if self.reference == "lora" and self.lora_r == 0:
             raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
+        if self.share_prompt and (self.gradient_checkpointing or self.compile):
+            raise ConfigError("--share-prompt needs the KV cache, which transformers turns off under "
+                              "--gradient-checkpointing, and is not tested with --compile; drop one of them")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ class ORPOConfig(PreferenceConfig):
 
 def _cache_key(cfg: PreferenceConfig, examples: list[dict]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.model, cfg.length_norm, cfg.dtype]).encode())
+    # shared-prompt values differ from the plain path's in the last float bits: keep them apart
+    h.update(json.dumps([cfg.model, cfg.length_norm, cfg.dtype] + (["share_prompt"] if cfg.share_prompt else [])
+                        ).encode())
     for e in examples:
         h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
     return h.hexdigest()[:16]
@@ -110,6 +118,22 @@ def _pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.Tensor,
     return seq[:b], seq[b:], {"mean_chosen": means[:b], "mean_rejected": means[b:]}
 
 
+def _shared_pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """:func:`_pair_logps` with each prompt encoded once (``--share-prompt``).
+
+    ``logps_fn(prompt_ids, prompt_mask, completion_ids, completion_mask) -> [2B, C]`` is
+    :func:`rlxf.models.shared_prompt_logps` for the policy or ``Reference.shared_prompt_logps``: the
+    reference goes through the same path, so policy and reference agree exactly at the start.
+    """
+    from rlxf.models import mean_logps, sequence_logps
+
+    mask = batch["pair_completion_mask"]                                    # [2B, C], chosen/rejected interleaved
+    logps = logps_fn(batch["prompt_ids"], batch["prompt_mask"], batch["pair_completion_ids"], mask)  # [2B, C]
+    means = mean_logps(logps, mask)
+    seq = means if length_norm else sequence_logps(logps, mask)
+    return seq[0::2], seq[1::2], {"mean_chosen": means[0::2], "mean_rejected": means[1::2]}
+
+
 def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict], pad_id: int, cache_dir: Path,
                          device: torch.device) -> None:
     """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
@@ -127,7 +151,10 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
             for start in range(0, len(examples), cfg.eval_batch_size):
                 batch = collate_preference(examples[start:start + cfg.eval_batch_size], pad_id)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                chosen, rejected, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
+                if cfg.share_prompt:
+                    chosen, rejected, _ = _shared_pair_logps(reference.shared_prompt_logps, batch, cfg.length_norm)
+                else:
+                    chosen, rejected, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
                 rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
         values = torch.cat(rows)
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +166,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
 def train(cfg: PreferenceConfig):
     """Run the preference recipe; returns the ``FitResult`` (summary + output dir)."""
     from rlxf.data import collate_preference, tokenize_preference
-    from rlxf.models import Reference, save_pretrained, token_logps
+    from rlxf.models import Reference, save_pretrained, shared_prompt_logps, token_logps
     from rlxf.runtime import seed_everything
 
     setup_logging()
@@ -179,7 +206,10 @@ def train(cfg: PreferenceConfig):
 
     def forward(batch: dict) -> tuple[torch.Tensor, dict, dict]:
         """Per-pair loss [B], metric tensors, and the pair log-probs."""
-        chosen, rejected, parts = _pair_logps(policy_logps, batch, cfg.length_norm)
+        if cfg.share_prompt:
+            chosen, rejected, parts = _shared_pair_logps(partial(shared_prompt_logps, model), batch, cfg.length_norm)
+        else:
+            chosen, rejected, parts = _pair_logps(policy_logps, batch, cfg.length_norm)
         if cfg.loss == "orpo":
             nll = -parts["mean_chosen"]  # [B]
             losses = orpo_loss(parts["mean_chosen"], parts["mean_rejected"], nll, lam=cfg.orpo_lambda)
@@ -188,7 +218,9 @@ def train(cfg: PreferenceConfig):
         if "ref_chosen" in batch:
             ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
         else:
-            ref_c, ref_r, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
+            ref_fn = reference.shared_prompt_logps if cfg.share_prompt else None
+            ref_c, ref_r, _ = (_shared_pair_logps(ref_fn, batch, cfg.length_norm) if ref_fn
+                               else _pair_logps(reference.token_logps, batch, cfg.length_norm))
         if cfg.loss in ("dpo", "cdpo"):
             smoothing = cfg.label_smoothing if cfg.loss == "cdpo" else 0.0
             losses = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, label_smoothing=smoothing)
