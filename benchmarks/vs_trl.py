@@ -288,47 +288,40 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
 
     phases = {"forward": [], "backward": [], "optimizer": []}
 
-    if share_prompt:  # prompts [n, P] (all the same length here: no padding), completions interleaved
-        p_len = int((batch["completion_mask"][0] == 0).sum())
-        prompt_ids = batch["input_ids"][:n, :p_len]
-        pair_ids = torch.stack([batch["input_ids"][:n, p_len:], batch["input_ids"][n:, p_len:]], 1).flatten(0, 1)
-        ones_p, ones_c = torch.ones_like(prompt_ids), torch.ones_like(pair_ids)
-
-        def step(profile=False):
-            t = [time.perf_counter()]
-            seq = sequence_logps(shared_prompt_logps(model, prompt_ids, ones_p, pair_ids, ones_c), ones_c)
-            loss = dpo_loss(seq[0::2], seq[1::2], ref_c, ref_r, beta=0.1).mean()
-            if profile:
-                b.sync(); t.append(time.perf_counter())
-            loss.backward()
-            if profile:
-                b.sync(); t.append(time.perf_counter())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if profile:
-                b.sync(); t.append(time.perf_counter())
-                for k, (a, z) in zip(phases, zip(t, t[1:])):
-                    phases[k].append(z - a)
-            return loss
-
     m = micro_pairs or n
     micro = [torch.cat([torch.arange(i, min(i + m, n)), n + torch.arange(i, min(i + m, n))]).to(b.device)
              for i in range(0, n, m)]                                   # rows of [chosen; rejected]
 
-    def plain_step(profile=False):
+    def micro_loss(rows):
+        k = rows.numel() // 2
+        mk = mask[rows]
+        seq = sequence_logps(token_logps(model, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                         label_mask=mk if label_mask else None, fused_head=fused), mk)
+        pairs = rows[:k]
+        return dpo_loss(seq[:k], seq[k:], ref_c[pairs], ref_r[pairs], beta=0.1).sum() / n
+
+    losses = [partial(micro_loss, rows) for rows in micro]
+    p_len = int((batch["completion_mask"][0] == 0).sum())
+    if share_prompt:  # prompts [n, P] (all the same length here: no padding), completions interleaved
+        prompt_ids = batch["input_ids"][:n, :p_len]
+        pair_ids = torch.stack([batch["input_ids"][:n, p_len:], batch["input_ids"][n:, p_len:]], 1).flatten(0, 1)
+        ones_p, ones_c = torch.ones_like(prompt_ids), torch.ones_like(pair_ids)
+
+        def shared_loss():
+            seq = sequence_logps(shared_prompt_logps(model, prompt_ids, ones_p, pair_ids, ones_c), ones_c)
+            return dpo_loss(seq[0::2], seq[1::2], ref_c, ref_r, beta=0.1).mean()
+
+        losses = [shared_loss]
+
+    def step(profile=False):
         t = [time.perf_counter()]
-        for rows in micro:
-            k = rows.numel() // 2
-            mk = mask[rows]
-            seq = sequence_logps(token_logps(model, batch["input_ids"][rows], batch["attention_mask"][rows],
-                                             label_mask=mk if label_mask else None, fused_head=fused), mk)
-            pairs = rows[:k]
-            loss = dpo_loss(seq[:k], seq[k:], ref_c[pairs], ref_r[pairs], beta=0.1).sum() / n
-            if profile and len(micro) == 1:
+        for loss_fn in losses:
+            loss = loss_fn()
+            if profile and len(losses) == 1:
                 b.sync(); t.append(time.perf_counter())
             loss.backward()
         if profile:
-            if len(micro) > 1:
+            if len(losses) > 1:
                 t.append(t[-1])  # forward and backward interleave: all of it is reported as backward
             b.sync(); t.append(time.perf_counter())
         opt.step()
@@ -339,8 +332,6 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
                 phases[k].append(z - a)
         return loss
 
-    if not share_prompt:
-        step = plain_step
     t0 = time.perf_counter()
     for _ in range(c["warmup"]):
         step()
