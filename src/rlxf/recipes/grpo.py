@@ -90,6 +90,10 @@ class GRPOConfig(OnlineConfig):
     ppo_epochs: int = option(1, "passes over each rollout batch (μ; > 1 makes ρ ≠ 1 and clipping active)")
     mini_batches: int = option(1, "optimizer steps per pass over a rollout batch")
     micro_batch_size: int = option(256, "completions per forward/backward (memory; does not change the maths)")
+    share_prompt: bool = option(False, "encode each group's prompt once for its G completions in the training "
+                                "passes (KV cache; same values and gradients); mini-batches then shuffle whole "
+                                "groups; needs micro-batches of whole groups; not with --gradient-checkpointing "
+                                "or --compile")
     reference: str = option("auto", "reference for the KL term or the likelihood scorer: auto (copy, or base "
                             "without adapters for LoRA), copy, lora", choices=("auto", "copy", "lora"))
     lr: float = option(1e-4, "learning rate (AdamW); tuned for the tiny model — use ~1e-6 for real LLMs")
@@ -127,6 +131,15 @@ class GRPOConfig(OnlineConfig):
                               f"{self.batch_size * self.group_size}")
         if self.reference == "lora" and self.lora_r == 0:
             raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
+        if self.share_prompt:
+            if self.gradient_checkpointing or self.compile:
+                raise ConfigError("--share-prompt needs the KV cache, which transformers turns off under "
+                                  "--gradient-checkpointing, and is not tested with --compile; drop one of them")
+            mini = self.batch_size * self.group_size // self.mini_batches
+            if self.micro_batch_size % self.group_size or mini % self.group_size:
+                raise ConfigError(f"--share-prompt needs whole groups per micro-batch and mini-batch: "
+                                  f"--micro-batch-size {self.micro_batch_size} and the mini-batch size {mini} must "
+                                  f"be multiples of --group-size {self.group_size}")
 
     @property
     def needs_reference(self) -> bool:
@@ -222,17 +235,35 @@ def _merge_rows(selections, group_size):
                     prompt_index=torch.arange(n) // group_size, group_size=group_size)
 
 
+def completion_logps(model, input_ids, attention_mask, P: int, cfg: GRPOConfig, *, reference=None):
+    """``[b, C]`` log-probs of the completion tokens of ``[b, P+C]`` rollout rows (prompt width ``P``).
+
+    The output head runs over completion positions only. With ``--share-prompt`` the rows come in
+    whole groups of ``G`` and each group's prompt is encoded once (:func:`rlxf.models.shared_prompt_logps`);
+    ``reference`` (a :class:`rlxf.models.Reference`) scores under π_ref instead of ``model``.
+    """
+    from rlxf.models import labels_from, shared_prompt_logps, token_logps
+
+    if cfg.share_prompt:
+        G = cfg.group_size
+        args = (input_ids[::G, :P], attention_mask[::G, :P], input_ids[:, P:], attention_mask[:, P:])
+        if reference is not None:
+            return reference.shared_prompt_logps(*args, temperature=cfg.temperature)
+        return shared_prompt_logps(model, *args, temperature=cfg.temperature)
+    labels = labels_from(P - 1, input_ids)
+    if reference is not None:
+        return reference.token_logps(input_ids, attention_mask, temperature=cfg.temperature,
+                                     label_mask=labels)[:, P - 1:]
+    return token_logps(model, input_ids, attention_mask, temperature=cfg.temperature, label_mask=labels)[:, P - 1:]
+
+
 def policy_loss_terms(model, batch: dict, cfg: GRPOConfig, *, units_total: float):
     """Loss of one micro-batch, scaled so micro-batches add up to the mini-batch's aggregate.
 
     batch: input_ids/attention_mask [b, P+C], mask/old_logps/ref_logps [b, C], advantages [b].
     ``units_total``: tokens (token-mean) or sequences (other modes) in the whole mini-batch.
     """
-    from rlxf.models import labels_from, token_logps
-
-    P = batch["prompt_len"]
-    logps = token_logps(model, batch["input_ids"], batch["attention_mask"], temperature=cfg.temperature,
-                        label_mask=labels_from(P - 1, batch["input_ids"]))[:, P - 1:]   # [b, C]
+    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], cfg)  # [b, C]
     mask = batch["mask"]
     old = batch["old_logps"] if batch["old_logps"] is not None else logps.detach()
     per_token = clipped_policy_loss(logps, old, batch["advantages"], eps_low=cfg.eps_low, eps_high=cfg.eps_high)
@@ -391,21 +422,14 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
     def slices(rows):
         return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
-    from rlxf.models import labels_from
-
-    completion_labels = labels_from(P - 1, input_ids)                                     # head on completions only
     with torch.no_grad(), autocast_context(cfg, device, dtype):
         ref_logps = old_logps = None
         if cfg.beta > 0:
-            ref_logps = torch.cat([reference.token_logps(input_ids[s], attention_mask[s], temperature=cfg.temperature,
-                                                         label_mask=completion_labels)[:, P - 1:]
+            ref_logps = torch.cat([completion_logps(None, input_ids[s], attention_mask[s], P, cfg, reference=reference)
                                    for s in slices(torch.arange(N, device=device))])
         if updates_needed := cfg.ppo_epochs * cfg.mini_batches > 1:
-            from rlxf.models import token_logps
-
             model.eval()
-            old_logps = torch.cat([token_logps(model, input_ids[s], attention_mask[s], temperature=cfg.temperature,
-                                               label_mask=completion_labels)[:, P - 1:]
+            old_logps = torch.cat([completion_logps(model, input_ids[s], attention_mask[s], P, cfg)
                                    for s in slices(torch.arange(N, device=device))])
             model.train()
     del updates_needed
@@ -415,7 +439,12 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     grad_norms = []
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(N, generator=generator) if cfg.mini_batches > 1 else torch.arange(N)
+        if cfg.mini_batches == 1:
+            order = torch.arange(N)
+        elif cfg.share_prompt:  # shuffle whole groups, so every micro-batch holds complete groups
+            order = (torch.randperm(N // G, generator=generator)[:, None] * G + torch.arange(G)).flatten()
+        else:
+            order = torch.randperm(N, generator=generator)
         for m in range(cfg.mini_batches):
             rows_m = order[m * mini:(m + 1) * mini].to(device)
             units_total = loss_mask[rows_m].sum() if cfg.loss_agg == "token-mean" else float(len(rows_m))
