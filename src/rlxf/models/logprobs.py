@@ -1,16 +1,19 @@
 """THE one place where logits become token log-probs (and where reward models' scores are read).
 
-Every log-prob in rlxf — sampling (rollout engines call :func:`logps_from_logits`), old-policy,
-reference and current-policy (:func:`token_logps`) — goes through this module, so temperature and
-precision are applied the same way everywhere (SPECS.md §0: with sampling temperature τ, logits are
-divided by τ for policy *and* reference log-probs; otherwise ratios and KL are biased).
+Every log-prob in rlxf — sampling (rollout engines call :func:`logps_from_logits`; the static
+engine's in-graph sampler writes the same float32 formula inline), old-policy, reference and
+current-policy (:func:`token_logps`, :func:`shared_prompt_logps`) — follows this module, so
+temperature and precision are applied the same way everywhere (SPECS.md §0: with sampling
+temperature τ, logits are divided by τ for policy *and* reference log-probs; otherwise ratios and
+KL are biased).
 
 Memory (DESIGN.md, "Performance architecture"): :func:`token_logps` runs the model body once to get
-the final hidden states, then applies the output head to ``chunk_size`` token positions at a time,
-computes ``log_softmax`` in float32 for that chunk only and keeps just the label column, so the
-full-vocabulary float32 logits of the batch ``[B, T, V]`` never exist. With grad enabled each chunk
-is wrapped in ``torch.utils.checkpoint``: the backward recomputes one chunk's logits at a time
-instead of keeping all of them. Positions whose label is padding are skipped entirely.
+the final hidden states, then applies the output head only to the scored positions (``label_mask``;
+padding is always skipped), ``chunk_size`` rows at a time, so the full-vocabulary float32 logits of
+the batch ``[B, T, V]`` never exist. A plain ``nn.Linear`` head goes through the fused
+:class:`_LinearLabelLogps` (only log-sum-exps kept; backward recomputes one chunk's logits at a
+time and writes the gradient directly); other heads through ``torch.utils.checkpoint`` per chunk.
+:func:`shared_prompt_logps` additionally encodes a prompt once for several completions.
 
 Deviation from TRL, stated: TRL divides logits by ``τ + 1e-7``; rlxf divides by ``τ`` exactly (and
 rejects τ <= 0). Both sides of every ratio use the same function, so the choice cancels.

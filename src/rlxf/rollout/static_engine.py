@@ -12,18 +12,23 @@ decode loop does not go through the transformers forward:
 - **decode step written against the model's weights**: embedding, per layer RMSNorm → q/k/v
   projections (biases and Qwen3's q/k norms included) → RoPE from a table built once by the
   model's own rotary module → write slot ``P + t`` → attention over the whole static cache through
-  ``scaled_dot_product_attention`` with the mask (grouped-query attention without repeating the
-  KV heads: the ``H_q / H_kv`` query heads of one KV head are laid out as ``G`` query rows) →
-  o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's parameters
-  in place (no copy), so after an optimizer step the next ``generate`` samples from the new weights;
+  ``scaled_dot_product_attention`` or two matmuls, with the mask (grouped-query attention without
+  repeating the KV heads: the ``H_q / H_kv`` query heads of one KV head are laid out as ``G`` query
+  rows) → o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's
+  parameters in place, so after an optimizer step the next ``generate`` samples from the new
+  weights; the only copies are the optional fused q/k/v and gate/up weights, refreshed in place at
+  the start of every ``generate``;
 - **CUDA graph**: on CUDA the decode step is captured once per ``(batch, L)`` shape and replayed;
   the graph reads the parameters' storage, so in-place optimizer updates are seen; if a parameter
   is replaced by a new tensor (``model.to(...)``, loading a new module) the graph is re-captured.
   ``compile=True`` additionally runs the step through ``torch.compile`` before capture (fuses the
   element-wise work: fewer kernels per step, at a one-off compile cost).
 
-Sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the same
-functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
+With ``device_sampling`` (the default with a CUDA graph; see the class) sampling (Gumbel-max: the
+same distribution, not the same draws as ``HFEngine``), the log-prob, the output writes and the EOS
+test run inside the captured step, several steps per graph. Otherwise — CPU, top-k, top-p, stop
+strings — sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the
+same functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
 read); whether every row has finished is checked every ``sync_every`` steps (a host sync), and the
 completion is trimmed to the last step any row was active, so the result equals a loop that stops
 at the first all-finished step.
