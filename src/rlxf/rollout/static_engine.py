@@ -215,7 +215,7 @@ class StaticEngine:
 
     def _generate_batch_on_device(self, rows: list[list[int]], params: SamplingParams,
                                   device: torch.device, batch_index: int = 0) -> _Batch:
-        """Sampling, log-probs, outputs and EOS tests run inside the step (one graph replay per token).
+        """Sampling, log-probs, outputs and EOS tests run inside the step (``graph_steps`` tokens a replay).
 
         The draw is Gumbel-max, ``argmax(z/τ − log E)`` with ``E ~ Exp(1)`` from the device's default
         generator: the same distribution as ``softmax(z/τ)`` sampling, not the same draws as
@@ -254,15 +254,9 @@ class StaticEngine:
         if not stopped:
             _sample_and_record(state, greedy)                                   # the last token: no decode
             done = steps
-        completion_mask = state.out_mask[:, :done]
-        used = int(completion_mask.any(0).nonzero().max()) + 1                  # step 0 is always active
-        completion_ids = state.out_ids[:, :used].clone()
-        completion_mask = completion_mask[:, :used].clone()
-        eos_ids = torch.tensor(self.eos_token_ids, device=device)
-        hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()  # [B, C]
-        return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, logps=state.out_logps[:, :used].clone(),
-                      finished=state.finished.tolist(), ends_with_eos=hit_eos.any(-1).tolist())
+        return _trimmed_batch(input_ids, prompt_mask, state.out_ids[:, :done].clone(),
+                              state.out_mask[:, :done].clone(), state.out_logps[:, :done].clone(),
+                              state.finished, torch.tensor(self.eos_token_ids, device=device))
 
     def _loop_fn(self, state: _DecodeState, greedy: bool, unroll: int = 1):
         """A callable running ``unroll`` tokens: a captured graph on CUDA, else the (compiled) eager step."""
@@ -271,7 +265,7 @@ class StaticEngine:
         if key not in state.loop_graphs:
             step = partial(self._maybe_compile(_loop_step, mode), state, greedy)
             if state.device.type == "cuda" and self.use_cuda_graph:
-                state.loop_graphs[key] = _capture(step, state, unroll)
+                state.loop_graphs[key] = _capture(step, state, unroll)[0]
                 self.stats["graph_captures"] += 1
             else:
                 state.loop_graphs[key] = step if unroll == 1 else partial(_repeat, step, unroll)
@@ -323,13 +317,7 @@ class StaticEngine:
                     break
             logits = state.decode(fed)                                           # [B, V]
 
-        used = int(completion_mask.any(0).nonzero().max()) + 1                   # step 0 is always active
-        completion_ids, logps = completion_ids[:, :used], logps[:, :used]
-        completion_mask = completion_mask[:, :used]
-        hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()   # [B, C]
-        return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
-                      ends_with_eos=hit_eos.any(-1).tolist())
+        return _trimmed_batch(input_ids, prompt_mask, completion_ids, completion_mask, logps, finished, eos_ids)
 
     # -- state: static buffers, prefill and the (captured) decode step --------------------------
 
@@ -514,20 +502,8 @@ class _DecodeState:
         return self.step_fn(self)
 
     def capture(self) -> None:
-        """Warm up on a side stream, then capture one decode step into a CUDA graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compile (if any), allocator and library warm-up; writes the last slot only
-                self.slot.fill_(self.length - 1)
-                self.positions.zero_()
-                self.step_fn(self)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.slot.fill_(self.length - 1)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self.step_fn(self)
-        # capturing runs nothing; prefill resets mask, positions and slot before the first replay
+        """Capture one decode step (host-side sampling path) into a CUDA graph; see :func:`_capture`."""
+        self.graph, self.graph_logits = _capture(partial(self.step_fn, self), self)
 
 
 def _decode_step(state: _DecodeState) -> Tensor:
@@ -603,25 +579,44 @@ def _repeat(fn, times: int) -> None:
         fn()
 
 
-def _capture(fn, state: _DecodeState, unroll: int = 1) -> torch.cuda.CUDAGraph:
-    """Warm the one-token ``fn`` up on a side stream, then capture ``unroll`` calls of it as one graph
-    (before prefill: prefill and ``clear_outputs`` reset every buffer the warm-up wrote; capturing
-    runs nothing)."""
+def _capture(fn, state: _DecodeState, unroll: int = 1):
+    """Warm the one-token ``fn`` up on a side stream, then capture ``unroll`` calls of it as one graph.
+
+    Returns ``(graph, output of the last captured call)``. Runs before prefill: prefill and
+    ``clear_outputs`` reset every buffer the warm-up wrote (the last cache slot and output column,
+    positions from 0, so the RoPE lookup stays in the table whatever an earlier call left there);
+    capturing itself runs nothing.
+    """
+
+    def park():
+        state.slot.fill_(state.length - 1)
+        state.step_index.fill_(state.length - 1)
+        state.positions.zero_()
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):  # compile (if any), allocator and library warm-up
-            state.slot.fill_(state.length - 1)
-            state.step_index.fill_(state.length - 1)
+            park()
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    state.slot.fill_(state.length - 1)
-    state.step_index.fill_(state.length - 1)
-    graph = torch.cuda.CUDAGraph()
+    park()
+    graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
         for _ in range(unroll):
-            fn()
-    return graph
+            out = fn()
+    return graph, out
+
+
+def _trimmed_batch(input_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                   logps: Tensor, finished: Tensor, eos_ids: Tensor) -> _Batch:
+    """Cut ``[B, steps]`` outputs to the last step any row was active (step 0 always is)."""
+    used = int(completion_mask.any(0).nonzero().max()) + 1
+    completion_ids, logps, completion_mask = completion_ids[:, :used], logps[:, :used], completion_mask[:, :used]
+    hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()      # [B, C]
+    return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
+                  ends_with_eos=hit_eos.any(-1).tolist())
 
 
 def _seed_device(device: torch.device, seed: int) -> None:
