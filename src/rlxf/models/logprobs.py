@@ -403,15 +403,24 @@ def _elementwise(name: str, device: torch.device):
     instead of five passes over a float32 ``[c, V]`` block), plain eager elsewhere or if compiling
     is unavailable."""
     fn = _ELEMENTWISE[name]
-    if device.type != "cuda":
+    if device.type != "cuda" or _COMPILED_ELEMENTWISE.get(name) is fn:
         return fn
     if name not in _COMPILED_ELEMENTWISE:
+        _COMPILED_ELEMENTWISE[name] = torch.compile(fn, dynamic=True)  # compiles lazily, at the first call
+    compiled = _COMPILED_ELEMENTWISE[name]
+
+    def call(*args):
         try:
-            _COMPILED_ELEMENTWISE[name] = torch.compile(fn, dynamic=True)
-        except Exception as err:  # no compiler backend: eager is correct, only slower
-            logger.warning("fused head: torch.compile unavailable (%s); using eager element-wise ops", err)
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # no working compiler (e.g. no Triton): eager is correct, only slower
+            logger.warning("fused head: torch.compile failed (%s: %s); using eager element-wise ops from now on",
+                           type(err).__name__, err)
             _COMPILED_ELEMENTWISE[name] = fn
-    return _COMPILED_ELEMENTWISE[name]
+            return fn(*args)
+
+    return call
 
 
 def _split_head(model: nn.Module):
