@@ -351,3 +351,19 @@ def test_shared_prompt_logps_rejects_bad_layouts(model):
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="checkpointing"):
         shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def test_fused_head_falls_back_to_eager_when_the_compiled_kernel_fails(monkeypatch, caplog):
+    """torch.compile fails only at the first call (e.g. no Triton): that call and later ones run eagerly."""
+    from rlxf.models import logprobs
+
+    def broken(*args):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(logprobs, "_COMPILED_ELEMENTWISE", {"pick": broken})
+    logits, labels = torch.randn(3, 11), torch.tensor([1, 4, 9])
+    with caplog.at_level(logging.WARNING, logger="rlxf.models"):
+        picked, lse = logprobs._elementwise("pick", torch.device("cuda"))(logits, labels, 1.0)
+    torch.testing.assert_close(picked, torch.log_softmax(logits, -1)[torch.arange(3), labels])
+    assert "torch.compile failed" in caplog.text
+    assert logprobs._elementwise("pick", torch.device("cuda")) is logprobs._pick_logps
