@@ -499,10 +499,12 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 
 
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
-                device_sampling: bool | None = None, attention: str | None = "sdpa", temperature: float = 0.0,
-                graph_steps: int = 8, compile_mode: str | None = None):
-    """``fuse``/``device_sampling``: StaticEngine's ``fuse_projections``/``device_sampling`` (None =
-    its default: both on with a CUDA graph); False reproduces the engine before those changes."""
+                device_sampling: bool | None = None, attention: str | None = None, temperature: float = 0.0,
+                graph_steps: int = 8, compile_mode: str | None = None, sampling_kernel: bool | None = None):
+    """``fuse``/``device_sampling``/``attention``/``sampling_kernel``: StaticEngine's
+    ``fuse_projections``/``device_sampling``/``decode_attention``/``sampling_kernel`` (None = its
+    default: on a GPU with Triton, fused projections, sampling in the graph with the sampling kernel,
+    the Triton attention kernel); other values reproduce the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
 
     c = b.cfg["decode"]
@@ -512,7 +514,8 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
     engine = (HFEngine(model, b.tokenizer, **kw) if kind == "hf"
               else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
                                 device_sampling=device_sampling, decode_attention=attention,
-                                graph_steps=graph_steps, compile_mode=compile_mode, **kw))
+                                graph_steps=graph_steps, compile_mode=compile_mode,
+                                sampling_kernel=sampling_kernel, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -527,13 +530,17 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
         b.sync()
         times.append(time.perf_counter() - t0)
     assert out.completion_ids.shape == (c["batch"], c["new"]), out.completion_ids.shape
-    extra = dict(first_call_s=first_s, sampling="greedy" if temperature == 0 else f"temperature {temperature}",
-                 decode_attention=attention)
+    extra = dict(first_call_s=first_s, sampling="greedy" if temperature == 0 else f"temperature {temperature}")
     if kind == "static":
         extra["stats"] = dict(engine.stats)
         state = next(iter(engine._states.values()), None)
         graph = None if state is None else (state.graph or state.loop_graphs.get("greedy")
                                             or state.loop_graphs.get("sample"))  # one token per replay
+        extra["phases_ms"] = engine_phases(b, engine, prompts, SamplingParams(max_new_tokens=c["new"],
+                                                                               temperature=temperature))
+        if state is not None:
+            extra["decode_attention"] = state.spec["attention"]
+            extra["sampling_kernel"] = bool(state.spec.get("sampling_kernel"))
         if isinstance(graph, torch.cuda.CUDAGraph):  # replay alone: no host work between steps
             extra["fused_projections"] = state.fused is not None
             extra["graph_contains"] = "decode step" if state.graph is not None else "sample + record + decode step"
@@ -547,11 +554,104 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
             b.sync()
             extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
     res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
-    if kind == "static" and fuse is None and device_sampling is None and temperature == 0:
-        key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention == "sdpa" else f"_{attention}")
+    if (kind == "static" and fuse is None and device_sampling is None and temperature == 0
+            and sampling_kernel is None and graph_steps == 8 and compile_mode is None):
+        key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention is None else f"_{attention}")
         b.results["profile"][key] = profile_decode_step(b, engine, prompts)
     del engine, model
     return res
+
+
+def engine_phases(b: Bench, engine, prompts, params) -> dict:
+    """Where one ``generate`` call's wall time goes: prefill, state set-up (fused weight copies),
+    assembling the result (tolist, text), and the rest (the decode loop); synchronised timers."""
+    phases: dict = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            b.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            b.sync()
+            phases[name] = phases.get(name, 0.0) + 1e3 * (time.perf_counter() - t0)
+            return out
+        return wrapper
+
+    saved = engine._prefill, engine._state, engine._fallback._assemble
+    engine._prefill = timed("prefill", engine._prefill)
+    engine._state = timed("state", engine._state)
+    engine._fallback._assemble = timed("assemble", engine._fallback._assemble)
+    try:
+        timed("total", engine.generate)(prompts, params)
+    finally:
+        engine._prefill, engine._state, engine._fallback._assemble = saved
+    phases["decode loop and the rest"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
+    return {k: round(v, 2) for k, v in phases.items()}
+
+
+def kernel_sweep(b: Bench) -> dict:
+    """Microseconds per call of rlxf.kernels' decode attention and sampling kernels under several launch
+    settings, against the torch ops they replace, on the decode workload's shapes (each timed as 20
+    calls in one CUDA graph, so launch overhead is excluded)."""
+    if not b.cuda:
+        return {}
+    from rlxf import kernels
+
+    m, c = b.cfg["model"], b.cfg["decode"]
+    batch, n_kv, n_heads = c["batch"], m["num_key_value_heads"], m["num_attention_heads"]
+    head_dim = m["hidden_size"] // n_heads
+    length = -(-(c["prompt"] + c["new"]) // 64) * 64
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(batch, n_kv, n_heads // n_kv, head_dim, device=dev, dtype=dt)
+    k_cache = torch.randn(batch, n_kv, length, head_dim, device=dev, dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    mask = torch.zeros(batch, 1, 1, length, device=dev, dtype=dt)
+    slot = torch.tensor([c["prompt"] + c["new"] // 2], device=dev)       # mid-generation
+    logits = torch.randn(batch, m["vocab_size"], device=dev, dtype=dt)
+    seed, step = torch.tensor([1], device=dev), torch.tensor([0], device=dev)
+    inv_t = torch.tensor(1.0, device=dev)
+
+    def us(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                fn()
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / 20 * 1e6)
+        return round(sorted(times)[2], 2)
+
+    def matmul_attention():
+        scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * head_dim ** -0.5
+        return torch.matmul((scores + mask).softmax(-1).to(dt), v_cache)
+
+    out = {"attention": {"torch matmul path (eager)": us(matmul_attention)},
+           "sampling": {"torch argmax + logsumexp (eager)":
+                        us(lambda: (logits.float().argmax(-1), torch.logsumexp(logits.float(), -1)))}}
+    attention_default, sample_default = dict(kernels.ATTENTION_CONFIG), dict(kernels.SAMPLE_CONFIG)
+    try:
+        for block, warps, stages in ((64, 4, 2), (64, 4, 3), (64, 2, 2), (32, 4, 2), (128, 4, 2), (128, 8, 2)):
+            kernels.ATTENTION_CONFIG.update(BLOCK_N=block, num_warps=warps, num_stages=stages)
+            out["attention"][f"kernel BLOCK_N={block} warps={warps} stages={stages}"] = us(
+                lambda: kernels.decode_attention(q, k_cache, v_cache, mask, slot, head_dim ** -0.5))
+        for chunk, warps in ((4096, 8), (2048, 4), (8192, 8), (1024, 4), (4096, 4)):
+            kernels.SAMPLE_CONFIG.update(CHUNK=chunk, num_warps=warps)
+            for greedy in (True, False):
+                out["sampling"][f"kernel CHUNK={chunk} warps={warps} {'greedy' if greedy else 'sample'}"] = us(
+                    lambda: kernels.sample_tokens(logits, seed, step, inv_t, inv_t, greedy))
+    finally:
+        kernels.ATTENTION_CONFIG.clear()
+        kernels.ATTENTION_CONFIG.update(attention_default)
+        kernels.SAMPLE_CONFIG.clear()
+        kernels.SAMPLE_CONFIG.update(sample_default)
+    return out
 
 
 def profile_decode_step(b: Bench, engine, prompts) -> dict:
@@ -852,10 +952,10 @@ def main(argv=None):
                   lambda: trl_dpo(b, checkpointing=False, precompute=True), need_s=s(30))
     if "decode" in work:
         b.run("decode", "rlxf StaticEngine", lambda: rlxf_engine(b, "static"), need_s=s(15))
-        b.run("decode", "rlxf StaticEngine (unfused, host sampling: before)",
-              lambda: rlxf_engine(b, "static", fuse=False, device_sampling=False), need_s=s(15))
-        b.run("decode", "rlxf StaticEngine (fused, host sampling)",
-              lambda: rlxf_engine(b, "static", device_sampling=False), need_s=s(15))
+        b.run("decode", "rlxf StaticEngine (sdpa attention, torch sampling: before the kernels)",
+              lambda: rlxf_engine(b, "static", attention="sdpa", sampling_kernel=False), need_s=s(15))
+        b.run("decode", "rlxf StaticEngine (unfused, host sampling, sdpa: first engine)",
+              lambda: rlxf_engine(b, "static", fuse=False, device_sampling=False, attention="sdpa"), need_s=s(15))
         b.run("decode", "rlxf HFEngine", lambda: rlxf_engine(b, "hf"), need_s=s(25))
         b.run("decode", "HF generate dynamic", lambda: hf_generate(b, cache=None, compile_=False), need_s=s(25))
         b.run("decode", "HF generate static", lambda: hf_generate(b, cache="static", compile_=False), need_s=s(25))
@@ -865,18 +965,23 @@ def main(argv=None):
             b.run("grpo", "rlxf --compile", lambda: rlxf_grpo(b, compile_=True), need_s=s(60))
         if trl_ok:
             b.run("grpo", "TRL GRPOTrainer", lambda: trl_grpo(b), need_s=s(75))
+    if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/kernel sweep")):
+        try:
+            b.results["profile"]["kernel_sweep_us"] = kernel_sweep(b)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
+            b.results["errors"]["decode/kernel sweep"] = f"{type(exc).__name__}: {exc}"
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
-        b.run("decode", "rlxf StaticEngine (compile; unfused, host sampling: before)",
-              lambda: rlxf_engine(b, "static", compile_=True, fuse=False, device_sampling=False), need_s=s(60))
-        b.run("decode", "rlxf StaticEngine (compile, max-autotune)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention=None,
-                                  compile_mode="max-autotune-no-cudagraphs"), need_s=s(150))
-        b.run("decode", "rlxf StaticEngine (compile, 1 step per graph)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention=None, graph_steps=1), need_s=s(40))
-        b.run("decode", "rlxf StaticEngine (compile, sdpa attention)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention="sdpa"), need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile; matmul attention, torch sampling: before the kernels)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention="matmul", sampling_kernel=False),
+              need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile; Triton attention, torch sampling)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention="triton", sampling_kernel=False),
+              need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile; matmul attention, sampling kernel)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention="matmul", sampling_kernel=True),
+              need_s=s(60))
         b.run("decode", "rlxf StaticEngine (compile, temperature 1)",
               lambda: rlxf_engine(b, "static", compile_=True, attention=None, temperature=1.0), need_s=s(60))
         b.run("decode", "HF generate static (compiled)", lambda: hf_generate(b, cache="static", compile_=True),

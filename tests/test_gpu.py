@@ -118,7 +118,7 @@ def test_fused_head_gradients_on_cuda_match_the_checkpointed_head(tiny_random_mo
         assert relative < 0.02, f"{name}: relative gradient difference {relative:.4f} (bf16 rounding is ~0.004)"
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "triton"])
 def test_compiled_static_engine_greedy_matches_hf_engine(attention):
     from rlxf.models import load_policy
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine

@@ -48,12 +48,12 @@ def check_invariants(r: Rollouts, params: SamplingParams, pad_id: int = 0) -> No
     assert r.logps.dtype == torch.float32
     lengths = r.completion_mask.sum(-1)
     assert bool((lengths >= 1).all()) and r.completion_ids.shape[1] == int(lengths.max())
-    positions = torch.arange(r.completion_ids.shape[1])
+    positions = torch.arange(r.completion_ids.shape[1], device=lengths.device)
     assert torch.equal(r.completion_mask, (positions < lengths[:, None]).long())  # ones, then zeros
     padding = r.completion_mask == 0
     assert bool((r.completion_ids[padding] == pad_id).all()) and bool((r.logps[padding] == 0).all())
     assert bool((r.logps[~padding] <= 0).all())
-    assert torch.equal(r.prompt_index, torch.arange(n_rows // params.n).repeat_interleave(params.n))
+    assert torch.equal(r.prompt_index.cpu(), torch.arange(n_rows // params.n).repeat_interleave(params.n))
     for row, reason in enumerate(r.finish_reason):
         if reason == "length":
             assert int(lengths[row]) == params.max_new_tokens

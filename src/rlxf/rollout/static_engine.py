@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlxf import kernels
 from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
 from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _sample, _StopChecker)
@@ -98,9 +99,12 @@ class StaticEngine:
     weight copies, refreshed from the parameters at every ``generate``; None = on CUDA only) and
     ``device_sampling`` (sample, record and test for EOS inside the captured step; None = on when a
     CUDA graph is used and the call has no top-k, top-p or stop strings) and ``decode_attention``
-    (``"sdpa"``: ``scaled_dot_product_attention`` over the static cache; ``"matmul"``: two matmuls
-    and a softmax, which ``compile`` fuses; None = ``"matmul"`` with ``compile``, else ``"sdpa"``:
-    7% faster compiled on an H200, see docs/performance.md) and ``graph_steps`` (decode steps
+    (``"triton"``: the :func:`rlxf.kernels.decode_attention` kernel over the filled slots only;
+    ``"sdpa"``: ``scaled_dot_product_attention`` over the whole static cache; ``"matmul"``: two
+    matmuls and a softmax, which ``compile`` fuses; None = ``"triton"`` where Triton runs and the head
+    shape allows, else ``"matmul"`` with ``compile``, else ``"sdpa"``; see docs/performance.md) and
+    ``sampling_kernel`` (device sampling draws the token and its log-prob with the one-pass
+    :func:`rlxf.kernels.sample_tokens` kernel; None = where Triton runs) and ``graph_steps`` (decode steps
     unrolled into one captured graph with device sampling: fewer replays and host round trips) and
     ``compile_mode`` (``torch.compile``'s ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` to autotune
     the skinny decode matmuls; the graph capture is rlxf's own either way).
@@ -111,7 +115,8 @@ class StaticEngine:
                  use_cuda_graph: bool = True, compile: bool = False, sync_every: int = 16,
                  max_cached_graphs: int = 2, fuse_projections: bool | None = None,
                  device_sampling: bool | None = None, decode_attention: str | None = None,
-                 graph_steps: int = 8, compile_mode: str | None = None):
+                 graph_steps: int = 8, compile_mode: str | None = None,
+                 sampling_kernel: bool | None = None):
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -131,11 +136,10 @@ class StaticEngine:
         if not isinstance(graph_steps, int) or graph_steps < 1:
             raise ValueError(f"graph_steps must be an integer >= 1, got {graph_steps!r}")
         self.graph_steps = graph_steps
-        if decode_attention is None:
-            decode_attention = "matmul" if compile else "sdpa"
-        if decode_attention not in ("sdpa", "matmul"):
-            raise ValueError(f"decode_attention must be 'sdpa', 'matmul' or None, got {decode_attention!r}")
+        if decode_attention not in (None, "sdpa", "matmul", "triton"):
+            raise ValueError(f"decode_attention must be 'sdpa', 'matmul', 'triton' or None, got {decode_attention!r}")
         self.decode_attention = decode_attention
+        self.sampling_kernel = sampling_kernel
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
@@ -234,26 +238,24 @@ class StaticEngine:
         unroll = min(self.graph_steps, steps - 1) if steps > 1 else 1
         block = self._loop_fn(state, greedy, unroll)                            # captured before prefill
         single = self._loop_fn(state, greedy, 1) if (steps - 1) % unroll else block
-        state.logits.copy_(self._prefill(state, input_ids, prompt_mask))       # [B, V]
+        logits = self._prefill(state, input_ids, prompt_mask)                   # [B, V]
         state.clear_outputs()
         if params.seed is not None:
             _seed_device(device, params.seed + 1_000_003 * batch_index)
-        done, checked, stopped = 0, 0, False
-        while done < steps - 1:                                                 # sample, record, decode
-            if steps - 1 - done >= unroll:
+        state.seed.random_(0, 2 ** 62)                                          # the kernel's Philox key
+        state.tokens.copy_(_sample_and_record(state, greedy, logits))           # the first token
+        done, checked = 1, 1
+        while done < steps:                                                     # decode, sample, record
+            if steps - done >= unroll:
                 block()
                 done += unroll
             else:
                 single()
                 done += 1
-            if done - checked >= self.sync_every:
+            if done - checked >= self.sync_every and done < steps:
                 checked = done
                 if bool(state.finished.all()):
-                    stopped = True
                     break
-        if not stopped:
-            _sample_and_record(state, greedy)                                   # the last token: no decode
-            done = steps
         return _trimmed_batch(input_ids, prompt_mask, state.out_ids[:, :done].clone(),
                               state.out_mask[:, :done].clone(), state.out_logps[:, :done].clone(),
                               state.finished, torch.tensor(self.eos_token_ids, device=device))
@@ -321,6 +323,22 @@ class StaticEngine:
 
     # -- state: static buffers, prefill and the (captured) decode step --------------------------
 
+    def _attention_kind(self, device: torch.device) -> str:
+        spec = _head_spec(self.model)
+        why_not = kernels.attention_supported(spec["head_dim"], spec["groups"])
+        if self.decode_attention == "triton":
+            if not kernels.available(device):
+                raise RuntimeError(f"decode_attention='triton' needs Triton and a CUDA device (or the Triton "
+                                   f"interpreter, TRITON_INTERPRET=1, on the CPU), got {device}; "
+                                   "pass decode_attention=None to choose automatically")
+            if why_not:
+                raise ValueError(f"decode_attention='triton' cannot run this model: {why_not}")
+        if self.decode_attention is not None:
+            return self.decode_attention
+        if device.type == "cuda" and kernels.available(device) and why_not is None:
+            return "triton"
+        return "matmul" if self.compile else "sdpa"
+
     def _state(self, batch: int, length: int, device: torch.device) -> _DecodeState:
         params = tuple(p.data_ptr() for p in self.model.parameters())
         key = (batch, length, str(device))
@@ -333,8 +351,14 @@ class StaticEngine:
         while len(self._states) >= self.max_cached_graphs:
             self._states.popitem(last=False)
         fuse = self.fuse_projections if self.fuse_projections is not None else device.type == "cuda"
+        sampler = self.sampling_kernel
+        if sampler is None:
+            sampler = device.type == "cuda" and kernels.available(device)
+        if sampler and not kernels.available(device):
+            raise RuntimeError(f"sampling_kernel=True needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                               f"on the CPU), got {device}; pass sampling_kernel=None to choose automatically")
         state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
-                                   attention=self.decode_attention)
+                                   attention=self._attention_kind(device), sampling_kernel=bool(sampler))
         state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
@@ -364,7 +388,7 @@ class _DecodeState:
     graph: object = None
     graph_logits: Tensor | None = None
     fused: list | None = None   # per layer (w_qkv, b_qkv | None, w_gate_up, b_gate_up | None) copies
-    logits: Tensor | None = None  # [B, V] next-token logits (device-sampling loop)
+    seed: Tensor | None = None  # [1] long, the sampling kernel's Philox key (plus step_index)
     out_ids: Tensor | None = None  # [B, L] long, tokens fed (pad once finished)
     out_logps: Tensor | None = None  # [B, L] float32
     out_mask: Tensor | None = None  # [B, L] long, 1 while the row is active
@@ -382,21 +406,15 @@ class _DecodeState:
 
     @classmethod
     def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False,
-              attention: str = "sdpa") -> _DecodeState:
-        config = model.config
+              attention: str = "sdpa", sampling_kernel: bool = False) -> _DecodeState:
         body = model.model
         dtype = body.embed_tokens.weight.dtype
-        attn0 = body.layers[0].self_attn
-        n_heads = config.num_attention_heads
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(attn0, "head_dim", None) or config.hidden_size // n_heads
+        spec = {**_head_spec(model), "attention": attention, "sampling_kernel": sampling_kernel}
+        n_kv, head_dim = spec["n_kv"], spec["head_dim"]
         caches = [torch.zeros(batch, n_kv, length, head_dim, dtype=dtype, device=device)
                   for _ in range(2 * len(body.layers))]
         probe = torch.zeros(1, dtype=dtype, device=device)
         cos, sin = body.rotary_emb(probe, torch.arange(length, device=device)[None])   # [1, L, D]
-        spec = {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "groups": n_heads // n_kv,
-                "scaling": getattr(attn0, "scaling", head_dim ** -0.5), "attention": attention}
-        vocab = model.lm_head.out_features if hasattr(model.lm_head, "out_features") else config.vocab_size
         state = cls(model=model, batch=batch, length=length, param_ptrs=param_ptrs,
                     k_cache=caches[0::2], v_cache=caches[1::2],
                     mask=torch.full((batch, 1, 1, length), float("-inf"), dtype=dtype, device=device),
@@ -404,7 +422,7 @@ class _DecodeState:
                     positions=torch.zeros(batch, dtype=torch.long, device=device),
                     slot=torch.zeros(1, dtype=torch.long, device=device),
                     cos=cos[0].to(dtype).contiguous(), sin=sin[0].to(dtype).contiguous(), spec=spec,
-                    logits=torch.zeros(batch, vocab, dtype=dtype, device=device),
+                    seed=torch.zeros(1, dtype=torch.long, device=device),
                     out_ids=torch.zeros(batch, length, dtype=torch.long, device=device),
                     out_logps=torch.zeros(batch, length, dtype=torch.float32, device=device),
                     out_mask=torch.zeros(batch, length, dtype=torch.long, device=device),
@@ -523,7 +541,10 @@ def _decode_step(state: _DecodeState) -> Tensor:
         state.v_cache[i].index_copy_(2, state.slot, v)
         # the G query heads sharing a KV head become G query rows of that head: no KV repeat
         q = q.reshape(batch, n_kv, groups, head_dim)                             # [B, H_kv, G, D]
-        if spec["attention"] == "matmul":   # plain matmuls: compile fuses mask + softmax into one kernel
+        if spec["attention"] == "triton":   # filled slots only, online softmax: one kernel
+            out = kernels.decode_attention(q, state.k_cache[i], state.v_cache[i], state.mask, state.slot,
+                                           spec["scaling"])
+        elif spec["attention"] == "matmul":   # plain matmuls: compile fuses mask + softmax into one kernel
             scores = torch.matmul(q, state.k_cache[i].transpose(-1, -2)).float() * spec["scaling"]
             probs = (scores + state.mask).softmax(-1).to(q.dtype)                # [B, H_kv, G, L]
             out = torch.matmul(probs, state.v_cache[i])                          # [B, H_kv, G, D]
@@ -544,26 +565,31 @@ def _decode_step(state: _DecodeState) -> Tensor:
 
 
 def _loop_step(state: _DecodeState, greedy: bool) -> None:
-    """Device-sampling step: sample from ``state.logits``, record, feed the token, decode the next logits."""
-    state.tokens.copy_(_sample_and_record(state, greedy))
-    state.logits.copy_(_decode_step(state))
+    """Device-sampling step: decode ``state.tokens``, sample from the logits, record, keep the token to feed."""
+    state.tokens.copy_(_sample_and_record(state, greedy, _decode_step(state)))
 
 
-def _sample_and_record(state: _DecodeState, greedy: bool) -> Tensor:
-    """Draw one token per row from ``state.logits`` and write it, its log-prob and the mask at ``step_index``.
+def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Tensor:
+    """Draw one token per row from ``logits`` [B, V] and write it, its log-prob and the mask at ``step_index``.
 
     Greedy: argmax. Otherwise Gumbel-max: ``argmax(z/τ − log E)``, ``E ~ Exp(1)``, which samples
-    ``softmax(z/τ)`` exactly. Returns the token fed next (pad for rows that already finished).
+    ``softmax(z/τ)`` exactly: from the device generator in torch, or from Philox counters keyed by
+    ``state.seed + step_index`` in the :func:`rlxf.kernels.sample_tokens` kernel (one pass over the
+    logits). Returns the token fed next (pad for rows that already finished).
     """
-    logits = state.logits.float()                                                # [B, V]
-    if greedy:
-        tokens = logits.argmax(-1)
+    if state.spec.get("sampling_kernel"):
+        tokens, logp = kernels.sample_tokens(logits, state.seed, state.step_index, state.inv_temperature,
+                                             state.logp_inv_temperature, greedy)
     else:
-        scaled = logits * state.inv_temperature
-        noise = torch.empty_like(scaled).exponential_().clamp_(min=torch.finfo(torch.float32).tiny)
-        tokens = (scaled - noise.log()).argmax(-1)                               # [B]
-    z = logits * state.logp_inv_temperature
-    logp = z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)     # [B]
+        logits = logits.float()                                                  # [B, V]
+        if greedy:
+            tokens = logits.argmax(-1)
+        else:
+            scaled = logits * state.inv_temperature
+            noise = torch.empty_like(scaled).exponential_().clamp_(min=torch.finfo(torch.float32).tiny)
+            tokens = (scaled - noise.log()).argmax(-1)                           # [B]
+        z = logits * state.logp_inv_temperature
+        logp = z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)  # [B]
     active = ~state.finished
     fed = torch.where(active, tokens, state.pad)
     state.out_ids.index_copy_(1, state.step_index, fed[:, None])
@@ -625,6 +651,17 @@ def _seed_device(device: torch.device, seed: int) -> None:
             torch.cuda.manual_seed(seed)
     else:
         torch.default_generator.manual_seed(seed)
+
+
+def _head_spec(model) -> dict:
+    """Head counts, head size and score scale of a supported model's attention."""
+    config = model.config
+    attn0 = model.model.layers[0].self_attn
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(attn0, "head_dim", None) or config.hidden_size // n_heads
+    return {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "groups": n_heads // n_kv,
+            "scaling": getattr(attn0, "scaling", head_dim ** -0.5)}
 
 
 def _fusable(layer) -> bool:

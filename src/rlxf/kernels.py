@@ -1,0 +1,265 @@
+"""Triton kernels for the decode step of :class:`rlxf.rollout.StaticEngine`, with torch references.
+
+Two kernels, each registered as a ``torch.library`` custom op so that ``torch.compile`` calls it as
+one opaque kernel and CUDA graphs capture it:
+
+- ``decode_attention(q, k_cache, v_cache, mask, slot, scaling)``: one query token per row attending
+  over the static KV cache. One program per (row, KV head) holds the ``G`` query heads that share
+  that KV head (grouped-query attention without repeating K/V), walks only the filled cache slots
+  ``0..slot`` in blocks (the loop bound is read from the device, so one captured graph serves every
+  step), applies the additive mask and keeps an online softmax in fp32 (flash-decoding without the
+  split over the cache). It replaces two batched matmuls, a softmax kernel and the reads of the
+  unfilled slots.
+- ``sample_tokens(logits, seed, step, inv_temperature, logp_inv_temperature, greedy)``: one pass
+  over the logits, split into (row, vocabulary chunk) programs whose partial results a second,
+  small kernel combines per row, that draws the token (greedy: the first maximal logit; sampling:
+  Gumbel-max ``argmax(z/τ − log(−log U))`` with ``U`` from Philox counters keyed by ``seed + step``
+  and the element index, which samples ``softmax(z/τ)`` exactly) and returns its log-prob under
+  ``logp_inv_temperature`` (``z·s − logsumexp(z·s)``). It replaces the separate argmax, noise,
+  log-sum-exp and gather passes over the ``[B, V]`` logits.
+
+``decode_attention_reference`` and ``sample_tokens_reference`` compute the same in torch; tests
+compare them with the kernels through Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and
+compiled on a GPU. Triton is optional: :func:`available` says whether the kernels can run on a
+device, and the engine falls back to its torch path when they cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # optional: the CPU wheels of torch come without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter's bf16 dot is wrong: upcast there
+# launch settings (benchmarks/vs_trl.py sweeps them on the GPU; docs/performance.md has the results)
+ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+SAMPLE_CONFIG = {"CHUNK": 8192, "num_warps": 8}   # CHUNK: vocabulary entries per first-pass program
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with Triton, or the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1`` set before rlxf is imported; slow, for tests)."""
+    if triton is None:
+        return False
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and INTERPRET)
+
+
+def attention_supported(head_dim: int, groups: int) -> str | None:
+    """None when :func:`decode_attention` handles this head shape; else why not."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if groups > 64:
+        return f"{groups} query heads per KV head (> 64)"
+    return None
+
+
+# -- references (torch) -------------------------------------------------------------------------
+
+def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, slot: Tensor,
+                               scaling: float) -> Tensor:
+    """Torch reference: ``q`` [B, H_kv, G, D] over cache slots ``0..slot`` of ``[B, H_kv, L, D]``.
+
+    ``mask`` is the additive ``[B, 1, 1, L]`` (0 visible, −inf hidden) mask; slots after ``slot`` are
+    hidden whatever it says. Softmax in fp32; returns ``[B, H_kv, G, D]`` in ``q``'s dtype.
+    """
+    length = k_cache.shape[2]
+    after = torch.arange(length, device=q.device) > slot.reshape(())
+    scores = torch.matmul(q.float(), k_cache.float().transpose(-1, -2)) * scaling     # [B, H_kv, G, L]
+    scores = (scores + mask.float()).masked_fill(after, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v_cache.float()).to(q.dtype)
+
+
+def sample_tokens_reference(logits: Tensor, noise_u: Tensor | None, inv_temperature: Tensor,
+                            logp_inv_temperature: Tensor) -> tuple[Tensor, Tensor]:
+    """Torch reference of :func:`sample_tokens` given the uniforms ``noise_u`` [B, V] (None: greedy)."""
+    x = logits.float()
+    if noise_u is None:
+        tokens = x.argmax(-1)
+    else:
+        gumbel = -torch.log(-torch.log(noise_u.clamp(min=1e-30)))
+        tokens = (x * inv_temperature + gumbel).argmax(-1)
+    z = x * logp_inv_temperature
+    return tokens, z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, -1)
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(Q, K, V, M, SLOT, O, scaling,
+                                 stride_kb, stride_kh, stride_kl, stride_mb,
+                                 H_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                                 D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                                 UPCAST: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        rows = offs_g < G
+        q_base = (b * H_KV + h) * G * D                                      # q, o: [B, H_kv, G, D]
+        q = tl.load(Q + q_base + offs_g[:, None] * D + offs_d[None, :], mask=rows[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        n_ctx = tl.load(SLOT) + 1                                            # slots 0..slot are filled
+        kv_base = b.to(tl.int64) * stride_kb + h * stride_kh
+        m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for start in range(0, n_ctx, BLOCK_N):
+            n = start + offs_n
+            valid = n < n_ctx
+            k = tl.load(K + kv_base + n[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            bias = tl.load(M + b * stride_mb + n, mask=valid, other=float("-inf")).to(tl.float32)
+            s = s * scaling + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv_base + n[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(O + q_base + offs_g[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=rows[:, None])
+
+    @triton.jit
+    def _sample_partial_kernel(LOGITS, KEYS, IDX, ZSEL, ZMAX, ZSUM, SEED, STEP, INV_T, LOGP_INV_T,
+                               vocab, stride_row, n_chunks, GREEDY: tl.constexpr, CHUNK: tl.constexpr):
+        """One (row, vocabulary chunk): the chunk's best key, its index and z, and z's max and Σexp."""
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        idx = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = idx < vocab
+        x = tl.load(LOGITS + row.to(tl.int64) * stride_row + idx, mask=valid, other=0.0).to(tl.float32)
+        if GREEDY:
+            key = x
+        else:
+            seed = tl.load(SEED) + tl.load(STEP)
+            u = tl.maximum(tl.rand(seed, row * vocab + idx), 1.0e-30)
+            key = x * tl.load(INV_T) - tl.log(-tl.log(u))                   # + Gumbel(0, 1)
+        key = tl.where(valid, key, float("-inf"))
+        best = tl.argmax(key, 0)                                            # the first maximal key
+        z = tl.where(valid, x * tl.load(LOGP_INV_T), float("-inf"))
+        z_max = tl.max(z, 0)
+        out = row * n_chunks + chunk
+        tl.store(KEYS + out, tl.max(key, 0))
+        tl.store(IDX + out, chunk * CHUNK + best)
+        tl.store(ZSEL + out, tl.sum(tl.where(tl.arange(0, CHUNK) == best, z, 0.0), 0))
+        tl.store(ZMAX + out, z_max)
+        tl.store(ZSUM + out, tl.sum(tl.exp(z - z_max), 0))
+
+    @triton.jit
+    def _sample_combine_kernel(KEYS, IDX, ZSEL, ZMAX, ZSUM, TOKENS, LOGPS, n_chunks, CHUNKS: tl.constexpr):
+        """One row: the chunk with the best key (the first on ties) gives the token; log-sum-exp of z."""
+        row = tl.program_id(0)
+        c = tl.arange(0, CHUNKS)
+        valid = c < n_chunks
+        at = row * n_chunks + c
+        keys = tl.load(KEYS + at, mask=valid, other=float("-inf"))
+        win = tl.argmax(keys, 0)
+        z_max = tl.load(ZMAX + at, mask=valid, other=float("-inf"))
+        top = tl.max(z_max, 0)
+        total = tl.sum(tl.where(valid, tl.load(ZSUM + at, mask=valid, other=0.0) * tl.exp(z_max - top), 0.0), 0)
+        hit = c == win
+        token = tl.sum(tl.where(hit, tl.load(IDX + at, mask=valid, other=0), 0), 0)
+        z_sel = tl.sum(tl.where(hit, tl.load(ZSEL + at, mask=valid, other=0.0), 0.0), 0)
+        tl.store(TOKENS + row, token.to(tl.int64))
+        tl.store(LOGPS + row, z_sel - (top + tl.log(total)))
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@torch.library.custom_op("rlxf::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, slot: Tensor,
+                     scaling: float) -> Tensor:
+    """Triton kernel of :func:`decode_attention_reference` (same arguments and result)."""
+    batch, n_kv, groups, head_dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_attention needs K and V caches with the same strides and contiguous rows")
+    mask = mask.reshape(batch, -1)
+    _decode_attention_kernel[(batch, n_kv)](
+        q, k_cache, v_cache, mask, slot, out, float(scaling),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask.stride(0),
+        H_KV=n_kv, G=groups, G_PAD=max(16, _next_pow2(groups)), D=head_dim,
+        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET, **ATTENTION_CONFIG)
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, mask, slot, scaling):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("rlxf::sample_tokens", mutates_args=())
+def sample_tokens(logits: Tensor, seed: Tensor, step: Tensor, inv_temperature: Tensor,
+                  logp_inv_temperature: Tensor, greedy: bool) -> tuple[Tensor, Tensor]:
+    """Draw one token per row of ``logits`` [B, V] and its log-prob, in one pass (see the module doc).
+
+    ``seed`` and ``step`` are one-element int64 device tensors (the Philox key is their sum, so
+    each step of a captured graph draws fresh noise); the temperatures are float32 scalars.
+    Returns ``(tokens [B] int64, logps [B] float32)``.
+    """
+    batch, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    chunk, warps = SAMPLE_CONFIG["CHUNK"], SAMPLE_CONFIG["num_warps"]
+    chunks = triton.cdiv(vocab, chunk)
+    partial = torch.empty(4, batch, chunks, dtype=torch.float32, device=logits.device)
+    index = torch.empty(batch, chunks, dtype=torch.int32, device=logits.device)
+    tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
+    logps = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    _sample_partial_kernel[(batch, chunks)](logits, partial[0], index, partial[1], partial[2], partial[3],
+                                            seed, step, inv_temperature, logp_inv_temperature, vocab,
+                                            logits.stride(0), chunks, GREEDY=greedy, CHUNK=chunk, num_warps=warps)
+    _sample_combine_kernel[(batch,)](partial[0], index, partial[1], partial[2], partial[3], tokens, logps, chunks,
+                                     CHUNKS=max(16, _next_pow2(chunks)))
+    return tokens, logps
+
+
+@sample_tokens.register_fake
+def _(logits, seed, step, inv_temperature, logp_inv_temperature, greedy):
+    batch = logits.shape[0]
+    return (logits.new_empty(batch, dtype=torch.long), logits.new_empty(batch, dtype=torch.float32))
+
+
+def philox_uniforms(seed: int, batch: int, vocab: int) -> Tensor:
+    """The uniforms :func:`sample_tokens` draws for ``seed + step == seed`` (for tests), ``[B, V]`` float32."""
+    if triton is None:
+        raise RuntimeError("philox_uniforms needs Triton")
+    out = torch.empty(batch * vocab, dtype=torch.float32, device="cuda" if not INTERPRET else "cpu")
+    _uniform_kernel[(triton.cdiv(out.numel(), 1024),)](out, seed, out.numel(), BLOCK=1024)
+    return out.view(batch, vocab)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _uniform_kernel(OUT, seed, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(OUT + idx, tl.rand(seed, idx), mask=idx < n)

@@ -1,0 +1,182 @@
+"""rlxf.kernels: the decode-attention and sampling Triton kernels against their torch references,
+and StaticEngine running them (same greedy tokens as HFEngine, exact sampling distribution, seeds).
+
+On a machine without CUDA the kernels run in Triton's interpreter (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before rlxf is imported); on a GPU they run compiled. The interpreter's bf16
+``dot`` is wrong, so there the kernel upcasts its dot operands (``rlxf.kernels.INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlxf import kernels
+from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
+
+from test_rollout import check_invariants, training_side_logps
+from test_static_engine import PROMPTS, _random
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOGP_TOL = 1e-3 if DEVICE == "cuda" else 1e-4   # HF and the static step reduce in different orders on a GPU
+
+
+def _interpreter_runs_dynamic_loops() -> bool:
+    """Triton < 3.9's interpreter cannot take a loop bound loaded from memory under NumPy >= 2.4."""
+    if not kernels.available(DEVICE):
+        return False
+    q = torch.zeros(1, 1, 1, 16, device=DEVICE)
+    cache = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    try:
+        kernels.decode_attention(q, cache, cache, torch.zeros(1, 1, 1, 4, device=DEVICE),
+                                 torch.tensor([2], device=DEVICE), 1.0)
+    except Exception:  # noqa: BLE001 - any failure means the kernels cannot be exercised here
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _interpreter_runs_dynamic_loops(),
+                                reason="Triton (>= 3.9 for the CPU interpreter) not available")
+
+
+def _cache(batch, n_kv, groups, head_dim, length, dtype, pad):
+    torch.manual_seed(0)
+    q = torch.randn(batch, n_kv, groups, head_dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(batch, n_kv, length, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(batch, n_kv, length, head_dim, dtype=dtype, device=DEVICE)
+    mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=DEVICE)
+    for row, hidden in enumerate(pad):           # left padding: the first slots of a row are hidden
+        mask[row, ..., :hidden] = float("-inf")
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (4, 1, 16), (1, 2, 32)])
+@pytest.mark.parametrize("slot", [0, 63, 127, 128, 191])
+def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot):
+    q, k, v, mask = _cache(3, n_kv, groups, head_dim, 192, dtype, pad=(0, 0, 0) if slot == 0 else (0, 5, slot))
+    # slots after `slot` hold garbage that must not be read: make it huge
+    k[:, :, slot + 1:] = 1e4
+    slot_t = torch.tensor([slot], device=DEVICE)
+    got = kernels.decode_attention(q, k, v, mask, slot_t, head_dim ** -0.5)
+    want = kernels.decode_attention_reference(q, k, v, mask, slot_t, head_dim ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_decode_attention_runs_under_torch_compile():
+    q, k, v, mask = _cache(2, 2, 3, 16, 64, torch.float32, pad=(0, 4))
+    slot = torch.tensor([20], device=DEVICE)
+    fn = torch.compile(lambda *a: kernels.decode_attention(*a, 0.25) * 2.0, backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v, mask, slot),
+                               2.0 * kernels.decode_attention_reference(q, k, v, mask, slot, 0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_supported_names_the_shape_it_refuses():
+    assert kernels.attention_supported(64, 7) is None
+    assert "power of two" in kernels.attention_supported(80, 2)
+    assert "per KV head" in kernels.attention_supported(64, 128)
+
+
+def _scalars(inv_t=1.0, logp_inv_t=1.0):
+    return (torch.tensor(inv_t, dtype=torch.float32, device=DEVICE),
+            torch.tensor(logp_inv_t, dtype=torch.float32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_tokens_greedy_and_logps_match_reference(dtype):
+    torch.manual_seed(1)
+    logits = (3 * torch.randn(4, 9000, device=DEVICE)).to(dtype)   # two vocabulary chunks
+    logits[1, 8999] = 50.0                                            # maximum in the last, partial chunk
+    logits[2, 7] = logits[2, 8500] = 60.0                             # a tie across chunks: the first wins
+    logits[3, 4100] = logits[3, 4200] = 60.0                          # a tie inside a chunk
+    inv_t, logp_inv_t = _scalars(1.0, 1 / 0.7)
+    seed = torch.tensor([3], device=DEVICE)
+    tokens, logps = kernels.sample_tokens(logits, seed, seed, inv_t, logp_inv_t, True)
+    want_tokens, want_logps = kernels.sample_tokens_reference(logits, None, inv_t, logp_inv_t)
+    assert tokens.tolist() == want_tokens.tolist() and tokens.tolist()[1:] == [8999, 7, 4100]
+    torch.testing.assert_close(logps, want_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_tokens_uses_philox_uniforms_keyed_by_seed_plus_step():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 9000, device=DEVICE)
+    inv_t, logp_inv_t = _scalars(1 / 1.3, 1.0)
+    seed, step = torch.tensor([40], device=DEVICE), torch.tensor([2], device=DEVICE)
+    tokens, logps = kernels.sample_tokens(logits, seed, step, inv_t, logp_inv_t, False)
+    uniforms = kernels.philox_uniforms(42, 3, 9000).to(DEVICE)
+    want_tokens, want_logps = kernels.sample_tokens_reference(logits, uniforms, inv_t, logp_inv_t)
+    assert tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(logps, want_logps, rtol=1e-5, atol=1e-5)
+    again, _ = kernels.sample_tokens(logits, seed, step + 1, inv_t, logp_inv_t, False)
+    assert kernels.sample_tokens(logits, seed, step, inv_t, logp_inv_t, False)[0].tolist() == tokens.tolist()
+    assert again.tolist() != tokens.tolist()
+
+
+def test_sample_tokens_draws_from_the_tempered_softmax():
+    """1500 rows of the same logits are 1500 independent draws: frequencies match softmax(z/τ)."""
+    torch.manual_seed(3)
+    rows, vocab = 1500, 16
+    row = 2 * torch.randn(vocab, device=DEVICE)
+    temperature = 1.5
+    inv_t, logp_inv_t = _scalars(1 / temperature, 1.0)
+    tokens, _ = kernels.sample_tokens(row.expand(rows, -1).contiguous(), torch.tensor([9], device=DEVICE),
+                                      torch.tensor([0], device=DEVICE), inv_t, logp_inv_t, False)
+    frequencies = torch.bincount(tokens.cpu(), minlength=vocab).double() / rows
+    probs = torch.softmax(row.double().cpu() / temperature, -1)
+    bound = (probs * (1 - probs) / rows).sqrt().sum()   # ≈ 2.5× the expected total variation
+    assert 0.5 * (frequencies - probs).abs().sum() < bound
+    assert 0.5 * (frequencies - torch.softmax(row.double().cpu(), -1)).abs().sum() > bound
+
+
+# -- the engine with both kernels -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2", "qwen3"])
+def test_engine_with_kernels_greedy_equals_hf_engine(kind, tokenizer):
+    from rlxf.models import load_policy
+
+    model = load_policy("tiny", dtype="float32", device=DEVICE).eval() if kind == "tiny" else _random(kind)
+    model = model.to(DEVICE)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, n=2)
+    ref = HFEngine(model, tokenizer).generate(prompts, params)
+    engine = StaticEngine(model, tokenizer, sync_every=3, device_sampling=True, decode_attention="triton",
+                          sampling_kernel=True, graph_steps=4)
+    out = engine.generate(prompts, params)
+    check_invariants(out, params)
+    assert engine._states[next(iter(engine._states))].spec["attention"] == "triton"
+    assert torch.equal(out.completion_ids, ref.completion_ids)
+    assert torch.equal(out.completion_mask, ref.completion_mask)
+    torch.testing.assert_close(out.logps, ref.logps, rtol=LOGP_TOL, atol=LOGP_TOL)
+
+
+def test_engine_sampling_kernel_is_seeded_and_logps_match_training_side(tokenizer):
+    model = _random("qwen2").to(DEVICE)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    engine = StaticEngine(model, tokenizer, device_sampling=True, sampling_kernel=True)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=5)
+    out = engine.generate(prompts, params)
+    check_invariants(out, params)
+    assert torch.equal(engine.generate(prompts, params).completion_ids, out.completion_ids)
+    other = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=6))
+    assert not torch.equal(other.completion_ids, out.completion_ids)
+    for row, expected in enumerate(training_side_logps(model, out, temperature=1.0)):
+        got = out.logps[row][out.completion_mask[row].bool()]
+        torch.testing.assert_close(got, expected.to(got.device), rtol=LOGP_TOL, atol=LOGP_TOL)
+
+
+def test_engine_refuses_triton_attention_it_cannot_run(tokenizer, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=103, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, pad_token_id=0, eos_token_id=2)).eval().to(DEVICE)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    with pytest.raises(ValueError, match="head_dim 24 is not a power of two"):
+        StaticEngine(odd, tokenizer, decode_attention="triton").generate([[5, 6]], params)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        StaticEngine(_random("qwen2").to(DEVICE), tokenizer, decode_attention="triton").generate([[5, 6]], params)
+    with pytest.raises(RuntimeError, match="sampling_kernel=True needs Triton"):
+        StaticEngine(_random("qwen2").to(DEVICE), tokenizer, sampling_kernel=True).generate([[5, 6]], params)
