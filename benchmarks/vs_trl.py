@@ -586,7 +586,46 @@ def engine_phases(b: Bench, engine, prompts, params) -> dict:
     finally:
         engine._prefill, engine._state, engine._fallback._assemble = saved
     phases["decode loop and the rest"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
-    return {k: round(v, 2) for k, v in phases.items()}
+    out = {k: round(v, 2) for k, v in phases.items()}
+    if b.cuda:
+        try:
+            out["call_profile"] = call_profile(b, engine, prompts, params)
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the variant
+            out["call_profile"] = f"failed: {type(exc).__name__}: {exc}"
+    return out
+
+
+def call_profile(b: Bench, engine, prompts, params) -> dict:
+    """One whole ``generate`` call: GPU busy time vs wall time (idle = host work the GPU waits for),
+    the heaviest kernels, and the host functions with the most cumulative time (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    b.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.generate(prompts, params)
+        b.sync()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0)]
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    host = cProfile.Profile()
+    b.sync()
+    host.enable()
+    engine.generate(prompts, params)
+    b.sync()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(18)
+    lines = [ln.strip() for ln in text.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()]
+    return dict(wall_ms=round(1e3 * wall, 1), gpu_busy_ms=round(busy, 1),
+                top_kernels=[dict(kernel=e.key[:70], count=e.count, ms=round(e.self_device_time_total / 1e3, 2))
+                             for e in top],
+                host_cumulative=lines)
 
 
 def kernel_sweep(b: Bench) -> dict:
@@ -607,6 +646,10 @@ def kernel_sweep(b: Bench) -> dict:
     v_cache = torch.randn_like(k_cache)
     mask = torch.zeros(batch, 1, 1, length, device=dev, dtype=dt)
     slot = torch.tensor([c["prompt"] + c["new"] // 2], device=dev)       # mid-generation
+    k_new = torch.randn(batch, n_kv, head_dim, device=dev, dtype=dt)
+    v_new = torch.randn_like(k_new)
+    positions = slot.expand(batch).contiguous()
+    cos, sin = torch.rand(length, head_dim, device=dev, dtype=dt), torch.rand(length, head_dim, device=dev, dtype=dt)
     logits = torch.randn(batch, m["vocab_size"], device=dev, dtype=dt)
     seed, step = torch.tensor([1], device=dev), torch.tensor([0], device=dev)
     inv_t = torch.tensor(1.0, device=dev)
@@ -641,6 +684,9 @@ def kernel_sweep(b: Bench) -> dict:
             kernels.ATTENTION_CONFIG.update(BLOCK_N=block, num_warps=warps, num_stages=stages)
             out["attention"][f"kernel BLOCK_N={block} warps={warps} stages={stages}"] = us(
                 lambda: kernels.decode_attention(q, k_cache, v_cache, mask, slot, head_dim ** -0.5))
+            out["attention"][f"RoPE + cache write + kernel BLOCK_N={block} warps={warps} stages={stages}"] = us(
+                lambda: kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, positions,
+                                                      cos, sin, head_dim ** -0.5))
         for chunk, warps in ((4096, 8), (2048, 4), (8192, 8), (1024, 4), (4096, 4)):
             kernels.SAMPLE_CONFIG.update(CHUNK=chunk, num_warps=warps)
             for greedy in (True, False):

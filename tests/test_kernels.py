@@ -65,6 +65,36 @@ def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot)
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (1, 2, 32)])
+@pytest.mark.parametrize("slot", [0, 5, 128, 191])
+def test_rope_decode_attention_rotates_writes_the_cache_and_attends(dtype, n_kv, groups, head_dim, slot):
+    batch, length = 3, 192
+    q, k, v, mask = _cache(batch, n_kv, groups, head_dim, length, dtype, pad=(0, 0, 0) if slot == 0 else (0, 1, slot))
+    mask[..., slot:] = float("-inf")      # not yet written: the kernel must show the new slot itself
+    k[:, :, slot + 1:] = 1e4
+    # q, k and v as strided views of one projection row, as the engine passes them
+    width = (n_kv * groups + 2 * n_kv) * head_dim
+    row = torch.randn(batch, width, dtype=dtype, device=DEVICE)
+    q_new, k_new, v_new = row.split((n_kv * groups * head_dim, n_kv * head_dim, n_kv * head_dim), -1)
+    q_new = q_new.view(batch, n_kv, groups, head_dim)
+    k_new, v_new = k_new.view(batch, n_kv, head_dim), v_new.view(batch, n_kv, head_dim)
+    angles = torch.arange(length, device=DEVICE)[:, None] * 0.1 / (1 + torch.arange(head_dim // 2, device=DEVICE))
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(dtype)
+    positions = torch.tensor([slot, max(slot - 1, 0), max(slot - slot, 0)], device=DEVICE)
+    slot_t = torch.tensor([slot], device=DEVICE)
+    k_ref, v_ref = k.clone(), v.clone()
+    want = kernels.rope_decode_attention_reference(q_new, k_new, v_new, k_ref, v_ref, mask, slot_t, positions,
+                                                   cos, sin, head_dim ** -0.5)
+    got = kernels.rope_decode_attention(q_new, k_new, v_new, k, v, mask, slot_t, positions, cos, sin,
+                                        head_dim ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(k.float(), k_ref.float(), rtol=tol, atol=tol)   # the written slot
+    assert torch.equal(v, v_ref)
+
+
 def test_decode_attention_runs_under_torch_compile():
     q, k, v, mask = _cache(2, 2, 3, 16, 64, torch.float32, pad=(0, 4))
     slot = torch.tensor([20], device=DEVICE)

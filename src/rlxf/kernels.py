@@ -13,8 +13,8 @@ one opaque kernel and CUDA graphs capture it:
 - ``sample_tokens(logits, seed, step, inv_temperature, logp_inv_temperature, greedy)``: one pass
   over the logits, split into (row, vocabulary chunk) programs whose partial results a second,
   small kernel combines per row, that draws the token (greedy: the first maximal logit; sampling:
-  Gumbel-max ``argmax(z/τ − log(−log U))`` with ``U`` from Philox counters keyed by ``seed + step``
-  and the element index, which samples ``softmax(z/τ)`` exactly) and returns its log-prob under
+  Gumbel-max ``argmax(z/τ − log(−log U))`` with ``U`` from Philox keyed by ``seed + step``, four
+  uniforms per counter, which samples ``softmax(z/τ)`` exactly) and returns its log-prob under
   ``logp_inv_temperature`` (``z·s − logsumexp(z·s)``). It replaces the separate argmax, noise,
   log-sum-exp and gather passes over the ``[B, V]`` logits.
 
@@ -79,6 +79,28 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask
     return torch.matmul(scores.softmax(-1), v_cache.float()).to(q.dtype)
 
 
+def rope_decode_attention_reference(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                    mask: Tensor, slot: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                                    scaling: float) -> Tensor:
+    """Torch reference of :func:`rope_decode_attention`: rotate ``q`` [B, H_kv, G, D] and ``k_new``
+    [B, H_kv, D] by ``positions`` (in fp32, rounded to the input dtype), write the new k and v to
+    slot ``slot`` of the caches (in place) and attend over slots ``0..slot`` (the new one visible)."""
+    c = cos[positions].float()[:, None, :]                                              # [B, 1, D]
+    s = sin[positions].float()[:, None, :]
+    half = q.shape[-1] // 2
+
+    def rotate(x):
+        x = x.float()
+        return (x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s)
+
+    q = rotate(q.flatten(1, 2)).view(q.shape).to(q.dtype)
+    k_cache.index_copy_(2, slot.reshape(1), rotate(k_new).to(k_cache.dtype)[:, :, None])
+    v_cache.index_copy_(2, slot.reshape(1), v_new.to(v_cache.dtype)[:, :, None])
+    mask = mask.clone()
+    mask.reshape(mask.shape[0], -1)[:, int(slot)] = 0.0
+    return decode_attention_reference(q, k_cache, v_cache, mask, slot, scaling)
+
+
 def sample_tokens_reference(logits: Tensor, noise_u: Tensor | None, inv_temperature: Tensor,
                             logp_inv_temperature: Tensor) -> tuple[Tensor, Tensor]:
     """Torch reference of :func:`sample_tokens` given the uniforms ``noise_u`` [B, V] (None: greedy)."""
@@ -97,26 +119,52 @@ def sample_tokens_reference(logits: Tensor, noise_u: Tensor | None, inv_temperat
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(Q, K, V, M, SLOT, O, scaling,
-                                 stride_kb, stride_kh, stride_kl, stride_mb,
-                                 H_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    def _decode_attention_kernel(Q, KN, VN, K, V, M, SLOT, POS, COS, SIN, O, scaling,
+                                 stride_qb, stride_knb, stride_vnb, stride_kb, stride_kh, stride_kl, stride_mb,
+                                 stride_cos, H_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                                  D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                                 UPCAST: tl.constexpr):
+                                 UPCAST: tl.constexpr, ROPE: tl.constexpr):
+        """One (row, KV head). ``ROPE``: rotate q and the new k by the row's position, write the new
+        k and v to cache slot ``slot`` and attend over slots ``0..slot-1`` plus the new token kept in
+        registers; otherwise attend over cache slots ``0..slot``."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
         rows = offs_g < G
-        q_base = (b * H_KV + h) * G * D                                      # q, o: [B, H_kv, G, D]
-        q = tl.load(Q + q_base + offs_g[:, None] * D + offs_d[None, :], mask=rows[:, None], other=0.0)
+        q_at = b.to(tl.int64) * stride_qb + (h * G + offs_g[:, None]) * D      # q: [B, H_kv, G, D] rows
+        kv_base = b.to(tl.int64) * stride_kb + h * stride_kh
+        slot = tl.load(SLOT)
+        if ROPE:
+            # x·cos + rotate_half(x)·sin, rotate_half(x) = (−x[D/2:], x[:D/2])
+            turned = (offs_d + D // 2) % D
+            sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+            pos = tl.load(POS + b)
+            cos = tl.load(COS + pos * stride_cos + offs_d).to(tl.float32)
+            sin = tl.load(SIN + pos * stride_cos + offs_d).to(tl.float32)
+            q = tl.load(Q + q_at + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+            q_turned = tl.load(Q + q_at + turned[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+            q = (q * cos[None, :] + sign[None, :] * q_turned * sin[None, :]).to(Q.dtype.element_ty)
+            kn_at = KN + b.to(tl.int64) * stride_knb + h * D
+            k_new = tl.load(kn_at + offs_d).to(tl.float32)
+            k_new = (k_new * cos + sign * tl.load(kn_at + turned).to(tl.float32) * sin).to(K.dtype.element_ty)
+            v_new = tl.load(VN + b.to(tl.int64) * stride_vnb + h * D + offs_d).to(V.dtype.element_ty)
+            tl.store(K + kv_base + slot * stride_kl + offs_d, k_new)
+            tl.store(V + kv_base + slot * stride_kl + offs_d, v_new)
+            # the new token first: it is always visible
+            m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scaling
+            l_i = tl.full([G_PAD], 1.0, tl.float32)
+            acc = tl.zeros([G_PAD, D], tl.float32) + v_new.to(tl.float32)[None, :]
+            n_ctx = slot
+        else:
+            q = tl.load(Q + q_at + offs_d[None, :], mask=rows[:, None], other=0.0)
+            m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+            l_i = tl.zeros([G_PAD], tl.float32)
+            acc = tl.zeros([G_PAD, D], tl.float32)
+            n_ctx = slot + 1
         if UPCAST:
             q = q.to(tl.float32)
-        n_ctx = tl.load(SLOT) + 1                                            # slots 0..slot are filled
-        kv_base = b.to(tl.int64) * stride_kb + h * stride_kh
-        m_i = tl.full([G_PAD], -1.0e30, tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
         for start in range(0, n_ctx, BLOCK_N):
             n = start + offs_n
             valid = n < n_ctx
@@ -143,7 +191,16 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(O + q_base + offs_g[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=rows[:, None])
+        o_at = (b * H_KV + h) * G * D + offs_g[:, None] * D + offs_d[None, :]  # o: [B, H_kv, G, D]
+        tl.store(O + o_at, out.to(O.dtype.element_ty), mask=rows[:, None])
+
+    @triton.jit
+    def _chunk_uniforms(seed, row, chunk, n_chunks, CHUNK: tl.constexpr):
+        """``CHUNK`` uniforms for one (row, chunk): one Philox call gives four (``tl.rand4x``), so a
+        quarter of the counters; element ``4i + k`` takes output ``(0, 2, 1, 3)[k]`` of counter ``i``."""
+        counters = (row * n_chunks + chunk) * (CHUNK // 4) + tl.arange(0, CHUNK // 4)
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [CHUNK])
 
     @triton.jit
     def _sample_partial_kernel(LOGITS, KEYS, IDX, ZSEL, ZMAX, ZSUM, SEED, STEP, INV_T, LOGP_INV_T,
@@ -158,7 +215,7 @@ if triton is not None:
             key = x
         else:
             seed = tl.load(SEED) + tl.load(STEP)
-            u = tl.maximum(tl.rand(seed, row * vocab + idx), 1.0e-30)
+            u = tl.maximum(_chunk_uniforms(seed, row, chunk, n_chunks, CHUNK), 1.0e-30)
             key = x * tl.load(INV_T) - tl.log(-tl.log(u))                   # + Gumbel(0, 1)
         key = tl.where(valid, key, float("-inf"))
         best = tl.argmax(key, 0)                                            # the first maximal key
@@ -193,27 +250,52 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling, rope):
+    batch, n_kv, groups, head_dim = q.shape
+    if q.stride(-1) != 1 or q.stride(2) != head_dim or q.stride(1) != groups * head_dim:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_attention needs K and V caches with the same strides and contiguous rows")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mask = mask.reshape(batch, -1)
+    _decode_attention_kernel[(batch, n_kv)](
+        q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, out, float(scaling),
+        q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        mask.stride(0), cos.stride(0), H_KV=n_kv, G=groups, G_PAD=max(16, _next_pow2(groups)), D=head_dim,
+        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET, ROPE=rope, **ATTENTION_CONFIG)
+    return out
+
+
 @torch.library.custom_op("rlxf::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, slot: Tensor,
                      scaling: float) -> Tensor:
     """Triton kernel of :func:`decode_attention_reference` (same arguments and result)."""
-    batch, n_kv, groups, head_dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("decode_attention needs K and V caches with the same strides and contiguous rows")
-    mask = mask.reshape(batch, -1)
-    _decode_attention_kernel[(batch, n_kv)](
-        q, k_cache, v_cache, mask, slot, out, float(scaling),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), mask.stride(0),
-        H_KV=n_kv, G=groups, G_PAD=max(16, _next_pow2(groups)), D=head_dim,
-        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET, **ATTENTION_CONFIG)
-    return out
+    return _attention_launch(q, q, q, k_cache, v_cache, mask, slot, slot, mask, mask, scaling, rope=False)
 
 
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, mask, slot, scaling):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("rlxf::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          mask: Tensor, slot: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                          scaling: float) -> Tensor:
+    """RoPE, the cache write and :func:`decode_attention` in one kernel (see
+    :func:`rope_decode_attention_reference`): ``q`` [B, H_kv, G, D], ``k_new``/``v_new`` [B, H_kv, D]
+    before RoPE (rows may be strided: views of one q/k/v projection), ``positions`` [B] the rows'
+    RoPE positions into the ``cos``/``sin`` tables [L, D]; writes cache slot ``slot``."""
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.stride(-1) != 1 or t.stride(1) != t.shape[-1]:
+            raise ValueError(f"rope_decode_attention: {name} needs contiguous heads, got strides {t.stride()}")
+    return _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling,
+                             rope=True)
+
+
+@rope_decode_attention.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("rlxf::sample_tokens", mutates_args=())
@@ -252,14 +334,18 @@ def philox_uniforms(seed: int, batch: int, vocab: int) -> Tensor:
     """The uniforms :func:`sample_tokens` draws for ``seed + step == seed`` (for tests), ``[B, V]`` float32."""
     if triton is None:
         raise RuntimeError("philox_uniforms needs Triton")
-    out = torch.empty(batch * vocab, dtype=torch.float32, device="cuda" if not INTERPRET else "cpu")
-    _uniform_kernel[(triton.cdiv(out.numel(), 1024),)](out, seed, out.numel(), BLOCK=1024)
-    return out.view(batch, vocab)
+    chunk = SAMPLE_CONFIG["CHUNK"]
+    chunks = triton.cdiv(vocab, chunk)
+    out = torch.empty(batch, vocab, dtype=torch.float32, device="cpu" if INTERPRET else "cuda")
+    _uniform_kernel[(batch, chunks)](out, seed, vocab, chunks, CHUNK=chunk)
+    return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _uniform_kernel(OUT, seed, n, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(OUT + idx, tl.rand(seed, idx), mask=idx < n)
+    def _uniform_kernel(OUT, seed, vocab, n_chunks, CHUNK: tl.constexpr):
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        idx = chunk * CHUNK + tl.arange(0, CHUNK)
+        tl.store(OUT + row * vocab + idx, _chunk_uniforms(seed, row, chunk, n_chunks, CHUNK), mask=idx < vocab)

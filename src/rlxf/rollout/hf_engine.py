@@ -94,14 +94,9 @@ class HFEngine:
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
                         generator: torch.Generator | None, device: torch.device) -> _Batch:
-        batch, width = len(rows), max(map(len, rows))
+        batch = len(rows)
         steps = params.max_new_tokens
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros(batch, width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            prompt_mask[i, width - len(row):] = 1
-        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)  # [B, P]
+        input_ids, prompt_mask = left_padded(rows, self.pad_token_id, device)  # [B, P]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)               # [B, P]
         logits, cache = self._forward(input_ids, prompt_mask, position_ids, None)  # [B, V]
         attention_mask = prompt_mask                                           # [B, P + step], grows
@@ -243,6 +238,15 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator |
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token-id lists → left-padded ``input_ids`` and ``prompt_mask`` ``[B, P]`` on ``device`` (one tensor build)."""
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
+    lengths = torch.tensor([len(row) for row in rows])
+    prompt_mask = (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
+    return input_ids.to(device), prompt_mask.to(device)
+
+
 def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
     if isinstance(prompt_ids, Tensor) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
         raise ValueError("prompt_ids must be a non-empty list of token-id lists (one per prompt, no padding)")
@@ -254,6 +258,9 @@ def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
                              "pass a list of prompts, e.g. [[1, 5, 7]]")
         if not ids:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab_size:  # fast path
+            prompts.append(list(ids))
+            continue
         bad = [t for t in ids
                if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from rlxf import kernels
 from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
-from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _sample, _StopChecker)
+from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _sample, _StopChecker, left_padded)
 from rlxf.rollout.types import Rollouts, SamplingParams
 
 log = logging.getLogger("rlxf.rollout")
@@ -209,13 +209,7 @@ class StaticEngine:
         return simple and bool(self.device_sampling)
 
     def _left_padded(self, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-        batch, width = len(rows), max(map(len, rows))
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros(batch, width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            prompt_mask[i, width - len(row):] = 1
-        return input_ids.to(device), prompt_mask.to(device)                    # [B, P]
+        return left_padded(rows, self.pad_token_id, device)                    # [B, P]
 
     def _generate_batch_on_device(self, rows: list[list[int]], params: SamplingParams,
                                   device: torch.device, batch_index: int = 0) -> _Batch:
@@ -491,7 +485,8 @@ class _DecodeState:
         bias = bias.masked_fill(~allowed[:, None], float("-inf"))
         hidden = body.embed_tokens(input_ids)                                    # [B, P, H]
         for i, layer in enumerate(body.layers):
-            q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin)  # [B, H, P, D]
+            fused = self.fused[i] if self.fused is not None else None
+            q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin, fused)  # [B, H, P, D]
             self.k_cache[i][:, :, :width].copy_(k)
             self.v_cache[i][:, :, :width].copy_(v)
             g = spec["groups"]
@@ -500,7 +495,7 @@ class _DecodeState:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec["scaling"])
             out = out.transpose(1, 2).reshape(batch, width, -1)                  # [B, P, H_q·D]
             hidden = hidden + layer.self_attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
         logits = model.lm_head(body.norm(hidden[:, -1:]))[:, 0]                  # [B, V]
         # decode state: prompt slots visible where real, everything after hidden until written
         self.mask.fill_(float("-inf"))
@@ -531,20 +526,28 @@ def _decode_step(state: _DecodeState) -> Tensor:
     batch = state.batch
     n_kv, groups, head_dim = spec["n_kv"], spec["groups"], spec["head_dim"]
     state.mask.index_fill_(-1, state.slot, 0.0)                                  # the new slot is visible
-    cos = state.cos.index_select(0, state.positions)[:, None, None, :]           # [B, 1, 1, D]
-    sin = state.sin.index_select(0, state.positions)[:, None, None, :]
+    kernel = spec["attention"] == "triton"
+    if not kernel:
+        cos = state.cos.index_select(0, state.positions)[:, None, None, :]       # [B, 1, 1, D]
+        sin = state.sin.index_select(0, state.positions)[:, None, None, :]
     hidden = body.embed_tokens(state.tokens[:, None])                            # [B, 1, H]
     for i, layer in enumerate(body.layers):
         fused = state.fused[i] if state.fused is not None else None
-        q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin, fused)  # [B, H, 1, D]
+        x = layer.input_layernorm(hidden)
+        if kernel:   # RoPE, the cache write and attention over the filled slots in one kernel
+            q, k, v = _project(layer, x, spec, fused)                            # [B, 1, H, D]
+            out = kernels.rope_decode_attention(
+                q[:, 0].view(batch, n_kv, groups, head_dim), k[:, 0], v[:, 0], state.k_cache[i],
+                state.v_cache[i], state.mask, state.slot, state.positions, state.cos, state.sin, spec["scaling"])
+            hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
+            hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
+            continue
+        q, k, v = _qkv(layer, x, spec, cos, sin, fused)                          # [B, H, 1, D]
         state.k_cache[i].index_copy_(2, state.slot, k)
         state.v_cache[i].index_copy_(2, state.slot, v)
         # the G query heads sharing a KV head become G query rows of that head: no KV repeat
         q = q.reshape(batch, n_kv, groups, head_dim)                             # [B, H_kv, G, D]
-        if spec["attention"] == "triton":   # filled slots only, online softmax: one kernel
-            out = kernels.decode_attention(q, state.k_cache[i], state.v_cache[i], state.mask, state.slot,
-                                           spec["scaling"])
-        elif spec["attention"] == "matmul":   # plain matmuls: compile fuses mask + softmax into one kernel
+        if spec["attention"] == "matmul":   # plain matmuls: compile fuses mask + softmax into one kernel
             scores = torch.matmul(q, state.k_cache[i].transpose(-1, -2)).float() * spec["scaling"]
             probs = (scores + state.mask).softmax(-1).to(q.dtype)                # [B, H_kv, G, L]
             out = torch.matmul(probs, state.v_cache[i])                          # [B, H_kv, G, D]
@@ -552,12 +555,7 @@ def _decode_step(state: _DecodeState) -> Tensor:
             out = F.scaled_dot_product_attention(q, state.k_cache[i], state.v_cache[i],
                                                  attn_mask=state.mask, scale=spec["scaling"])
         hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
-        x = layer.post_attention_layernorm(hidden)
-        if fused is None:
-            hidden = hidden + layer.mlp(x)
-        else:
-            gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
     logits = model.lm_head(body.norm(hidden))[:, 0]                              # [B, V]
     state.positions.add_(1)
     state.slot.add_(1)
@@ -687,28 +685,40 @@ def _fused_buffers(layer) -> tuple:
     return w_qkv, b_qkv, w_gu, b_gu
 
 
-def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor, fused=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Projections, Qwen3's per-head q/k norms, RoPE: ``[B, T, H]`` → q ``[B, H_q, T, D]``, k, v ``[B, H_kv, T, D]``."""
+def _project(layer, x: Tensor, spec: dict, fused=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Projections and Qwen3's per-head q/k norms, before RoPE: ``[B, T, H]`` → q ``[B, T, H_q, D]``,
+    k, v ``[B, T, H_kv, D]`` (views of one fused projection when ``fused`` is given)."""
     attn = layer.self_attn
     batch, length, _ = x.shape
     head_dim = spec["head_dim"]
     if fused is not None:
         n_q, n_kv = spec["n_heads"] * head_dim, spec["n_kv"] * head_dim
         q, k, v = F.linear(x, fused[0], fused[1]).split((n_q, n_kv, n_kv), dim=-1)
-        q = q.reshape(batch, length, -1, head_dim)
-        k = k.reshape(batch, length, -1, head_dim)
-        v = v.reshape(batch, length, -1, head_dim).transpose(1, 2)
+        q, k, v = (t.view(batch, length, -1, head_dim) for t in (q, k, v))
     else:
         q = attn.q_proj(x).view(batch, length, -1, head_dim)
         k = attn.k_proj(x).view(batch, length, -1, head_dim)
-        v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, length, -1, head_dim)
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q, k, v
+
+
+def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor, fused=None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_project`, then RoPE: q ``[B, H_q, T, D]``, k, v ``[B, H_kv, T, D]``."""
+    q, k, v = (t.transpose(1, 2) for t in _project(layer, x, spec, fused))
     return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _mlp(layer, x: Tensor, fused=None) -> Tensor:
+    """The layer's MLP, through the fused gate/up copy when there is one."""
+    if fused is None:
+        return layer.mlp(x)
+    gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
+    return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
