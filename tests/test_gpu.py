@@ -132,3 +132,21 @@ def test_compiled_static_engine_greedy_matches_hf_engine(attention):
     ref = HFEngine(model, tokenizer).generate(prompts, params)
     assert torch.equal(out.completion_ids.cpu(), ref.completion_ids.cpu())
     torch.testing.assert_close(out.logps, ref.logps, rtol=1e-3, atol=1e-3)
+
+
+def test_static_engine_stops_early_without_a_host_sync_per_check():
+    """Every token is an EOS: all rows finish at the first token. The asynchronous all-finished check
+    stops the loop long before max_new_tokens, and the result is the one-token completion."""
+    from rlxf.models import load_policy
+    from rlxf.rollout import SamplingParams, StaticEngine
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = load_policy("tiny", dtype="float32", device="cuda").eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    engine = StaticEngine(model, tokenizer, eos_token_ids=list(range(vocab)), sync_every=16)
+    prompts = [tokenizer(p)["input_ids"] for p in ("12+34=", "7=")]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=200, temperature=1.0, n=3, seed=0))
+    assert out.completion_ids.shape[1] == 1 and out.finish_reason == ["stop"] * 6
+    state = next(iter(engine._states.values()))
+    assert int(state.step_index) < 100      # stopped at a check (17 or 33 steps here), not at 200

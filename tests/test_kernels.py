@@ -52,7 +52,7 @@ def _cache(batch, n_kv, groups, head_dim, length, dtype, pad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (4, 1, 16), (1, 2, 32)])
-@pytest.mark.parametrize("slot", [0, 63, 127, 128, 191])
+@pytest.mark.parametrize("slot", [0, 127, 191])
 def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot):
     q, k, v, mask = _cache(3, n_kv, groups, head_dim, 192, dtype, pad=(0, 0, 0) if slot == 0 else (0, 5, slot))
     # slots after `slot` hold garbage that must not be read: make it huge
@@ -67,7 +67,7 @@ def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (1, 2, 32)])
-@pytest.mark.parametrize("slot", [0, 5, 128, 191])
+@pytest.mark.parametrize("slot", [0, 128, 191])
 def test_rope_decode_attention_rotates_writes_the_cache_and_attends(dtype, n_kv, groups, head_dim, slot):
     batch, length = 3, 192
     q, k, v, mask = _cache(batch, n_kv, groups, head_dim, length, dtype, pad=(0, 0, 0) if slot == 0 else (0, 1, slot))

@@ -29,8 +29,8 @@ same distribution, not the same draws as ``HFEngine``), the log-prob, the output
 test run inside the captured step, several steps per graph. Otherwise — CPU, top-k, top-p, stop
 strings — sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the
 same functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
-read); whether every row has finished is checked every ``sync_every`` steps (a host sync), and the
-completion is trimmed to the last step any row was active, so the result equals a loop that stops
+read); whether every row has finished is checked every ``sync_every`` steps (on CUDA without a
+host sync: the answer of an earlier check, copied behind an event), and the completion is trimmed to the last step any row was active, so the result equals a loop that stops
 at the first all-finished step.
 
 Falls back to ``HFEngine`` (same arguments) for other architectures, PEFT models, sliding-window
@@ -239,6 +239,7 @@ class StaticEngine:
         state.seed.random_(0, 2 ** 62)                                          # the kernel's Philox key
         state.tokens.copy_(_sample_and_record(state, greedy, logits))           # the first token
         done, checked = 1, 1
+        check = _FinishedCheck(state)
         while done < steps:                                                     # decode, sample, record
             if steps - done >= unroll:
                 block()
@@ -248,7 +249,7 @@ class StaticEngine:
                 done += 1
             if done - checked >= self.sync_every and done < steps:
                 checked = done
-                if bool(state.finished.all()):
+                if check.all_finished():
                     break
         return _trimmed_batch(input_ids, prompt_mask, state.out_ids[:, :done].clone(),
                               state.out_mask[:, :done].clone(), state.out_logps[:, :done].clone(),
@@ -596,6 +597,35 @@ def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Ten
     state.finished.logical_or_(active & torch.isin(tokens, state.eos_ids))
     state.step_index.add_(1)
     return fed
+
+
+class _FinishedCheck:
+    """Whether every row has finished, without stalling the GPU on CUDA.
+
+    On CUDA each check copies ``finished.all()`` to pinned host memory behind an event and answers
+    with the last copy that has landed (one check interval late at worst: the extra steps only feed
+    pad to finished rows, whose outputs are masked and trimmed), so the host keeps queueing graph
+    replays instead of waiting for the queue to drain. Elsewhere it reads the flag directly.
+    """
+
+    def __init__(self, state: _DecodeState):
+        self.state = state
+        self.cuda = state.device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda) if self.cuda else None
+        self.event = None
+
+    def all_finished(self) -> bool:
+        if not self.cuda:
+            return bool(self.state.finished.all())
+        if self.event is not None:
+            if not self.event.query():
+                return False                                   # the last copy has not landed yet
+            if bool(self.flag[0]):
+                return True
+        self.flag.copy_(self.state.finished.all().reshape(1), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return False
 
 
 def _repeat(fn, times: int) -> None:
