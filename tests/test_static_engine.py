@@ -205,3 +205,12 @@ def test_device_sampling_is_skipped_for_top_k_top_p_and_stop_strings(tiny, token
                    SamplingParams(max_new_tokens=4, stop=("1",), seed=1)):
         engine.generate(prompts, params)
     assert engine.stats["device_sampling_calls"] == 0
+
+
+def test_device_sampling_with_many_eos_ids_stops_at_the_first_token(tiny, tokenizer, prompts):
+    """Every token an EOS id: each row ends at its first token (the in-step EOS test is a comparison
+    table, which CUDA-graph capture allows for any number of ids)."""
+    vocab = tiny.get_input_embeddings().num_embeddings
+    engine = StaticEngine(tiny, tokenizer, device_sampling=True, eos_token_ids=list(range(vocab)))
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=40, temperature=1.0, n=2, seed=0))
+    assert out.completion_ids.shape[1] == 1 and out.finish_reason == ["stop"] * 6

@@ -594,7 +594,8 @@ def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Ten
     state.out_ids.index_copy_(1, state.step_index, fed[:, None])
     state.out_logps.index_copy_(1, state.step_index, torch.where(active, logp, 0.0)[:, None])
     state.out_mask.index_copy_(1, state.step_index, active.long()[:, None])
-    state.finished.logical_or_(active & torch.isin(tokens, state.eos_ids))
+    # a comparison table, not torch.isin: isin sorts (and syncs) for many EOS ids, which capture forbids
+    state.finished.logical_or_(active & (tokens[:, None] == state.eos_ids[None, :]).any(-1))
     state.step_index.add_(1)
     return fed
 
