@@ -210,3 +210,32 @@ def test_engine_refuses_triton_attention_it_cannot_run(tokenizer, monkeypatch):
         StaticEngine(_random("qwen2").to(DEVICE), tokenizer, decode_attention="triton").generate([[5, 6]], params)
     with pytest.raises(RuntimeError, match="sampling_kernel=True needs Triton"):
         StaticEngine(_random("qwen2").to(DEVICE), tokenizer, sampling_kernel=True).generate([[5, 6]], params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe_passes_where_the_kernels_run(dtype):
+    assert kernels.probe(DEVICE, dtype, 2, 7, 64) is None
+    assert kernels.probe(DEVICE, dtype, 1, 2, 24) is None     # attention unsupported: only the sampler is checked
+
+
+def test_engine_falls_back_to_torch_when_the_kernels_fail_their_check(tokenizer, monkeypatch, caplog):
+    """Default choice: a failed first check (say, a Triton that cannot build them for this GPU) gives a
+    warning and the torch path; an explicit request raises with the reason."""
+    from rlxf.rollout import static_engine
+
+    model = _random("qwen2").to(DEVICE)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    monkeypatch.setattr(static_engine, "_kernels_by_default", lambda device: True)
+    monkeypatch.setattr(kernels, "probe", lambda *args: "CompilationError: no bf16 dot on this GPU")
+    engine = StaticEngine(model, tokenizer, device_sampling=True)
+    with caplog.at_level("WARNING", logger="rlxf.rollout"):
+        out = engine.generate(prompts, params)
+    state = next(iter(engine._states.values()))
+    assert state.spec["attention"] in ("sdpa", "matmul") and not state.spec["sampling_kernel"]
+    assert "failed a first check" in caplog.text and "no bf16 dot" in caplog.text
+    assert torch.equal(out.completion_ids, HFEngine(model, tokenizer).generate(prompts, params).completion_ids)
+    with pytest.raises(RuntimeError, match="failed its first check.*no bf16 dot"):
+        StaticEngine(model, tokenizer, decode_attention="triton", sampling_kernel=False).generate(prompts, params)
+    with pytest.raises(RuntimeError, match="failed their first check.*no bf16 dot"):
+        StaticEngine(model, tokenizer, sampling_kernel=True).generate(prompts, params)

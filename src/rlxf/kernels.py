@@ -330,6 +330,52 @@ def _(logits, seed, step, inv_temperature, logp_inv_temperature, greedy):
     return (logits.new_empty(batch, dtype=torch.long), logits.new_empty(batch, dtype=torch.float32))
 
 
+_PROBED: dict = {}
+
+
+def probe(device: torch.device | str, dtype: torch.dtype, n_kv: int, groups: int, head_dim: int) -> str | None:
+    """Run both kernels once on small inputs of this head shape and dtype and compare them with the
+    torch references. None when they run and agree; else what went wrong (a Triton build that
+    cannot compile them for this GPU, say). Cached per (device, dtype, shape); cheap, no capture."""
+    key = (str(device), dtype, n_kv, groups, head_dim)
+    if key in _PROBED:
+        return _PROBED[key]
+    try:
+        generator = torch.Generator().manual_seed(0)
+        batch, length, slot = 2, 40, 33
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+        q, k_new, v_new = rand(batch, n_kv, groups, head_dim), rand(batch, n_kv, head_dim), rand(batch, n_kv, head_dim)
+        k_cache, v_cache = rand(batch, n_kv, length, head_dim), rand(batch, n_kv, length, head_dim)
+        mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=device)
+        mask[1, ..., :3] = float("-inf")
+        cos, sin = rand(length, head_dim).cos(), rand(length, head_dim).sin()
+        slot_t = torch.tensor([slot], device=device)
+        positions = torch.tensor([slot, slot - 3], device=device)
+        error = 0.0
+        if attention_supported(head_dim, groups) is None:   # else the engine does not use this kernel
+            k_ref, v_ref = k_cache.clone(), v_cache.clone()
+            want = rope_decode_attention_reference(q, k_new, v_new, k_ref, v_ref, mask, slot_t, positions, cos,
+                                                   sin, head_dim ** -0.5)
+            got = rope_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot_t, positions, cos, sin,
+                                        head_dim ** -0.5)
+            error = float((got.float() - want.float()).abs().max())
+        logits = rand(batch, 1000) * 4
+        ones = torch.ones((), dtype=torch.float32, device=device)
+        tokens, logps = sample_tokens(logits, slot_t, slot_t, ones, ones, True)
+        want_tokens, want_logps = sample_tokens_reference(logits, None, ones, ones)
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+        if error > tolerance or not torch.equal(tokens, want_tokens):
+            _PROBED[key] = f"results differ from the torch reference (attention max error {error:.3g})"
+        else:
+            _PROBED[key] = None
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels here
+        _PROBED[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return _PROBED[key]
+
+
 def philox_uniforms(seed: int, batch: int, vocab: int) -> Tensor:
     """The uniforms :func:`sample_tokens` draws for ``seed + step == seed`` (for tests), ``[B, V]`` float32."""
     if triton is None:

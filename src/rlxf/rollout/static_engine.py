@@ -318,6 +318,12 @@ class StaticEngine:
 
     # -- state: static buffers, prefill and the (captured) decode step --------------------------
 
+    def _kernels_failed(self, device: torch.device) -> str | None:
+        """Why the Triton kernels cannot be used on ``device`` after a first check (None: they can)."""
+        spec = _head_spec(self.model)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return kernels.probe(device, dtype, spec["n_kv"], spec["groups"], spec["head_dim"])
+
     def _attention_kind(self, device: torch.device) -> str:
         spec = _head_spec(self.model)
         why_not = kernels.attention_supported(spec["head_dim"], spec["groups"])
@@ -328,9 +334,13 @@ class StaticEngine:
                                    "pass decode_attention=None to choose automatically")
             if why_not:
                 raise ValueError(f"decode_attention='triton' cannot run this model: {why_not}")
+            failed = self._kernels_failed(device)
+            if failed:
+                raise RuntimeError(f"decode_attention='triton': the kernel failed its first check on {device}: "
+                                   f"{failed}; pass decode_attention=None to fall back to the torch path")
         if self.decode_attention is not None:
             return self.decode_attention
-        if device.type == "cuda" and kernels.available(device) and why_not is None:
+        if _kernels_by_default(device) and why_not is None and not self._kernels_failed(device):
             return "triton"
         return "matmul" if self.compile else "sdpa"
 
@@ -348,10 +358,20 @@ class StaticEngine:
         fuse = self.fuse_projections if self.fuse_projections is not None else device.type == "cuda"
         sampler = self.sampling_kernel
         if sampler is None:
-            sampler = device.type == "cuda" and kernels.available(device)
-        if sampler and not kernels.available(device):
-            raise RuntimeError(f"sampling_kernel=True needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
-                               f"on the CPU), got {device}; pass sampling_kernel=None to choose automatically")
+            sampler = _kernels_by_default(device)
+            failed = self._kernels_failed(device) if sampler else None
+            if failed:
+                log.warning("StaticEngine: the Triton decode kernels failed a first check on %s (%s); "
+                            "using the torch attention and sampling", device, failed)
+                sampler = False
+        elif sampler:
+            if not kernels.available(device):
+                raise RuntimeError(f"sampling_kernel=True needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                                   f"on the CPU), got {device}; pass sampling_kernel=None to choose automatically")
+            failed = self._kernels_failed(device)
+            if failed:
+                raise RuntimeError(f"sampling_kernel=True: the kernels failed their first check on {device}: "
+                                   f"{failed}; pass sampling_kernel=None to fall back to the torch sampling")
         state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
                                    attention=self._attention_kind(device), sampling_kernel=bool(sampler))
         state.step_fn = self._maybe_compile(_decode_step, "decode")
@@ -680,6 +700,11 @@ def _seed_device(device: torch.device, seed: int) -> None:
             torch.cuda.manual_seed(seed)
     else:
         torch.default_generator.manual_seed(seed)
+
+
+def _kernels_by_default(device: torch.device) -> bool:
+    """The Triton kernels are the default on CUDA where Triton is importable (not on the CPU interpreter)."""
+    return device.type == "cuda" and kernels.available(device)
 
 
 def _head_spec(model) -> dict:
