@@ -239,3 +239,19 @@ def test_engine_falls_back_to_torch_when_the_kernels_fail_their_check(tokenizer,
         StaticEngine(model, tokenizer, decode_attention="triton", sampling_kernel=False).generate(prompts, params)
     with pytest.raises(RuntimeError, match="failed their first check.*no bf16 dot"):
         StaticEngine(model, tokenizer, sampling_kernel=True).generate(prompts, params)
+
+
+def test_default_attention_avoids_the_kernel_for_few_rows_over_a_long_cache(tokenizer, monkeypatch):
+    """One program per (row, KV head) walks the cache serially: with 2 rows × 2 KV heads and 2048 slots
+    the default keeps the torch attention; more rows, or a short cache, take the kernel."""
+    from rlxf.rollout import static_engine
+
+    monkeypatch.setattr(static_engine, "_kernels_by_default", lambda device: True)
+    monkeypatch.setattr(kernels, "probe", lambda *args: None)
+    engine = StaticEngine(_random("qwen2"), tokenizer)
+    cpu = torch.device("cpu")
+    assert engine._attention_kind(cpu, batch=2, length=2048) == "sdpa"
+    assert engine._attention_kind(cpu, batch=16, length=2048) == "triton"
+    assert engine._attention_kind(cpu, batch=2, length=512) == "triton"
+    assert StaticEngine(_random("qwen2"), tokenizer, decode_attention="triton")._attention_kind(
+        cpu, batch=2, length=2048) == "triton"                  # an explicit choice is kept

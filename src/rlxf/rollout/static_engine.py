@@ -60,6 +60,10 @@ log = logging.getLogger("rlxf.rollout")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _CACHE_ALIGN = 64
+# the Triton attention kernel is the default unless it would have fewer than this many programs
+# (rows × KV heads) each walking more than this many cache slots: a guard, not a measured crossover
+_MIN_KERNEL_PROGRAMS = 32
+_SERIAL_CACHE_LIMIT = 1024
 
 
 def static_engine_support(model: nn.Module) -> str | None:
@@ -324,7 +328,7 @@ class StaticEngine:
         dtype = self.model.get_input_embeddings().weight.dtype
         return kernels.probe(device, dtype, spec["n_kv"], spec["groups"], spec["head_dim"])
 
-    def _attention_kind(self, device: torch.device) -> str:
+    def _attention_kind(self, device: torch.device, batch: int, length: int) -> str:
         spec = _head_spec(self.model)
         why_not = kernels.attention_supported(spec["head_dim"], spec["groups"])
         if self.decode_attention == "triton":
@@ -340,7 +344,10 @@ class StaticEngine:
                                    f"{failed}; pass decode_attention=None to fall back to the torch path")
         if self.decode_attention is not None:
             return self.decode_attention
-        if _kernels_by_default(device) and why_not is None and not self._kernels_failed(device):
+        # one program per (row, KV head) walks the cache serially: with few programs and a long cache
+        # (small batch, long context) split-KV attention would be needed, which is not written
+        busy = batch * spec["n_kv"] >= _MIN_KERNEL_PROGRAMS or length <= _SERIAL_CACHE_LIMIT
+        if _kernels_by_default(device) and why_not is None and busy and not self._kernels_failed(device):
             return "triton"
         return "matmul" if self.compile else "sdpa"
 
@@ -373,7 +380,8 @@ class StaticEngine:
                 raise RuntimeError(f"sampling_kernel=True: the kernels failed their first check on {device}: "
                                    f"{failed}; pass sampling_kernel=None to fall back to the torch sampling")
         state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
-                                   attention=self._attention_kind(device), sampling_kernel=bool(sampler))
+                                   attention=self._attention_kind(device, batch, length),
+                                   sampling_kernel=bool(sampler))
         state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
