@@ -1,15 +1,18 @@
 """Triton kernels for the decode step of :class:`rlxf.rollout.StaticEngine`, with torch references.
 
-Two kernels, each registered as a ``torch.library`` custom op so that ``torch.compile`` calls it as
-one opaque kernel and CUDA graphs capture it:
+Each is registered as a ``torch.library`` custom op, so that ``torch.compile`` calls it as one
+opaque kernel and CUDA graphs capture it:
 
-- ``decode_attention(q, k_cache, v_cache, mask, slot, scaling)``: one query token per row attending
-  over the static KV cache. One program per (row, KV head) holds the ``G`` query heads that share
-  that KV head (grouped-query attention without repeating K/V), walks only the filled cache slots
-  ``0..slot`` in blocks (the loop bound is read from the device, so one captured graph serves every
-  step), applies the additive mask and keeps an online softmax in fp32 (flash-decoding without the
-  split over the cache). It replaces two batched matmuls, a softmax kernel and the reads of the
-  unfilled slots.
+- ``rope_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin,
+  scaling)`` (the engine's) and ``decode_attention(q, k_cache, v_cache, mask, slot, scaling)``:
+  one query token per row attending over the static KV cache. One program per (row, KV head)
+  holds the ``G`` query heads that share that KV head (grouped-query attention without repeating
+  K/V), walks only the filled cache slots in blocks (the loop bound is read from the device, so
+  one captured graph serves every step), applies the additive mask and keeps an online softmax in
+  fp32 (flash-decoding without the split over the cache). The RoPE variant first rotates q and the
+  new k by each row's position, writes the new k and v to cache slot ``slot`` (in place) and keeps
+  the new token in registers. Together they replace two batched matmuls over the whole cache, a
+  softmax, the RoPE and cache-write kernels, and the reads of the unfilled slots.
 - ``sample_tokens(logits, seed, step, inv_temperature, logp_inv_temperature, greedy)``: one pass
   over the logits, split into (row, vocabulary chunk) programs whose partial results a second,
   small kernel combines per row, that draws the token (greedy: the first maximal logit; sampling:
@@ -18,10 +21,11 @@ one opaque kernel and CUDA graphs capture it:
   ``logp_inv_temperature`` (``z·s − logsumexp(z·s)``). It replaces the separate argmax, noise,
   log-sum-exp and gather passes over the ``[B, V]`` logits.
 
-``decode_attention_reference`` and ``sample_tokens_reference`` compute the same in torch; tests
-compare them with the kernels through Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and
-compiled on a GPU. Triton is optional: :func:`available` says whether the kernels can run on a
-device, and the engine falls back to its torch path when they cannot.
+The ``*_reference`` functions compute the same in torch; tests compare them with the kernels
+through Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and compiled on a GPU. Triton is
+optional: :func:`available` says whether the kernels can run on a device, :func:`probe` checks
+them once against the references on a device, dtype and head shape, and the engine keeps its
+torch path when either says no.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ decode loop does not go through the transformers forward:
   (causal + padding mask, positions from the mask as ``generate`` computes them);
 - **decode step written against the model's weights**: embedding, per layer RMSNorm → q/k/v
   projections (biases and Qwen3's q/k norms included) → RoPE from a table built once by the
-  model's own rotary module → write slot ``P + t`` → attention over the whole static cache through
-  ``scaled_dot_product_attention`` or two matmuls, with the mask (grouped-query attention without
-  repeating the KV heads: the ``H_q / H_kv`` query heads of one KV head are laid out as ``G`` query
-  rows) → o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's
+  model's own rotary module → write slot ``P + t`` → attention with the mask (grouped-query
+  attention without repeating the KV heads: the ``H_q / H_kv`` query heads of one KV head are laid
+  out as ``G`` query rows): on CUDA by default one Triton kernel does the RoPE, the cache write and
+  the attention over the filled slots (:func:`rlxf.kernels.rope_decode_attention`), otherwise
+  ``scaled_dot_product_attention`` or two matmuls over the whole static cache → o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's
   parameters in place, so after an optimizer step the next ``generate`` samples from the new
   weights; the only copies are the optional fused q/k/v and gate/up weights, refreshed in place at
   the start of every ``generate``;
@@ -30,8 +31,9 @@ test run inside the captured step, several steps per graph. Otherwise — CPU, t
 strings — sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the
 same functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
 read); whether every row has finished is checked every ``sync_every`` steps (on CUDA without a
-host sync: the answer of an earlier check, copied behind an event), and the completion is trimmed to the last step any row was active, so the result equals a loop that stops
-at the first all-finished step.
+host sync: the answer of an earlier check, copied behind an event), and the completion is trimmed
+to the last step any row was active, so the result equals a loop that stops at the first
+all-finished step.
 
 Falls back to ``HFEngine`` (same arguments) for other architectures, PEFT models, sliding-window
 attention shorter than the sequence, and rope types whose frequencies depend on the length.
@@ -103,12 +105,14 @@ class StaticEngine:
     weight copies, refreshed from the parameters at every ``generate``; None = on CUDA only) and
     ``device_sampling`` (sample, record and test for EOS inside the captured step; None = on when a
     CUDA graph is used and the call has no top-k, top-p or stop strings) and ``decode_attention``
-    (``"triton"``: the :func:`rlxf.kernels.decode_attention` kernel over the filled slots only;
-    ``"sdpa"``: ``scaled_dot_product_attention`` over the whole static cache; ``"matmul"``: two
-    matmuls and a softmax, which ``compile`` fuses; None = ``"triton"`` where Triton runs and the head
-    shape allows, else ``"matmul"`` with ``compile``, else ``"sdpa"``; see docs/performance.md) and
-    ``sampling_kernel`` (device sampling draws the token and its log-prob with the one-pass
-    :func:`rlxf.kernels.sample_tokens` kernel; None = where Triton runs) and ``graph_steps`` (decode steps
+    (``"triton"``: the :func:`rlxf.kernels.rope_decode_attention` kernel, RoPE + cache write +
+    attention over the filled slots only; ``"sdpa"``: ``scaled_dot_product_attention`` over the
+    whole static cache; ``"matmul"``: two matmuls and a softmax, which ``compile`` fuses; None =
+    ``"triton"`` on CUDA where Triton runs, the head shape allows, the kernels pass
+    :func:`rlxf.kernels.probe` and the batch is not a few rows over a long cache, else ``"matmul"``
+    with ``compile``, else ``"sdpa"``; see docs/performance.md) and ``sampling_kernel`` (device
+    sampling draws the token and its log-prob with the one-pass :func:`rlxf.kernels.sample_tokens`
+    kernel; None = on CUDA where Triton runs and the probe passes) and ``graph_steps`` (decode steps
     unrolled into one captured graph with device sampling: fewer replays and host round trips) and
     ``compile_mode`` (``torch.compile``'s ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` to autotune
     the skinny decode matmuls; the graph capture is rlxf's own either way).
@@ -240,7 +244,8 @@ class StaticEngine:
         state.clear_outputs()
         if params.seed is not None:
             _seed_device(device, params.seed + 1_000_003 * batch_index)
-        state.seed.random_(0, 2 ** 62)                                          # the kernel's Philox key
+        if state.spec["sampling_kernel"]:
+            state.seed.random_(0, 2 ** 62)                                      # the kernel's Philox key
         state.tokens.copy_(_sample_and_record(state, greedy, logits))           # the first token
         done, checked = 1, 1
         check = _FinishedCheck(state)
