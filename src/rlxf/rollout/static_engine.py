@@ -417,6 +417,7 @@ class _DecodeState:
     graph_logits: Tensor | None = None
     fused: list | None = None   # per layer (w_qkv, b_qkv | None, w_gate_up, b_gate_up | None) copies
     seed: Tensor | None = None  # [1] long, the sampling kernel's Philox key (plus step_index)
+    finished_flag: Tensor | None = None  # [1] bool in pinned host memory: the all-finished check's copy
     out_ids: Tensor | None = None  # [B, L] long, tokens fed (pad once finished)
     out_logps: Tensor | None = None  # [B, L] float32
     out_mask: Tensor | None = None  # [B, L] long, 1 while the row is active
@@ -609,7 +610,7 @@ def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Ten
     ``state.seed + step_index`` in the :func:`rlxf.kernels.sample_tokens` kernel (one pass over the
     logits). Returns the token fed next (pad for rows that already finished).
     """
-    if state.spec.get("sampling_kernel"):
+    if state.spec["sampling_kernel"]:
         tokens, logp = kernels.sample_tokens(logits, state.seed, state.step_index, state.inv_temperature,
                                              state.logp_inv_temperature, greedy)
     else:
@@ -645,7 +646,9 @@ class _FinishedCheck:
     def __init__(self, state: _DecodeState):
         self.state = state
         self.cuda = state.device.type == "cuda"
-        self.flag = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda) if self.cuda else None
+        if self.cuda and state.finished_flag is None:    # pinned once per state, not per call
+            state.finished_flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+        self.flag = state.finished_flag
         self.event = None
 
     def all_finished(self) -> bool:
