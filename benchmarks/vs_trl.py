@@ -500,13 +500,26 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
                 device_sampling: bool | None = None, attention: str | None = None, temperature: float = 0.0,
-                graph_steps: int = 8, compile_mode: str | None = None, sampling_kernel: bool | None = None):
+                graph_steps: int = 8, compile_mode: str | None = None, sampling_kernel: bool | None = None,
+                linear_kernel: bool | None = None, attention_split: int | None = None):
     """``fuse``/``device_sampling``/``attention``/``sampling_kernel``: StaticEngine's
     ``fuse_projections``/``device_sampling``/``decode_attention``/``sampling_kernel`` (None = its
     default: on a GPU with Triton, fused projections, sampling in the graph with the sampling kernel,
     the Triton attention kernel); other values reproduce the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
 
+    from rlxf import kernels
+
+    if attention_split is not None:   # the attention kernel's cache split for this variant only
+        default = kernels.ATTENTION_CONFIG["SPLIT_SLOTS"]
+        kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] = attention_split
+        try:
+            return rlxf_engine(b, kind, compile_=compile_, fuse=fuse, device_sampling=device_sampling,
+                               attention=attention, temperature=temperature, graph_steps=graph_steps,
+                               compile_mode=compile_mode, sampling_kernel=sampling_kernel,
+                               linear_kernel=linear_kernel)
+        finally:
+            kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] = default
     c = b.cfg["decode"]
     model = b.build_model()
     vocab = b.cfg["model"]["vocab_size"]
@@ -515,7 +528,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
               else StaticEngine(model, b.tokenizer, compile=compile_, fuse_projections=fuse,
                                 device_sampling=device_sampling, decode_attention=attention,
                                 graph_steps=graph_steps, compile_mode=compile_mode,
-                                sampling_kernel=sampling_kernel, **kw))
+                                sampling_kernel=sampling_kernel, linear_kernel=linear_kernel, **kw))
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -541,6 +554,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
         if state is not None:
             extra["decode_attention"] = state.spec["attention"]
             extra["sampling_kernel"] = bool(state.spec.get("sampling_kernel"))
+            extra["linear_kernel"] = bool(state.spec.get("linear_kernel"))
         if isinstance(graph, torch.cuda.CUDAGraph):  # replay alone: no host work between steps
             extra["fused_projections"] = state.fused is not None
             extra["graph_contains"] = "decode step" if state.graph is not None else "sample + record + decode step"
@@ -555,7 +569,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
             extra["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 50
     res = decode_result(b, times, c["batch"], c["new"], model, c["prompt"] + c["new"] / 2, extra)
     if (kind == "static" and fuse is None and device_sampling is None and temperature == 0
-            and sampling_kernel is None and graph_steps == 8 and compile_mode is None):
+            and sampling_kernel is None and graph_steps == 8 and compile_mode is None and linear_kernel is None):
         key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention is None else f"_{attention}")
         b.results["profile"][key] = profile_decode_step(b, engine, prompts)
     del engine, model
@@ -681,12 +695,28 @@ def kernel_sweep(b: Bench) -> dict:
     attention_default, sample_default = dict(kernels.ATTENTION_CONFIG), dict(kernels.SAMPLE_CONFIG)
     try:
         for block, warps, stages in ((64, 4, 2), (64, 4, 3), (64, 2, 2), (32, 4, 2), (128, 4, 2), (128, 8, 2)):
-            kernels.ATTENTION_CONFIG.update(BLOCK_N=block, num_warps=warps, num_stages=stages)
+            kernels.ATTENTION_CONFIG.update(BLOCK_N=block, num_warps=warps, num_stages=stages, SPLIT_SLOTS=0)
             out["attention"][f"kernel BLOCK_N={block} warps={warps} stages={stages}"] = us(
                 lambda: kernels.decode_attention(q, k_cache, v_cache, mask, slot, head_dim ** -0.5))
             out["attention"][f"RoPE + cache write + kernel BLOCK_N={block} warps={warps} stages={stages}"] = us(
                 lambda: kernels.rope_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, positions,
                                                       cos, sin, head_dim ** -0.5))
+        # as in the decode step, the caches come from HBM: each call of the timed graph reads its own
+        # layer's cache (24 caches, more than the L2 cache holds)
+        caches = [(torch.randn_like(k_cache), torch.randn_like(v_cache)) for _ in range(m["num_hidden_layers"])]
+        turn = iter(range(10 ** 9))
+
+        def cold_attention():
+            kc, vc = caches[next(turn) % len(caches)]
+            return kernels.rope_decode_attention(q, k_new, v_new, kc, vc, mask, slot, positions, cos, sin,
+                                                 head_dim ** -0.5)
+
+        cold = out["attention_cold_cache"] = {}
+        for split, block, warps, stages in ((0, 128, 4, 2), (0, 64, 4, 2), (64, 64, 4, 2), (128, 128, 4, 2),
+                                            (128, 64, 4, 2), (256, 128, 4, 2), (64, 32, 2, 2)):
+            kernels.ATTENTION_CONFIG.update(BLOCK_N=block, num_warps=warps, num_stages=stages, SPLIT_SLOTS=split)
+            cold[f"RoPE kernel SPLIT_SLOTS={split} BLOCK_N={block} warps={warps} stages={stages}"] = _graph_us(
+                cold_attention, len(caches))
         for chunk, warps in ((4096, 8), (2048, 4), (8192, 8), (1024, 4), (4096, 4)):
             kernels.SAMPLE_CONFIG.update(CHUNK=chunk, num_warps=warps)
             for greedy in (True, False):
@@ -697,6 +727,113 @@ def kernel_sweep(b: Bench) -> dict:
         kernels.ATTENTION_CONFIG.update(attention_default)
         kernels.SAMPLE_CONFIG.clear()
         kernels.SAMPLE_CONFIG.update(sample_default)
+    return out
+
+
+def _graph_us(fn, calls: int = 20) -> float:
+    """Microseconds per call of ``fn``, timed as ``calls`` calls in one CUDA graph (no launch overhead)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return round(sorted(times)[2], 2)
+
+
+def linear_sweep(b: Bench) -> dict:
+    """Microseconds per call of the decode step's four projections at the decode batch: cuBLAS
+    (``F.linear``, plus the SiLU·mul for gate/up) against :func:`rlxf.kernels.decode_linear` under
+    launch settings searched in two stages (tiles and K splits, then M block, warps and stages
+    around the best). The best setting of each shape goes into ``kernels.LINEAR_CONFIGS`` for the
+    rest of the run (and is what rlxf ships; docs/performance.md). Weights are read cold (from HBM,
+    as in the decode step), and split settings are timed with the sum of their partials."""
+    if not b.cuda:
+        return {}
+    import itertools
+
+    import torch.nn.functional as F
+
+    from rlxf import kernels
+
+    m, c = b.cfg["model"], b.cfg["decode"]
+    rows, hidden, inter = c["batch"], m["hidden_size"], m["intermediate_size"]
+    head_dim = hidden // m["num_attention_heads"]
+    qkv_n = hidden + 2 * m["num_key_value_heads"] * head_dim
+    dev, dt = "cuda", torch.bfloat16
+    shapes = {"q/k/v": (qkv_n, hidden, False, True), "o": (hidden, hidden, False, False),
+              "gate/up + silu·mul": (inter, hidden, True, False), "down": (hidden, inter, False, False)}
+    out = {"rows": rows, "shapes": {}}
+    for name, (n, k, silu_mul, bias) in shapes.items():
+        x = torch.randn(rows, k, device=dev, dtype=dt)
+        w = torch.randn(2 * n if silu_mul else n, k, device=dev, dtype=dt) / k ** 0.5
+        bvec = torch.randn(w.shape[0], device=dev, dtype=dt) if bias else None
+        ref = kernels.decode_linear_reference(x, w, bvec, silu_mul)
+        # in the decode step every weight comes from HBM (24 layers do not fit the L2 cache): each
+        # call of a timed graph reads its own copy, and the copies together exceed the L2 cache
+        copies = min(64, max(8, -(-160_000_000 // (w.numel() * w.element_size()))))
+        pool = [w.clone() for _ in range(copies)]
+        turn = iter(range(10 ** 9))
+
+        def cold(fn):
+            return lambda: fn(pool[next(turn) % copies])
+
+        if silu_mul:
+            cublas = _graph_us(cold(lambda wc: kernels.decode_linear_reference(x, wc, bvec, True)), copies)
+        else:
+            cublas = _graph_us(cold(lambda wc: F.linear(x, wc, bvec)), copies)
+        warm = _graph_us(lambda: F.linear(x, w, bvec))
+        rec = {"n": n, "k": k, "cublas_us": cublas, "cublas_matmul_l2_warm_us": warm, "weight_copies": copies,
+               "configs": []}
+
+        def timed(cfg):
+            key = {kk: v for kk, v in cfg.items() if kk != "BLOCK_M"}
+            try:
+                res = kernels.linear_result(kernels._linear_launch(x, w, bvec, silu_mul, cfg), dt)
+                err = float((res.float() - ref.float()).abs().max() / ref.float().abs().max())
+                # split partials are timed with their sum (a separate kernel in the compiled step too)
+                us = _graph_us(cold(lambda wc: kernels.linear_result(
+                    kernels._linear_launch(x, wc, bvec, silu_mul, cfg), dt)), copies)
+            except Exception as exc:  # noqa: BLE001 - a setting that does not compile is recorded, not fatal
+                rec["configs"].append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                return None
+            rec["configs"].append({**cfg, "us": us, "rel_error": round(err, 5)})
+            return (us, key, cfg) if err < 2e-2 else None
+
+        splits = (1,) if silu_mul else (1, 2, 4, 8)
+        stage1 = []
+        for bn, bk, split in itertools.product((16, 32, 64, 128), (64, 128, 256), splits):
+            programs = -(-n // bn) * split
+            if programs < 32 or programs > 1024 or k // split < bk:
+                continue
+            r = timed({"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
+                       "num_stages": 3})
+            if r:
+                stage1.append(r)
+        best = min(stage1, key=lambda r: r[0])
+        results = [best]
+        for bm, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4, 5)):
+            cfg = {**best[2], "BLOCK_M": bm, "num_warps": warps, "num_stages": stages}
+            if cfg == best[2]:
+                continue
+            r = timed(cfg)
+            if r:
+                results.append(r)
+        us, _, cfg = min(results, key=lambda r: r[0])
+        rec["best"] = {**cfg, "us": us}
+        rec["speedup_vs_cublas"] = round(cublas / us, 3)
+        kernels.LINEAR_CONFIGS[(n, k, silu_mul)] = {kk: v for kk, v in cfg.items() if kk != "BLOCK_M"}
+        out["shapes"][name] = rec
+        print(f"[linear sweep] {name}: cuBLAS {cublas} us, best {us} us {cfg}", flush=True)
+    out["chosen"] = {f"{n},{k},{s}": v for (n, k, s), v in kernels.LINEAR_CONFIGS.items()}
     return out
 
 
@@ -1016,14 +1153,32 @@ def main(argv=None):
             b.results["profile"]["kernel_sweep_us"] = kernel_sweep(b)
         except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
             b.results["errors"]["decode/kernel sweep"] = f"{type(exc).__name__}: {exc}"
+    if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/linear sweep")):
+        try:
+            b.results["profile"]["linear_sweep_us"] = linear_sweep(b)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
+            b.results["errors"]["decode/linear sweep"] = f"{type(exc).__name__}: {exc}"
+        b.save()
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
+        for split in (0, 64, 256):
+            b.run("decode", f"rlxf StaticEngine (compile; attention split every {split} slots)" if split else
+                  "rlxf StaticEngine (compile; attention without the cache split)",
+                  lambda split=split: rlxf_engine(b, "static", compile_=True, attention=None, attention_split=split),
+                  need_s=s(60))
+        for which in (("qkv", "o", "gate_up", "down"), ("gate_up",), ("o",)):
+            b.run("decode", f"rlxf StaticEngine (compile; decode_linear kernel for {', '.join(which)})",
+                  lambda which=which: rlxf_engine(b, "static", compile_=True, attention=None, linear_kernel=which),
+                  need_s=s(60))
+        b.run("decode", "rlxf StaticEngine (compile; cuBLAS projections)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention=None, linear_kernel=False), need_s=s(60))
         b.run("decode", "rlxf StaticEngine (compile; matmul attention, torch sampling: before the kernels)",
               lambda: rlxf_engine(b, "static", compile_=True, attention="matmul", sampling_kernel=False),
               need_s=s(60))
         b.run("decode", "rlxf StaticEngine (compile; Triton attention, torch sampling)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention="triton", sampling_kernel=False),
+              lambda: rlxf_engine(b, "static", compile_=True, attention="triton", sampling_kernel=False,
+                                  linear_kernel=False),
               need_s=s(60))
         b.run("decode", "rlxf StaticEngine (compile; matmul attention, sampling kernel)",
               lambda: rlxf_engine(b, "static", compile_=True, attention="matmul", sampling_kernel=True),

@@ -149,4 +149,4 @@ def test_static_engine_stops_early_without_a_host_sync_per_check():
     out = engine.generate(prompts, SamplingParams(max_new_tokens=200, temperature=1.0, n=3, seed=0))
     assert out.completion_ids.shape[1] == 1 and out.finish_reason == ["stop"] * 6
     state = next(iter(engine._states.values()))
-    assert int(state.step_index) < 100      # stopped at a check (17 or 33 steps here), not at 200
+    assert int(state.step_index) <= 33      # stopped at the second check (33 steps), not at 200

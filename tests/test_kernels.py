@@ -50,10 +50,20 @@ def _cache(batch, n_kv, groups, head_dim, length, dtype, pad):
     return q, k, v, mask
 
 
+@pytest.fixture(params=[0, 64], ids=["one program per row and head", "split over the cache"])
+def split_slots(request, monkeypatch):
+    """The kernel as one program walking the whole cache, and as flash-decoding splits of 64 slots
+    (two 32-slot blocks each; the last split of a 192-slot cache is partly or wholly past the fill)."""
+    monkeypatch.setitem(kernels.ATTENTION_CONFIG, "SPLIT_SLOTS", request.param)
+    if request.param:
+        monkeypatch.setitem(kernels.ATTENTION_CONFIG, "BLOCK_N", 32)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (4, 1, 16), (1, 2, 32)])
 @pytest.mark.parametrize("slot", [0, 127, 191])
-def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot):
+def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot, split_slots):
     q, k, v, mask = _cache(3, n_kv, groups, head_dim, 192, dtype, pad=(0, 0, 0) if slot == 0 else (0, 5, slot))
     # slots after `slot` hold garbage that must not be read: make it huge
     k[:, :, slot + 1:] = 1e4
@@ -68,7 +78,8 @@ def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (1, 2, 32)])
 @pytest.mark.parametrize("slot", [0, 128, 191])
-def test_rope_decode_attention_rotates_writes_the_cache_and_attends(dtype, n_kv, groups, head_dim, slot):
+def test_rope_decode_attention_rotates_writes_the_cache_and_attends(dtype, n_kv, groups, head_dim, slot,
+                                                                    split_slots):
     batch, length = 3, 192
     q, k, v, mask = _cache(batch, n_kv, groups, head_dim, length, dtype, pad=(0, 0, 0) if slot == 0 else (0, 1, slot))
     mask[..., slot:] = float("-inf")      # not yet written: the kernel must show the new slot itself
@@ -161,10 +172,106 @@ def test_sample_tokens_draws_from_the_tempered_softmax():
     assert 0.5 * (frequencies - torch.softmax(row.double().cpu(), -1)).abs().sum() > bound
 
 
-# -- the engine with both kernels -------------------------------------------------------------------
+# -- the skinny-matmul kernel -------------------------------------------------------------------------
 
+def _eager_mlp_product(x, weight, bias):
+    """silu(gate)·up rounded the way the eager module rounds it (each op in the input dtype)."""
+    gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,silu_mul,bias", [
+    (3, 48, 64, False, True),      # rows and columns that fill no block
+    (16, 40, 96, True, True),      # K not a multiple of BLOCK_K
+    (33, 64, 512, False, False),   # split over K (partials)
+    (128, 96, 1024, False, True),
+    (7, 32, 640, True, False),
+])
+def test_decode_linear_matches_reference(dtype, m, n, k, silu_mul, bias):
+    torch.manual_seed(0)
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    weight = torch.randn(2 * n if silu_mul else n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(weight.shape[0], dtype=dtype, device=DEVICE) if bias else None
+    out = kernels.decode_linear(x, weight, b, silu_mul)
+    got = kernels.linear_result(out, dtype)
+    assert got.shape == (m, n) and got.dtype == dtype
+    if out.dim() == 3:                                # split partials are float32 and sum to the product
+        assert out.dtype == torch.float32 and out.shape[1:] == (m, n)
+    if dtype == torch.float32:
+        want = kernels.decode_linear_reference(x.double(), weight.double(), None if b is None else b.double(),
+                                               silu_mul)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:   # against the eager bf16 module: the same roundings, accumulation order aside
+        want = _eager_mlp_product(x, weight, b) if silu_mul else torch.nn.functional.linear(x, weight, b)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 2},
+])
+def test_decode_linear_launch_settings_give_the_same_product(config):
+    """Every setting the GPU sweep may pick (M, N, K blocks; K splits, one of them with a ragged last split)."""
+    torch.manual_seed(1)
+    x, weight, b = (torch.randn(20, 320, device=DEVICE), torch.randn(72, 320, device=DEVICE) / 18,
+                    torch.randn(72, device=DEVICE))
+    got = kernels.linear_result(kernels._linear_launch(x, weight, b, False, config), torch.float32)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_tuned_entry_is_used_and_fake_shape_matches(monkeypatch):
+    x, weight = torch.randn(4, 256, device=DEVICE), torch.randn(24, 256, device=DEVICE)
+    monkeypatch.setitem(kernels.LINEAR_CONFIGS, (24, 256, False),
+                        {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2})
+    assert kernels.linear_config(4, 24, 256, False)["SPLIT_K"] == 4
+    out = kernels.decode_linear(x, weight, None)
+    assert out.shape == (4, 4, 24)
+    compiled = torch.compile(lambda a, w: kernels.linear_result(kernels.decode_linear(a, w, None), a.dtype),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_refuses_bad_input_with_the_reason():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight \[N, K\]"):
+        kernels.decode_linear(x, torch.randn(8, 32, device=DEVICE), None)
+    with pytest.raises(ValueError, match="one float dtype"):
+        kernels.decode_linear(x, torch.randn(8, 64, device=DEVICE, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="silu_mul needs SPLIT_K 1"):
+        kernels._linear_launch(x, torch.randn(16, 64, device=DEVICE), None, True,
+                               {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2})
+
+
+def test_engine_refuses_the_linear_kernel_it_cannot_run(tokenizer):
+    model = _random("qwen2").to(DEVICE)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=3, temperature=0.0)
+    engine = StaticEngine(model, tokenizer, decode_attention="sdpa", fuse_projections=True, linear_kernel=True)
+    with pytest.raises(ValueError, match=r"linear_kernel=\['down', 'gate_up', 'o', 'qkv'\] cannot run here: it runs "
+                                         "with the Triton attention"):
+        engine.generate(prompts, params)
+    engine = StaticEngine(model, tokenizer, decode_attention="triton", fuse_projections=False, linear_kernel=True)
+    with pytest.raises(ValueError, match="fuse_projections is off"):
+        engine.generate(prompts, params)
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    engine = StaticEngine(model, tokenizer, decode_attention="triton", fuse_projections=True, linear_kernel=True)
+    with pytest.raises(ValueError, match="layer 1's MLP activation is GELU, not SiLU"):
+        engine.generate(prompts, params)
+    # left to choose, the engine keeps the torch matmuls for it (and still decodes)
+    engine = StaticEngine(model, tokenizer, decode_attention="triton", fuse_projections=True)
+    engine.generate(prompts, params)
+    assert engine._states[next(iter(engine._states))].spec["linear_kernel"] == frozenset()
+    with pytest.raises(ValueError, match="a subset of"):
+        StaticEngine(model, tokenizer, linear_kernel=("mlp",))
+
+
+# -- the engine with the kernels ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("linear", [False, True, ("gate_up", "down")], ids=["cuBLAS", "linear kernel", "MLP kernels"])
 @pytest.mark.parametrize("kind", ["tiny", "qwen2", "qwen3"])
-def test_engine_with_kernels_greedy_equals_hf_engine(kind, tokenizer):
+def test_engine_with_kernels_greedy_equals_hf_engine(kind, linear, tokenizer):
     from rlxf.models import load_policy
 
     model = load_policy("tiny", dtype="float32", device=DEVICE).eval() if kind == "tiny" else _random(kind)
@@ -173,10 +280,12 @@ def test_engine_with_kernels_greedy_equals_hf_engine(kind, tokenizer):
     params = SamplingParams(max_new_tokens=20, temperature=0.0, n=2)
     ref = HFEngine(model, tokenizer).generate(prompts, params)
     engine = StaticEngine(model, tokenizer, sync_every=3, device_sampling=True, decode_attention="triton",
-                          sampling_kernel=True, graph_steps=4)
+                          sampling_kernel=True, graph_steps=4, fuse_projections=True, linear_kernel=linear)
     out = engine.generate(prompts, params)
     check_invariants(out, params)
-    assert engine._states[next(iter(engine._states))].spec["attention"] == "triton"
+    spec = engine._states[next(iter(engine._states))].spec
+    wanted = StaticEngine.__init__.__globals__["LINEAR_PROJECTIONS"] if linear is True else (linear or ())
+    assert spec["attention"] == "triton" and spec["linear_kernel"] == frozenset(wanted)
     assert torch.equal(out.completion_ids, ref.completion_ids)
     assert torch.equal(out.completion_mask, ref.completion_mask)
     torch.testing.assert_close(out.logps, ref.logps, rtol=LOGP_TOL, atol=LOGP_TOL)
@@ -242,16 +351,19 @@ def test_engine_falls_back_to_torch_when_the_kernels_fail_their_check(tokenizer,
 
 
 def test_default_attention_avoids_the_kernel_for_few_rows_over_a_long_cache(tokenizer, monkeypatch):
-    """One program per (row, KV head) walks the cache serially: with 2 rows × 2 KV heads and 2048 slots
-    the default keeps the torch attention; more rows, or a short cache, take the kernel."""
+    """Without the cache split, one program per (row, KV head) walks the cache serially: with 2 rows × 2
+    KV heads and 2048 slots the default keeps the torch attention; more rows, or a short cache, take
+    the kernel. With the split (the default) the kernel is used for every shape."""
     from rlxf.rollout import static_engine
 
     monkeypatch.setattr(static_engine, "_kernels_by_default", lambda device: True)
     monkeypatch.setattr(kernels, "probe", lambda *args: None)
     engine = StaticEngine(_random("qwen2"), tokenizer)
-    cpu = torch.device("cpu")
-    assert engine._attention_kind(cpu, batch=2, length=2048) == "sdpa"
-    assert engine._attention_kind(cpu, batch=16, length=2048) == "triton"
-    assert engine._attention_kind(cpu, batch=2, length=512) == "triton"
+    device = torch.device(DEVICE)
+    assert engine._attention_kind(device, batch=2, length=2048) == "triton"   # the split kernel: always
+    monkeypatch.setitem(kernels.ATTENTION_CONFIG, "SPLIT_SLOTS", 0)           # without the split:
+    assert engine._attention_kind(device, batch=2, length=2048) == "sdpa"
+    assert engine._attention_kind(device, batch=16, length=2048) == "triton"
+    assert engine._attention_kind(device, batch=2, length=512) == "triton"
     assert StaticEngine(_random("qwen2"), tokenizer, decode_attention="triton")._attention_kind(
-        cpu, batch=2, length=2048) == "triton"                  # an explicit choice is kept
+        device, batch=2, length=2048) == "triton"               # an explicit choice is kept

@@ -45,8 +45,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter's bf16 dot is wrong: upcast there
 # launch settings (benchmarks/vs_trl.py sweeps them on the GPU; docs/performance.md has the results)
-ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+# SPLIT_SLOTS: cache slots per program (flash-decoding split; the partials are merged by a second
+# kernel); 0 = one program walks the whole cache
+ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT_SLOTS": 128}
 SAMPLE_CONFIG = {"CHUNK": 8192, "num_warps": 8}   # CHUNK: vocabulary entries per first-pass program
+# decode_linear settings measured per (N, K, silu_mul) on the GPU (see linear_config)
+LINEAR_CONFIGS: dict = {}
 
 
 def available(device: torch.device | str) -> bool:
@@ -123,16 +127,20 @@ def sample_tokens_reference(logits: Tensor, noise_u: Tensor | None, inv_temperat
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(Q, KN, VN, K, V, M, SLOT, POS, COS, SIN, O, scaling,
-                                 stride_qb, stride_knb, stride_vnb, stride_kb, stride_kh, stride_kl, stride_mb,
-                                 stride_cos, H_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    def _decode_attention_kernel(Q, KN, VN, K, V, M, SLOT, POS, COS, SIN, O, PART_M, PART_L, scaling,
+                                 split_slots, stride_qb, stride_knb, stride_vnb, stride_kb, stride_kh, stride_kl,
+                                 stride_mb, stride_cos, H_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                                  D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                                 UPCAST: tl.constexpr, ROPE: tl.constexpr):
-        """One (row, KV head). ``ROPE``: rotate q and the new k by the row's position, write the new
-        k and v to cache slot ``slot`` and attend over slots ``0..slot-1`` plus the new token kept in
-        registers; otherwise attend over cache slots ``0..slot``."""
+                                 UPCAST: tl.constexpr, ROPE: tl.constexpr, SPLIT: tl.constexpr):
+        """One (row, KV head, cache split). ``ROPE``: rotate q and the new k by the row's position,
+        write the new k and v to cache slot ``slot`` (split 0) and attend over slots ``0..slot-1``
+        plus the new token kept in registers (split 0); otherwise attend over cache slots
+        ``0..slot``. ``SPLIT``: this program covers slots ``[s·split_slots, (s+1)·split_slots)`` only
+        and writes its unnormalised output, running max and sum to the partial buffers, which
+        :func:`_attention_combine_kernel` merges."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        part = tl.program_id(2)
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
@@ -154,12 +162,16 @@ if triton is not None:
             k_new = tl.load(kn_at + offs_d).to(tl.float32)
             k_new = (k_new * cos + sign * tl.load(kn_at + turned).to(tl.float32) * sin).to(K.dtype.element_ty)
             v_new = tl.load(VN + b.to(tl.int64) * stride_vnb + h * D + offs_d).to(V.dtype.element_ty)
-            tl.store(K + kv_base + slot * stride_kl + offs_d, k_new)
-            tl.store(V + kv_base + slot * stride_kl + offs_d, v_new)
-            # the new token first: it is always visible
-            m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scaling
-            l_i = tl.full([G_PAD], 1.0, tl.float32)
-            acc = tl.zeros([G_PAD, D], tl.float32) + v_new.to(tl.float32)[None, :]
+            if part == 0:   # the new token: written once, always visible, counted by split 0
+                tl.store(K + kv_base + slot * stride_kl + offs_d, k_new)
+                tl.store(V + kv_base + slot * stride_kl + offs_d, v_new)
+                m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scaling
+                l_i = tl.full([G_PAD], 1.0, tl.float32)
+                acc = tl.zeros([G_PAD, D], tl.float32) + v_new.to(tl.float32)[None, :]
+            else:
+                m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+                l_i = tl.zeros([G_PAD], tl.float32)
+                acc = tl.zeros([G_PAD, D], tl.float32)
             n_ctx = slot
         else:
             q = tl.load(Q + q_at + offs_d[None, :], mask=rows[:, None], other=0.0)
@@ -169,9 +181,14 @@ if triton is not None:
             n_ctx = slot + 1
         if UPCAST:
             q = q.to(tl.float32)
-        for start in range(0, n_ctx, BLOCK_N):
+        lo = 0
+        hi = n_ctx
+        if SPLIT:
+            lo = part * split_slots
+            hi = tl.minimum(lo + split_slots, n_ctx)
+        for start in range(lo, hi, BLOCK_N):
             n = start + offs_n
-            valid = n < n_ctx
+            valid = n < hi
             k = tl.load(K + kv_base + n[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
@@ -194,9 +211,33 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        out = acc / l_i[:, None]
-        o_at = (b * H_KV + h) * G * D + offs_g[:, None] * D + offs_d[None, :]  # o: [B, H_kv, G, D]
-        tl.store(O + o_at, out.to(O.dtype.element_ty), mask=rows[:, None])
+        if SPLIT:   # partials [B, H_kv, S, G, (D)], float32, merged by the combine kernel
+            at = ((b * H_KV + h) * tl.num_programs(2) + part) * G + offs_g
+            tl.store(PART_M + at, m_i, mask=rows)
+            tl.store(PART_L + at, l_i, mask=rows)
+            tl.store(O + at[:, None] * D + offs_d[None, :], acc, mask=rows[:, None])
+        else:
+            out = acc / l_i[:, None]
+            o_at = (b * H_KV + h) * G * D + offs_g[:, None] * D + offs_d[None, :]  # o: [B, H_kv, G, D]
+            tl.store(O + o_at, out.to(O.dtype.element_ty), mask=rows[:, None])
+
+    @triton.jit
+    def _attention_combine_kernel(PART_O, PART_M, PART_L, O, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+                                  G: tl.constexpr, D: tl.constexpr):
+        """One (row·KV head, query head): merge the splits' partial softmax results."""
+        bh = tl.program_id(0)
+        g = tl.program_id(1)
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        used = offs_s < SPLITS
+        at = (bh * SPLITS + offs_s) * G + g
+        m = tl.load(PART_M + at, mask=used, other=-1.0e30)
+        l_s = tl.load(PART_L + at, mask=used, other=0.0)
+        top = tl.max(m, 0)
+        weight = tl.where(used, tl.exp(m - top), 0.0)
+        acc = tl.load(PART_O + at[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+        tl.store(O + (bh * G + g) * D + offs_d, out.to(O.dtype.element_ty))
 
     @triton.jit
     def _chunk_uniforms(seed, row, chunk, n_chunks, CHUNK: tl.constexpr):
@@ -250,6 +291,70 @@ if triton is not None:
         tl.store(TOKENS + row, token.to(tl.int64))
         tl.store(LOGPS + row, z_sel - (top + tl.log(total)))
 
+    @triton.jit
+    def _skinny_linear_kernel(X, W, B, O, M, N, K, k_per_split, stride_xm, stride_wn, stride_os, stride_om,
+                              HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One (N block, K split, M block) tile of ``x @ w.T``: ``acc[m, n] = Σ_k x[m, k]·w[n, k]`` over
+        this split's ``k`` range. ``SILU_MUL``: ``w`` is the concatenated [gate; up] weight of
+        ``2N`` rows and the tile is ``silu(x·gate + b_gate)·(x·up + b_up)``. The bias is added by split 0."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows_m = offs_m < M
+        rows_n = offs_n < N
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        x_at = X + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_at = W + offs_n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            if EVEN_K:
+                x = tl.load(x_at + k[None, :], mask=rows_m[:, None], other=0.0)
+                w = tl.load(w_at + k[None, :], mask=rows_n[:, None], other=0.0)
+            else:
+                inside = k < k_hi
+                x = tl.load(x_at + k[None, :], mask=rows_m[:, None] & inside[None, :], other=0.0)
+                w = tl.load(w_at + k[None, :], mask=rows_n[:, None] & inside[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+            if SILU_MUL:
+                if EVEN_K:
+                    u = tl.load(w_at + N * stride_wn + k[None, :], mask=rows_n[:, None], other=0.0)
+                else:
+                    u = tl.load(w_at + N * stride_wn + k[None, :], mask=rows_n[:, None] & inside[None, :],
+                                other=0.0)
+                if UPCAST:
+                    u = u.to(tl.float32)
+                if IEEE:
+                    acc_up += tl.dot(x, tl.trans(u), input_precision="ieee")
+                else:
+                    acc_up += tl.dot(x, tl.trans(u))
+        if HAS_BIAS:
+            if pid_s == 0:
+                acc += tl.load(B + offs_n, mask=rows_n, other=0.0).to(tl.float32)[None, :]
+                if SILU_MUL:
+                    acc_up += tl.load(B + N + offs_n, mask=rows_n, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            # rounded like the eager module: act(gate) and up are model-dtype tensors there
+            gate = acc.to(O.dtype.element_ty).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(O.dtype.element_ty).to(tl.float32)
+            acc = act * acc_up.to(O.dtype.element_ty).to(tl.float32)
+        out_at = O + pid_s.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_at, acc.to(O.dtype.element_ty), mask=rows_m[:, None] & rows_n[None, :])
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -262,11 +367,24 @@ def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, 
         raise ValueError("decode_attention needs K and V caches with the same strides and contiguous rows")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     mask = mask.reshape(batch, -1)
-    _decode_attention_kernel[(batch, n_kv)](
-        q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, out, float(scaling),
-        q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        mask.stride(0), cos.stride(0), H_KV=n_kv, G=groups, G_PAD=max(16, _next_pow2(groups)), D=head_dim,
-        IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET, ROPE=rope, **ATTENTION_CONFIG)
+    config = dict(ATTENTION_CONFIG)
+    split_slots = config.pop("SPLIT_SLOTS", 0)
+    splits = triton.cdiv(k_cache.shape[2], split_slots) if split_slots else 1
+    if splits > 1:   # flash-decoding: the cache in slices of split_slots slots, merged after
+        part_o = torch.empty(batch, n_kv, splits, groups, head_dim, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(batch, n_kv, splits, groups, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_o, part_m, part_l = out, out, out
+    _decode_attention_kernel[(batch, n_kv, splits)](
+        q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, part_o, part_m, part_l, float(scaling),
+        split_slots, q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), mask.stride(0), cos.stride(0), H_KV=n_kv, G=groups, G_PAD=max(16, _next_pow2(groups)),
+        D=head_dim, IEEE=q.dtype == torch.float32 or INTERPRET, UPCAST=INTERPRET, ROPE=rope, SPLIT=splits > 1,
+        **config)
+    if splits > 1:
+        _attention_combine_kernel[(batch * n_kv, groups)](part_o, part_m, part_l, out, SPLITS=splits,
+                                                          S_PAD=max(2, _next_pow2(splits)), G=groups, D=head_dim)
     return out
 
 
@@ -334,6 +452,106 @@ def _(logits, seed, step, inv_temperature, logp_inv_temperature, greedy):
     return (logits.new_empty(batch, dtype=torch.long), logits.new_empty(batch, dtype=torch.float32))
 
 
+def linear_config(m: int, n: int, k: int, silu_mul: bool) -> dict:
+    """Launch settings of :func:`decode_linear` for an ``[m, k] @ [n, k].T`` product: the measured
+    entry of :data:`LINEAR_CONFIGS` for ``(n, k, silu_mul)`` when there is one (``benchmarks/vs_trl.py``
+    sweeps them on the GPU), else a rule of thumb: 32 output columns a program, the K range split
+    so that about 128 programs run, each over at least 256 of ``k``."""
+    block_m = min(128, max(16, _next_pow2(m)))
+    tuned = LINEAR_CONFIGS.get((n, k, silu_mul))
+    if tuned is not None:
+        return {"BLOCK_M": block_m, **tuned}
+    block_n = 32
+    split = 1
+    if not silu_mul:
+        while split < 8 and triton.cdiv(n, block_n) * split < 128 and k // (2 * split) >= 256:
+            split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128 if k >= 128 else max(16, _next_pow2(k)),
+            "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
+
+
+def linear_supported(x: Tensor, weight: Tensor) -> str | None:
+    """None when :func:`decode_linear` takes this input and weight; else why not."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return f"needs x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"needs x and weight of one float dtype, got {x.dtype} and {weight.dtype}"
+    if x.shape[1] < 16:
+        return f"K = {x.shape[1]} < 16"
+    return None
+
+
+def _linear_plan(x: Tensor, weight: Tensor, silu_mul: bool, config: dict | None) -> tuple:
+    """``(m, n, k, launch settings without SPLIT_K, splits, k per split)`` of a :func:`decode_linear` call."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    cfg = dict(config or linear_config(m, n, k, silu_mul))
+    split = cfg.pop("SPLIT_K")
+    if silu_mul and split != 1:
+        raise ValueError("decode_linear: silu_mul needs SPLIT_K 1 (the activation is not linear)")
+    k_per_split = -(-(-(-k // split)) // cfg["BLOCK_K"]) * cfg["BLOCK_K"]   # whole K blocks per split
+    return m, n, k, cfg, -(-k // k_per_split), k_per_split
+
+
+def _linear_launch(x: Tensor, weight: Tensor, bias: Tensor | None, silu_mul: bool, config: dict | None) -> Tensor:
+    why_not = linear_supported(x, weight)
+    if why_not:
+        raise ValueError(f"decode_linear: {why_not}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        raise ValueError(f"decode_linear: the weight needs contiguous rows, got strides {weight.stride()}")
+    m, n, k, cfg, split, k_per_split = _linear_plan(x, weight, silu_mul, config)
+    block_k = cfg["BLOCK_K"]
+    if split == 1:
+        out = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+    _skinny_linear_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, m, n, k, k_per_split, x.stride(0), weight.stride(0),
+        out.stride(0), out.stride(1), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        EVEN_K=k % k_per_split == 0 and k_per_split % block_k == 0, IEEE=x.dtype == torch.float32 or INTERPRET,
+        UPCAST=INTERPRET, **cfg)
+    return out[0] if split == 1 else out
+
+
+@torch.library.custom_op("rlxf::decode_linear", mutates_args=())
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None, silu_mul: bool = False) -> Tensor:
+    """``x @ weight.T + bias`` for the few rows of a decode step (``x`` [M, K], ``weight`` [N, K]).
+
+    Returns either the product ``[M, N]`` in ``x``'s dtype or, when :func:`linear_config` splits
+    the K range (small ``N``: too few output tiles to fill the GPU), the float32 partial products
+    ``[S, M, N]`` whose sum over dim 0 is the product (the caller's ``.sum(0)`` fuses into the
+    next element-wise kernel under ``torch.compile``, where cuBLAS runs its own reduction kernel).
+    ``silu_mul``: ``weight`` is the concatenated ``[gate; up]`` weight ``[2N, K]`` and the result
+    is ``silu(x @ gate.T + b_gate) * (x @ up.T + b_up)`` ``[M, N]``, rounded like the eager MLP.
+    Use :func:`linear_result` to get the ``[M, N]`` product either way.
+    """
+    return _linear_launch(x, weight, bias, silu_mul, None)
+
+
+@decode_linear.register_fake
+def _(x, weight, bias, silu_mul=False):
+    m, n, _, _, split, _ = _linear_plan(x, weight, silu_mul, None)
+    if split == 1:
+        return x.new_empty(m, n)
+    return x.new_empty(split, m, n, dtype=torch.float32)
+
+
+def linear_result(out: Tensor, dtype: torch.dtype) -> Tensor:
+    """The ``[M, N]`` product of a :func:`decode_linear` result, in ``dtype`` (sums split partials)."""
+    return out.sum(0).to(dtype) if out.dim() == 3 else out
+
+
+def decode_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, silu_mul: bool = False) -> Tensor:
+    """Torch reference of :func:`linear_result` of :func:`decode_linear`."""
+    if not silu_mul:
+        return torch.nn.functional.linear(x, weight, bias)
+    gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 _PROBED: dict = {}
 
 
@@ -370,9 +588,16 @@ def probe(device: torch.device | str, dtype: torch.dtype, n_kv: int, groups: int
         ones = torch.ones((), dtype=torch.float32, device=device)
         tokens, logps = sample_tokens(logits, slot_t, slot_t, ones, ones, True)
         want_tokens, want_logps = sample_tokens_reference(logits, None, ones, ones)
+        x, weight, bias = rand(3, 512), rand(96, 512) * 0.05, rand(96)
+        for silu_mul, config in ((False, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),
+                                 (True, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1})):
+            config = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2, **config}
+            got = linear_result(_linear_launch(x, weight, bias, silu_mul, config), dtype)
+            want = decode_linear_reference(x.float(), weight.float(), bias.float(), silu_mul)
+            error = max(error, float((got.float() - want).abs().max() / want.abs().max()))   # relative
         tolerance = 1e-3 if dtype == torch.float32 else 5e-2
         if error > tolerance or not torch.equal(tokens, want_tokens):
-            _PROBED[key] = f"results differ from the torch reference (attention max error {error:.3g})"
+            _PROBED[key] = f"results differ from the torch reference (max error {error:.3g})"
         else:
             _PROBED[key] = None
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels here

@@ -62,10 +62,16 @@ log = logging.getLogger("rlxf.rollout")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _CACHE_ALIGN = 64
-# the Triton attention kernel is the default unless it would have fewer than this many programs
-# (rows × KV heads) each walking more than this many cache slots: a guard, not a measured crossover
+# with the attention kernel's cache split off, the kernel is the default unless it would have fewer
+# than this many programs (rows × KV heads) each walking more than this many slots (a guard, not a
+# measured crossover)
 _MIN_KERNEL_PROGRAMS = 32
 _SERIAL_CACHE_LIMIT = 1024
+
+
+# the decode projections rlxf.kernels.decode_linear can run, and those it runs by default on CUDA
+LINEAR_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+_LINEAR_DEFAULT: tuple = ()
 
 
 def static_engine_support(model: nn.Module) -> str | None:
@@ -124,7 +130,7 @@ class StaticEngine:
                  max_cached_graphs: int = 2, fuse_projections: bool | None = None,
                  device_sampling: bool | None = None, decode_attention: str | None = None,
                  graph_steps: int = 8, compile_mode: str | None = None,
-                 sampling_kernel: bool | None = None):
+                 sampling_kernel: bool | None = None, linear_kernel: bool | Sequence[str] | None = None):
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -148,6 +154,14 @@ class StaticEngine:
             raise ValueError(f"decode_attention must be 'sdpa', 'matmul', 'triton' or None, got {decode_attention!r}")
         self.decode_attention = decode_attention
         self.sampling_kernel = sampling_kernel
+        if linear_kernel is True:
+            linear_kernel = LINEAR_PROJECTIONS
+        elif linear_kernel is not None and linear_kernel is not False:
+            unknown = set(linear_kernel) - set(LINEAR_PROJECTIONS) if not isinstance(linear_kernel, str) else {0}
+            if unknown:
+                raise ValueError(f"linear_kernel must be True, False, None or a subset of {LINEAR_PROJECTIONS}, "
+                                 f"got {linear_kernel!r}")
+        self.linear_kernel = None if linear_kernel is None else frozenset(linear_kernel or ())
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
@@ -349,12 +363,32 @@ class StaticEngine:
                                    f"{failed}; pass decode_attention=None to fall back to the torch path")
         if self.decode_attention is not None:
             return self.decode_attention
-        # one program per (row, KV head) walks the cache serially: with few programs and a long cache
-        # (small batch, long context) split-KV attention would be needed, which is not written
-        busy = batch * spec["n_kv"] >= _MIN_KERNEL_PROGRAMS or length <= _SERIAL_CACHE_LIMIT
+        # without the kernel's cache split (ATTENTION_CONFIG["SPLIT_SLOTS"] = 0) one program per
+        # (row, KV head) walks the cache serially: few programs over a long cache keep the torch path
+        busy = (batch * spec["n_kv"] >= _MIN_KERNEL_PROGRAMS or length <= _SERIAL_CACHE_LIMIT
+                or 0 < kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] <= _SERIAL_CACHE_LIMIT)
         if _kernels_by_default(device) and why_not is None and busy and not self._kernels_failed(device):
             return "triton"
         return "matmul" if self.compile else "sdpa"
+
+    def _linear_kind(self, device: torch.device, attention: str, fuse: bool) -> frozenset:
+        """The decode step's projections that run through :func:`rlxf.kernels.decode_linear`."""
+        wanted = self.linear_kernel if self.linear_kernel is not None else frozenset(_LINEAR_DEFAULT)
+        if not wanted:
+            return frozenset()
+        why_not = None
+        if attention != "triton":
+            why_not = f"it runs with the Triton attention kernel, and this call uses {attention!r} attention"
+        elif not fuse:
+            why_not = "it reads the fused q/k/v and gate/up copies (fuse_projections is off)"
+        else:
+            why_not = _linear_kernel_support(self.model) or self._kernels_failed(device)
+        if why_not and self.linear_kernel:
+            raise ValueError(f"linear_kernel={sorted(self.linear_kernel)} cannot run here: {why_not}; pass "
+                             "linear_kernel=None to choose automatically")
+        if why_not or (self.linear_kernel is None and not _kernels_by_default(device)):
+            return frozenset()
+        return wanted
 
     def _state(self, batch: int, length: int, device: torch.device) -> _DecodeState:
         params = tuple(p.data_ptr() for p in self.model.parameters())
@@ -384,9 +418,10 @@ class StaticEngine:
             if failed:
                 raise RuntimeError(f"sampling_kernel=True: the kernels failed their first check on {device}: "
                                    f"{failed}; pass sampling_kernel=None to fall back to the torch sampling")
+        attention = self._attention_kind(device, batch, length)
         state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
-                                   attention=self._attention_kind(device, batch, length),
-                                   sampling_kernel=bool(sampler))
+                                   attention=attention, sampling_kernel=bool(sampler),
+                                   linear_kernel=self._linear_kind(device, attention, fuse))
         state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
@@ -435,10 +470,13 @@ class _DecodeState:
 
     @classmethod
     def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False,
-              attention: str = "sdpa", sampling_kernel: bool = False) -> _DecodeState:
+              attention: str = "sdpa", sampling_kernel: bool = False,
+              linear_kernel: frozenset = frozenset()) -> _DecodeState:
         body = model.model
         dtype = body.embed_tokens.weight.dtype
         spec = {**_head_spec(model), "attention": attention, "sampling_kernel": sampling_kernel}
+        fuse = fuse and all(_fusable(layer) for layer in body.layers)
+        spec["linear_kernel"] = linear_kernel if fuse else frozenset()
         n_kv, head_dim = spec["n_kv"], spec["head_dim"]
         caches = [torch.zeros(batch, n_kv, length, head_dim, dtype=dtype, device=device)
                   for _ in range(2 * len(body.layers))]
@@ -459,7 +497,7 @@ class _DecodeState:
                     step_index=torch.zeros(1, dtype=torch.long, device=device),
                     inv_temperature=torch.ones((), dtype=torch.float32, device=device),
                     logp_inv_temperature=torch.ones((), dtype=torch.float32, device=device))
-        if fuse and all(_fusable(layer) for layer in body.layers):
+        if fuse:
             state.fused = [_fused_buffers(layer) for layer in body.layers]
             state.refresh_fused()
         return state
@@ -562,6 +600,7 @@ def _decode_step(state: _DecodeState) -> Tensor:
     n_kv, groups, head_dim = spec["n_kv"], spec["groups"], spec["head_dim"]
     state.mask.index_fill_(-1, state.slot, 0.0)                                  # the new slot is visible
     kernel = spec["attention"] == "triton"
+    linear = spec["linear_kernel"] if kernel else frozenset()
     if not kernel:
         cos = state.cos.index_select(0, state.positions)[:, None, None, :]       # [B, 1, 1, D]
         sin = state.sin.index_select(0, state.positions)[:, None, None, :]
@@ -570,12 +609,21 @@ def _decode_step(state: _DecodeState) -> Tensor:
         fused = state.fused[i] if state.fused is not None else None
         x = layer.input_layernorm(hidden)
         if kernel:   # RoPE, the cache write and attention over the filled slots in one kernel
-            q, k, v = _project(layer, x, spec, fused)                            # [B, 1, H, D]
+            if "qkv" in linear:
+                q, k, v = _heads(layer, _linear(x[:, 0], fused[0], fused[1])[:, None], spec)
+            else:
+                q, k, v = _project(layer, x, spec, fused)                        # [B, 1, H, D]
             out = kernels.rope_decode_attention(
                 q[:, 0].view(batch, n_kv, groups, head_dim), k[:, 0], v[:, 0], state.k_cache[i],
                 state.v_cache[i], state.mask, state.slot, state.positions, state.cos, state.sin, spec["scaling"])
-            hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, 1, -1))
-            hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
+            hidden = hidden + _projection(layer.self_attn.o_proj, out.reshape(batch, 1, -1), "o" in linear)
+            x = layer.post_attention_layernorm(hidden)
+            if "gate_up" in linear:   # silu(gate)·up in the kernel's epilogue
+                act = kernels.decode_linear(x[:, 0], fused[2], fused[3], True)[:, None]
+            else:
+                gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
+                act = layer.mlp.act_fn(gate) * up
+            hidden = hidden + _projection(layer.mlp.down_proj, act, "down" in linear)
             continue
         q, k, v = _qkv(layer, x, spec, cos, sin, fused)                          # [B, H, 1, D]
         state.k_cache[i].index_copy_(2, state.slot, k)
@@ -635,12 +683,15 @@ def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Ten
 
 
 class _FinishedCheck:
-    """Whether every row has finished, without stalling the GPU on CUDA.
+    """Whether every row has finished, without draining the GPU queue on CUDA.
 
     On CUDA each check copies ``finished.all()`` to pinned host memory behind an event and answers
-    with the last copy that has landed (one check interval late at worst: the extra steps only feed
-    pad to finished rows, whose outputs are masked and trimmed), so the host keeps queueing graph
-    replays instead of waiting for the queue to drain. Elsewhere it reads the flag directly.
+    with the copy issued at the previous check, waiting for that event if the GPU has not reached
+    it yet. The host so stays at most one check interval ahead of the GPU: the GPU always has that
+    interval's steps queued (no idle gap), and the loop stops at most one interval late (the extra
+    steps only feed pad to finished rows, whose outputs are masked and trimmed). Without the wait a
+    host faster than the GPU (a small model) queues every step of the call before any copy lands,
+    and never stops early. Elsewhere it reads the flag directly.
     """
 
     def __init__(self, state: _DecodeState):
@@ -655,8 +706,7 @@ class _FinishedCheck:
         if not self.cuda:
             return bool(self.state.finished.all())
         if self.event is not None:
-            if not self.event.query():
-                return False                                   # the last copy has not landed yet
+            self.event.synchronize()       # the copy issued one check ago; the steps since stay queued
             if bool(self.flag[0]):
                 return True
         self.flag.copy_(self.state.finished.all().reshape(1), non_blocking=True)
@@ -761,16 +811,49 @@ def _project(layer, x: Tensor, spec: dict, fused=None) -> tuple[Tensor, Tensor, 
     """Projections and Qwen3's per-head q/k norms, before RoPE: ``[B, T, H]`` → q ``[B, T, H_q, D]``,
     k, v ``[B, T, H_kv, D]`` (views of one fused projection when ``fused`` is given)."""
     attn = layer.self_attn
+    if fused is not None:
+        return _heads(layer, F.linear(x, fused[0], fused[1]), spec)
     batch, length, _ = x.shape
     head_dim = spec["head_dim"]
-    if fused is not None:
-        n_q, n_kv = spec["n_heads"] * head_dim, spec["n_kv"] * head_dim
-        q, k, v = F.linear(x, fused[0], fused[1]).split((n_q, n_kv, n_kv), dim=-1)
-        q, k, v = (t.view(batch, length, -1, head_dim) for t in (q, k, v))
-    else:
-        q = attn.q_proj(x).view(batch, length, -1, head_dim)
-        k = attn.k_proj(x).view(batch, length, -1, head_dim)
-        v = attn.v_proj(x).view(batch, length, -1, head_dim)
+    q = attn.q_proj(x).view(batch, length, -1, head_dim)
+    k = attn.k_proj(x).view(batch, length, -1, head_dim)
+    v = attn.v_proj(x).view(batch, length, -1, head_dim)
+    return _head_norms(attn, q, k, v)
+
+
+def _heads(layer, qkv: Tensor, spec: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Split one fused q/k/v projection ``[B, T, (H_q + 2·H_kv)·D]`` into heads (views), then the q/k norms."""
+    batch, length, _ = qkv.shape
+    head_dim = spec["head_dim"]
+    n_q, n_kv = spec["n_heads"] * head_dim, spec["n_kv"] * head_dim
+    q, k, v = (t.view(batch, length, -1, head_dim) for t in qkv.split((n_q, n_kv, n_kv), dim=-1))
+    return _head_norms(layer.self_attn, q, k, v)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` [M, N] through :func:`rlxf.kernels.decode_linear` (sums its split partials)."""
+    return kernels.linear_result(kernels.decode_linear(x, weight, bias), x.dtype)
+
+
+def _projection(linear: nn.Linear, x: Tensor, kernel: bool) -> Tensor:
+    """``linear(x)`` for ``x`` [B, 1, K]: through :func:`rlxf.kernels.decode_linear` when ``kernel``."""
+    if not kernel:
+        return linear(x)
+    return _linear(x[:, 0], linear.weight, linear.bias)[:, None]
+
+
+def _linear_kernel_support(model) -> str | None:
+    """None when the decode step can run every projection through :func:`rlxf.kernels.decode_linear`."""
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        if not _fusable(layer) or type(layer.self_attn.o_proj) is not nn.Linear:
+            return f"layer {i} has projections that are not plain nn.Linear (LoRA or quantized layers?)"
+        if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+            return f"layer {i}'s MLP activation is {type(mlp.act_fn).__name__}, not SiLU"
+    return None
+
+
+def _head_norms(attn, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
