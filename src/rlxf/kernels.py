@@ -49,8 +49,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter's bf16
 # kernel); 0 = one program walks the whole cache
 ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT_SLOTS": 128}
 SAMPLE_CONFIG = {"CHUNK": 8192, "num_warps": 8}   # CHUNK: vocabulary entries per first-pass program
-# decode_linear settings measured per (N, K, silu_mul) on the GPU (see linear_config)
-LINEAR_CONFIGS: dict = {}
+# decode_linear settings per (N, K, silu_mul): the best of benchmarks/vs_trl.py's sweep with cold
+# weights at 128 rows for the Qwen2.5-0.5B shapes on an H100 (docs/performance.md); other shapes
+# take linear_config's rule
+LINEAR_CONFIGS: dict = {
+    (1152, 896, False): {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4},
+    (896, 896, False): {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 5},
+    (4864, 896, True): {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3},
+    (896, 4864, False): {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3},
+}
 
 
 def available(device: torch.device | str) -> bool:
