@@ -501,25 +501,13 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
                 device_sampling: bool | None = None, attention: str | None = None, temperature: float = 0.0,
                 graph_steps: int = 8, compile_mode: str | None = None, sampling_kernel: bool | None = None,
-                linear_kernel: bool | None = None, attention_split: int | None = None):
+                linear_kernel: bool | None = None):
     """``fuse``/``device_sampling``/``attention``/``sampling_kernel``: StaticEngine's
     ``fuse_projections``/``device_sampling``/``decode_attention``/``sampling_kernel`` (None = its
     default: on a GPU with Triton, fused projections, sampling in the graph with the sampling kernel,
     the Triton attention kernel); other values reproduce the engine before those changes."""
     from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
 
-    from rlxf import kernels
-
-    if attention_split is not None:   # the attention kernel's cache split for this variant only
-        default = kernels.ATTENTION_CONFIG["SPLIT_SLOTS"]
-        kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] = attention_split
-        try:
-            return rlxf_engine(b, kind, compile_=compile_, fuse=fuse, device_sampling=device_sampling,
-                               attention=attention, temperature=temperature, graph_steps=graph_steps,
-                               compile_mode=compile_mode, sampling_kernel=sampling_kernel,
-                               linear_kernel=linear_kernel)
-        finally:
-            kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] = default
     c = b.cfg["decode"]
     model = b.build_model()
     vocab = b.cfg["model"]["vocab_size"]
@@ -711,6 +699,30 @@ def kernel_sweep(b: Bench) -> dict:
             return kernels.rope_decode_attention(q, k_new, v_new, kc, vc, mask, slot, positions, cos, sin,
                                                  head_dim ** -0.5)
 
+        # few rows over a long cache (2 rows × 2 KV heads, 2048 slots, ~1900 filled), the case the
+        # engine splits the cache for: the torch path against the kernel with and without the split
+        few_q, few_kn = q[:2].contiguous(), k_new[:2].contiguous()
+        few_vn, few_pos = v_new[:2].contiguous(), torch.full((2,), 1900, device=dev)
+        few_slot = torch.tensor([1900], device=dev)
+        few_mask = torch.zeros(2, 1, 1, 2048, device=dev, dtype=dt)
+        few_cos, few_sin = torch.rand(2048, head_dim, device=dev, dtype=dt), torch.rand(2048, head_dim, device=dev, dtype=dt)
+        few_caches = [(torch.randn(2, n_kv, 2048, head_dim, device=dev, dtype=dt),
+                       torch.randn(2, n_kv, 2048, head_dim, device=dev, dtype=dt)) for _ in range(64)]
+        few_turn = iter(range(10 ** 9))
+        few = out["attention_2_rows_2048_slots_cold"] = {}
+
+        def few_torch():
+            kc, vc = few_caches[next(few_turn) % 64]
+            scores = torch.matmul(few_q, kc.transpose(-1, -2)).float() * head_dim ** -0.5
+            return torch.matmul((scores + few_mask).softmax(-1).to(dt), vc)
+
+        few["torch matmul path (eager, no RoPE or cache write)"] = _graph_us(few_torch, 64)
+        for split in (0, 64, 128, 256, 512):
+            def few_kernel(split=split):
+                kc, vc = few_caches[next(few_turn) % 64]
+                return kernels.rope_decode_attention(few_q, few_kn, few_vn, kc, vc, few_mask, few_slot, few_pos,
+                                                     few_cos, few_sin, head_dim ** -0.5, split)
+            few[f"RoPE kernel split_slots={split}"] = _graph_us(few_kernel, 64)
         cold = out["attention_cold_cache"] = {}
         for split, block, warps, stages in ((0, 128, 4, 2), (0, 64, 4, 2), (64, 64, 4, 2), (128, 128, 4, 2),
                                             (128, 64, 4, 2), (256, 128, 4, 2), (64, 32, 2, 2)):
@@ -1162,11 +1174,6 @@ def main(argv=None):
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
-        for split in (0, 64, 256):
-            b.run("decode", f"rlxf StaticEngine (compile; attention split every {split} slots)" if split else
-                  "rlxf StaticEngine (compile; attention without the cache split)",
-                  lambda split=split: rlxf_engine(b, "static", compile_=True, attention=None, attention_split=split),
-                  need_s=s(60))
         for which in (("qkv", "o", "gate_up", "down"), ("gate_up",), ("o",)):
             b.run("decode", f"rlxf StaticEngine (compile; decode_linear kernel for {', '.join(which)})",
                   lambda which=which: rlxf_engine(b, "static", compile_=True, attention=None, linear_kernel=which),

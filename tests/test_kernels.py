@@ -350,20 +350,21 @@ def test_engine_falls_back_to_torch_when_the_kernels_fail_their_check(tokenizer,
         StaticEngine(model, tokenizer, sampling_kernel=True).generate(prompts, params)
 
 
-def test_default_attention_avoids_the_kernel_for_few_rows_over_a_long_cache(tokenizer, monkeypatch):
-    """Without the cache split, one program per (row, KV head) walks the cache serially: with 2 rows × 2
-    KV heads and 2048 slots the default keeps the torch attention; more rows, or a short cache, take
-    the kernel. With the split (the default) the kernel is used for every shape."""
+def test_engine_splits_the_cache_for_few_rows_and_keeps_hf_greedy_tokens(tokenizer, monkeypatch):
+    """Few rows × KV heads over a long cache: the attention kernel splits the cache (flash-decoding);
+    many rows, or a short cache, keep one program per (row, KV head). Split or not, the engine's
+    greedy tokens equal HFEngine's."""
     from rlxf.rollout import static_engine
 
-    monkeypatch.setattr(static_engine, "_kernels_by_default", lambda device: True)
-    monkeypatch.setattr(kernels, "probe", lambda *args: None)
-    engine = StaticEngine(_random("qwen2"), tokenizer)
-    device = torch.device(DEVICE)
-    assert engine._attention_kind(device, batch=2, length=2048) == "triton"   # the split kernel: always
-    monkeypatch.setitem(kernels.ATTENTION_CONFIG, "SPLIT_SLOTS", 0)           # without the split:
-    assert engine._attention_kind(device, batch=2, length=2048) == "sdpa"
-    assert engine._attention_kind(device, batch=16, length=2048) == "triton"
-    assert engine._attention_kind(device, batch=2, length=512) == "triton"
-    assert StaticEngine(_random("qwen2"), tokenizer, decode_attention="triton")._attention_kind(
-        device, batch=2, length=2048) == "triton"               # an explicit choice is kept
+    assert static_engine._attention_split(2, 2, 2048) == static_engine._SPLIT_SLOTS
+    assert static_engine._attention_split(128, 2, 2048) == 0 and static_engine._attention_split(2, 2, 192) == 0
+    monkeypatch.setattr(static_engine, "_SPLIT_SLOTS", 16)     # 64-slot caches here: four splits
+    model = _random("qwen2").to(DEVICE)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, n=2)
+    engine = StaticEngine(model, tokenizer, device_sampling=True, decode_attention="triton", graph_steps=4)
+    out = engine.generate(prompts, params)
+    assert engine._states[next(iter(engine._states))].spec["split_slots"] == 16
+    ref = HFEngine(model, tokenizer).generate(prompts, params)
+    assert torch.equal(out.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(out.logps, ref.logps, rtol=LOGP_TOL, atol=LOGP_TOL)

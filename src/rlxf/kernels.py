@@ -45,9 +45,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter's bf16 dot is wrong: upcast there
 # launch settings (benchmarks/vs_trl.py sweeps them on the GPU; docs/performance.md has the results)
-# SPLIT_SLOTS: cache slots per program (flash-decoding split; the partials are merged by a second
-# kernel); 0 = one program walks the whole cache
-ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT_SLOTS": 128}
+# SPLIT_SLOTS: cache slots per program when a call does not say (flash-decoding split, the partials
+# merged by a second kernel); 0 = one program walks the whole cache, which measured faster at 128
+# rows (docs/performance.md); StaticEngine splits only for few rows (see its _attention_split)
+ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT_SLOTS": 0}
 SAMPLE_CONFIG = {"CHUNK": 8192, "num_warps": 8}   # CHUNK: vocabulary entries per first-pass program
 # decode_linear settings per (N, K, silu_mul): the best of benchmarks/vs_trl.py's sweep with cold
 # weights at 128 rows for the Qwen2.5-0.5B shapes on an H100 (docs/performance.md); other shapes
@@ -366,7 +367,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling, rope):
+def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling, rope,
+                      split_slots=None):
     batch, n_kv, groups, head_dim = q.shape
     if q.stride(-1) != 1 or q.stride(2) != head_dim or q.stride(1) != groups * head_dim:
         q = q.contiguous()
@@ -375,7 +377,8 @@ def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     mask = mask.reshape(batch, -1)
     config = dict(ATTENTION_CONFIG)
-    split_slots = config.pop("SPLIT_SLOTS", 0)
+    default_split = config.pop("SPLIT_SLOTS", 0)
+    split_slots = default_split if split_slots is None else split_slots
     splits = triton.cdiv(k_cache.shape[2], split_slots) if split_slots else 1
     if splits > 1:   # flash-decoding: the cache in slices of split_slots slots, merged after
         part_o = torch.empty(batch, n_kv, splits, groups, head_dim, dtype=torch.float32, device=q.device)
@@ -397,33 +400,40 @@ def _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, 
 
 @torch.library.custom_op("rlxf::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, slot: Tensor,
-                     scaling: float) -> Tensor:
-    """Triton kernel of :func:`decode_attention_reference` (same arguments and result)."""
-    return _attention_launch(q, q, q, k_cache, v_cache, mask, slot, slot, mask, mask, scaling, rope=False)
+                     scaling: float, split_slots: int | None = None) -> Tensor:
+    """Triton kernel of :func:`decode_attention_reference` (same arguments and result).
+
+    ``split_slots``: cache slots per program (flash-decoding: the splits' partial softmax results
+    are merged by a second kernel; worth it when few rows × KV heads face a long cache), 0 for one
+    program per (row, KV head), None for ``ATTENTION_CONFIG["SPLIT_SLOTS"]``.
+    """
+    return _attention_launch(q, q, q, k_cache, v_cache, mask, slot, slot, mask, mask, scaling, rope=False,
+                             split_slots=split_slots)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, mask, slot, scaling):
+def _(q, k_cache, v_cache, mask, slot, scaling, split_slots=None):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("rlxf::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
                           mask: Tensor, slot: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-                          scaling: float) -> Tensor:
+                          scaling: float, split_slots: int | None = None) -> Tensor:
     """RoPE, the cache write and :func:`decode_attention` in one kernel (see
     :func:`rope_decode_attention_reference`): ``q`` [B, H_kv, G, D], ``k_new``/``v_new`` [B, H_kv, D]
     before RoPE (rows may be strided: views of one q/k/v projection), ``positions`` [B] the rows'
-    RoPE positions into the ``cos``/``sin`` tables [L, D]; writes cache slot ``slot``."""
+    RoPE positions into the ``cos``/``sin`` tables [L, D]; writes cache slot ``slot``; ``split_slots``
+    as in :func:`decode_attention`."""
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if t.stride(-1) != 1 or t.stride(1) != t.shape[-1]:
             raise ValueError(f"rope_decode_attention: {name} needs contiguous heads, got strides {t.stride()}")
     return _attention_launch(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling,
-                             rope=True)
+                             rope=True, split_slots=split_slots)
 
 
 @rope_decode_attention.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling):
+def _(q, k_new, v_new, k_cache, v_cache, mask, slot, positions, cos, sin, scaling, split_slots=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

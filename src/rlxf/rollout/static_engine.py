@@ -62,11 +62,16 @@ log = logging.getLogger("rlxf.rollout")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _CACHE_ALIGN = 64
-# with the attention kernel's cache split off, the kernel is the default unless it would have fewer
-# than this many programs (rows × KV heads) each walking more than this many slots (a guard, not a
-# measured crossover)
+# the attention kernel splits the cache into slices of _SPLIT_SLOTS slots (flash-decoding) when fewer
+# than _MIN_KERNEL_PROGRAMS rows × KV heads would each walk more than 2·_SPLIT_SLOTS slots; at 128
+# rows × 2 KV heads the split measured slower (docs/performance.md)
 _MIN_KERNEL_PROGRAMS = 32
-_SERIAL_CACHE_LIMIT = 1024
+_SPLIT_SLOTS = 128
+
+
+def _attention_split(batch: int, n_kv: int, length: int) -> int:
+    """Cache slots per program of the attention kernel for this decode shape (0: no split)."""
+    return _SPLIT_SLOTS if batch * n_kv < _MIN_KERNEL_PROGRAMS and length > 2 * _SPLIT_SLOTS else 0
 
 
 # the decode projections rlxf.kernels.decode_linear can run, and those it runs by default on CUDA
@@ -363,11 +368,7 @@ class StaticEngine:
                                    f"{failed}; pass decode_attention=None to fall back to the torch path")
         if self.decode_attention is not None:
             return self.decode_attention
-        # without the kernel's cache split (ATTENTION_CONFIG["SPLIT_SLOTS"] = 0) one program per
-        # (row, KV head) walks the cache serially: few programs over a long cache keep the torch path
-        busy = (batch * spec["n_kv"] >= _MIN_KERNEL_PROGRAMS or length <= _SERIAL_CACHE_LIMIT
-                or 0 < kernels.ATTENTION_CONFIG["SPLIT_SLOTS"] <= _SERIAL_CACHE_LIMIT)
-        if _kernels_by_default(device) and why_not is None and busy and not self._kernels_failed(device):
+        if _kernels_by_default(device) and why_not is None and not self._kernels_failed(device):
             return "triton"
         return "matmul" if self.compile else "sdpa"
 
@@ -475,6 +476,7 @@ class _DecodeState:
         body = model.model
         dtype = body.embed_tokens.weight.dtype
         spec = {**_head_spec(model), "attention": attention, "sampling_kernel": sampling_kernel}
+        spec["split_slots"] = _attention_split(batch, spec["n_kv"], length)
         fuse = fuse and all(_fusable(layer) for layer in body.layers)
         spec["linear_kernel"] = linear_kernel if fuse else frozenset()
         n_kv, head_dim = spec["n_kv"], spec["head_dim"]
@@ -615,9 +617,13 @@ def _decode_step(state: _DecodeState) -> Tensor:
                 q, k, v = _project(layer, x, spec, fused)                        # [B, 1, H, D]
             out = kernels.rope_decode_attention(
                 q[:, 0].view(batch, n_kv, groups, head_dim), k[:, 0], v[:, 0], state.k_cache[i],
-                state.v_cache[i], state.mask, state.slot, state.positions, state.cos, state.sin, spec["scaling"])
+                state.v_cache[i], state.mask, state.slot, state.positions, state.cos, state.sin, spec["scaling"],
+                spec["split_slots"])
             hidden = hidden + _projection(layer.self_attn.o_proj, out.reshape(batch, 1, -1), "o" in linear)
             x = layer.post_attention_layernorm(hidden)
+            if fused is None:         # unfused projections (the kernels need the fused copies)
+                hidden = hidden + layer.mlp(x)
+                continue
             if "gate_up" in linear:   # silu(gate)·up in the kernel's epilogue
                 act = kernels.decode_linear(x[:, 0], fused[2], fused[3], True)[:, None]
             else:
