@@ -120,8 +120,11 @@ class StaticEngine:
     attention over the filled slots only; ``"sdpa"``: ``scaled_dot_product_attention`` over the
     whole static cache; ``"matmul"``: two matmuls and a softmax, which ``compile`` fuses; None =
     ``"triton"`` on CUDA where Triton runs, the head shape allows, the kernels pass
-    :func:`rlxf.kernels.probe` and the batch is not a few rows over a long cache, else ``"matmul"``
-    with ``compile``, else ``"sdpa"``; see docs/performance.md) and ``sampling_kernel`` (device
+    :func:`rlxf.kernels.probe`, else ``"matmul"`` with ``compile``, else ``"sdpa"``; the kernel
+    splits the cache for few rows over a long one, see :func:`_attention_split` and
+    docs/performance.md) and ``linear_kernel`` (projections run through
+    :func:`rlxf.kernels.decode_linear` instead of cuBLAS: True for all, or a subset of
+    :data:`LINEAR_PROJECTIONS`; None = none, which measured fastest) and ``sampling_kernel`` (device
     sampling draws the token and its log-prob with the one-pass :func:`rlxf.kernels.sample_tokens`
     kernel; None = on CUDA where Triton runs and the probe passes) and ``graph_steps`` (decode steps
     unrolled into one captured graph with device sampling: fewer replays and host round trips) and
