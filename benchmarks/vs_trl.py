@@ -723,6 +723,25 @@ def kernel_sweep(b: Bench) -> dict:
                 return kernels.rope_decode_attention(few_q, few_kn, few_vn, kc, vc, few_mask, few_slot, few_pos,
                                                      few_cos, few_sin, head_dim ** -0.5, split)
             few[f"RoPE kernel split_slots={split}"] = _graph_us(few_kernel, 64)
+        # fixed cost against per-slot cost: the default kernel at several fill levels, with and
+        # without the RoPE prologue (cold caches)
+        by_slot = out["attention_cold_by_slot"] = {}
+        for filled in (1, 64, 128, 192, 300):
+            at = torch.tensor([filled], device=dev)
+            at_rows = at.expand(batch).contiguous()
+
+            def rope_at():
+                kc, vc = caches[next(turn) % len(caches)]
+                return kernels.rope_decode_attention(q, k_new, v_new, kc, vc, mask, at, at_rows, cos, sin,
+                                                     head_dim ** -0.5, 0)
+
+            def plain_at():
+                kc, vc = caches[next(turn) % len(caches)]
+                return kernels.decode_attention(q, kc, vc, mask, at, head_dim ** -0.5, 0)
+
+            kernels.ATTENTION_CONFIG.update(attention_default)
+            by_slot[f"slot {filled}: RoPE kernel"] = _graph_us(rope_at, len(caches))
+            by_slot[f"slot {filled}: kernel without RoPE"] = _graph_us(plain_at, len(caches))
         cold = out["attention_cold_cache"] = {}
         for split, block, warps, stages in ((0, 128, 4, 2), (0, 64, 4, 2), (64, 64, 4, 2), (128, 128, 4, 2),
                                             (128, 64, 4, 2), (256, 128, 4, 2), (64, 32, 2, 2)):
@@ -846,6 +865,54 @@ def linear_sweep(b: Bench) -> dict:
         out["shapes"][name] = rec
         print(f"[linear sweep] {name}: cuBLAS {cublas} us, best {us} us {cfg}", flush=True)
     out["chosen"] = {f"{n},{k},{s}": v for (n, k, s), v in kernels.LINEAR_CONFIGS.items()}
+    return out
+
+
+def _with_blas(library: str, fn):
+    """Run ``fn`` with torch's preferred BLAS library set to ``library`` (restored after)."""
+    default = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+
+
+def matmul_layouts(b: Bench) -> dict:
+    """Microseconds per call of the decode step's four projections at the decode batch through
+    cuBLAS, cold weights, for the weight as nn.Linear stores it (``[N, K]``: ``x @ W.T``) and
+    transposed (``[K, N]`` contiguous: ``x @ Wt``), each with torch's default BLAS choice and with
+    cuBLASLt preferred: whether a stored layout would let cuBLAS pick a faster kernel."""
+    if not b.cuda:
+        return {}
+    import torch.nn.functional as F
+
+    m, c = b.cfg["model"], b.cfg["decode"]
+    rows, hidden, inter = c["batch"], m["hidden_size"], m["intermediate_size"]
+    head_dim = hidden // m["num_attention_heads"]
+    shapes = {"q/k/v": (hidden + 2 * m["num_key_value_heads"] * head_dim, hidden), "o": (hidden, hidden),
+              "gate/up": (2 * inter, hidden), "down": (hidden, inter)}
+    out = {}
+    default = torch.backends.cuda.preferred_blas_library()
+    try:
+        for name, (n, k) in shapes.items():
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            copies = min(64, max(8, -(-160_000_000 // (n * k * 2))))
+            pool = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            pool_t = [w.t().contiguous() for w in pool]
+            rec = out[name] = {"n": n, "k": k}
+            for library in ("default", "cublaslt", "cublas"):
+                torch.backends.cuda.preferred_blas_library(default if library == "default" else library)
+                for layout, weights, fn in (("[N, K] (x @ W.T)", pool, F.linear), ("[K, N] (x @ Wt)", pool_t, torch.mm)):
+                    turn = iter(range(10 ** 9))
+                    try:
+                        rec[f"{layout}, {library}"] = _graph_us(lambda: fn(x, weights[next(turn) % copies]), copies)
+                    except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+                        rec[f"{layout}, {library}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+            print(f"[matmul layouts] {name}: {rec}", flush=True)
+            del pool, pool_t
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
     return out
 
 
@@ -1165,6 +1232,11 @@ def main(argv=None):
             b.results["profile"]["kernel_sweep_us"] = kernel_sweep(b)
         except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
             b.results["errors"]["decode/kernel sweep"] = f"{type(exc).__name__}: {exc}"
+    if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/matmul layouts")):
+        try:
+            b.results["profile"]["matmul_layouts_us"] = matmul_layouts(b)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
+            b.results["errors"]["decode/matmul layouts"] = f"{type(exc).__name__}: {exc}"
     if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/linear sweep")):
         try:
             b.results["profile"]["linear_sweep_us"] = linear_sweep(b)
@@ -1174,6 +1246,9 @@ def main(argv=None):
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
+        b.run("decode", "rlxf StaticEngine (compile; cuBLASLt preferred)",
+              lambda: _with_blas("cublaslt", lambda: rlxf_engine(b, "static", compile_=True, attention=None)),
+              need_s=s(60))
         for which in (("qkv", "o", "gate_up", "down"), ("gate_up",), ("o",)):
             b.run("decode", f"rlxf StaticEngine (compile; decode_linear kernel for {', '.join(which)})",
                   lambda which=which: rlxf_engine(b, "static", compile_=True, attention=None, linear_kernel=which),
