@@ -317,3 +317,29 @@ def test_engine_satisfies_protocol_and_rollouts_helpers(model, tokenizer, prompt
         Rollouts(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.completion_ids,
                  completion_mask=r.completion_mask, logps=r.logps[:, :1], finish_reason=r.finish_reason,
                  text=r.text, prompt_index=r.prompt_index)
+
+
+def test_decode_texts_equals_batch_decode_and_falls_back(tokenizer, monkeypatch):
+    """The Rust-backend fast path returns exactly what batch_decode returns (special tokens skipped),
+    and tokenizers it does not cover (space clean-up on, no backend) go through batch_decode."""
+    import copy
+
+    from rlxf.rollout.hf_engine import decode_texts
+
+    rng = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    specials = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    lists = [torch.randint(0, vocab, (n,), generator=rng).tolist() + specials for n in (0, 1, 17, 64)]
+    assert decode_texts(tokenizer, lists) == tokenizer.batch_decode(lists, skip_special_tokens=True)
+    calls = []
+    cleaning = copy.deepcopy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    monkeypatch.setattr(type(cleaning), "batch_decode",
+                        lambda self, ids, **kw: calls.append(len(ids)) or ["x"] * len(ids))
+    assert decode_texts(cleaning, lists) == ["x"] * 4 and calls == [4]
+
+    class Plain:                     # no Rust backend
+        def batch_decode(self, ids, skip_special_tokens=False):
+            return [f"{len(i)}:{skip_special_tokens}" for i in ids]
+
+    assert decode_texts(Plain(), lists) == ["2:True", "3:True", "19:True", "66:True"]

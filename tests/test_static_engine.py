@@ -214,3 +214,50 @@ def test_device_sampling_with_many_eos_ids_stops_at_the_first_token(tiny, tokeni
     engine = StaticEngine(tiny, tokenizer, device_sampling=True, eos_token_ids=list(range(vocab)))
     out = engine.generate(prompts, SamplingParams(max_new_tokens=40, temperature=1.0, n=2, seed=0))
     assert out.completion_ids.shape[1] == 1 and out.finish_reason == ["stop"] * 6
+
+
+def _compile_with(backend_or_fn, monkeypatch):
+    """torch.compile as the engine calls it, but with a CPU-cheap backend (or a stand-in function)."""
+    real = torch.compile
+
+    def compile_(fn, **kwargs):
+        if callable(backend_or_fn) and not isinstance(backend_or_fn, str):
+            return backend_or_fn(fn)
+        kwargs.pop("mode", None)
+        return real(fn, backend=backend_or_fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+def test_compiled_prefill_takes_new_prompt_widths_and_keeps_greedy_tokens(tiny, tokenizer, monkeypatch):
+    """compile=True also compiles the prefill layers, with symbolic batch and width (prompt widths
+    change from call to call in RL); greedy tokens stay HFEngine's for two widths."""
+    _compile_with("aot_eager", monkeypatch)
+    engine = StaticEngine(tiny, tokenizer, compile=True, sync_every=3)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    for texts in (PROMPTS, ("1+2+3+4+5+6+7=", "9=")):
+        prompts = [tokenizer(p)["input_ids"] for p in texts]
+        out = engine.generate(prompts, params)
+        ref = HFEngine(tiny, tokenizer).generate(prompts, params)
+        assert torch.equal(out.completion_ids, ref.completion_ids)
+        torch.testing.assert_close(out.logps, ref.logps, rtol=1e-4, atol=1e-4)
+    assert callable(engine._compiled["prefill"])
+
+
+def test_a_failing_compiled_prefill_falls_back_to_eager_with_a_warning(tiny, tokenizer, monkeypatch, caplog):
+    def broken(fn):
+        if fn.__name__ != "_prefill_layers":
+            return fn
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor could not build it\nmore detail")
+        return fail
+
+    _compile_with(broken, monkeypatch)
+    engine = StaticEngine(tiny, tokenizer, compile=True)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    with caplog.at_level("WARNING", logger="rlxf.rollout"):
+        out = engine.generate(prompts, params)
+    assert "compiled prefill failed (RuntimeError: inductor could not build it)" in caplog.text
+    assert engine._compiled["prefill"] is False
+    assert torch.equal(out.completion_ids, HFEngine(tiny, tokenizer).generate(prompts, params).completion_ids)

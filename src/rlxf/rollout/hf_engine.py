@@ -173,12 +173,29 @@ class HFEngine:
         lengths = completion_mask.sum(-1).tolist()
         token_lists = [ids[:length - 1] if eos else ids[:length]
                        for ids, length, eos in zip(completion_ids.tolist(), lengths, ends_with_eos)]
-        text = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        text = decode_texts(self.tokenizer, token_lists)
         prompt_index = torch.arange(len(rows) // params.n, device=device).repeat_interleave(params.n)
         return Rollouts(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                         completion_mask=completion_mask, logps=logps,
                         finish_reason=["stop" if f else "length" for f in finished], text=text,
                         prompt_index=prompt_index, group_size=params.n)
+
+
+_LIBRARY_DECODERS = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
+
+
+def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode(token_lists, skip_special_tokens=True)``, through the Rust backend's
+    parallel ``decode_batch`` where that is what ``batch_decode`` computes: a fast tokenizer whose
+    decode is the library's own (no model-specific override) and that does not clean up spaces
+    afterwards (the clean-up rules differ between transformers versions). About 3× faster for 128
+    completions of 256 tokens; otherwise the plain ``batch_decode``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decode = getattr(type(tokenizer), "_decode", None)
+    if (backend is not None and decode is not None and decode.__module__ in _LIBRARY_DECODERS
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return backend.decode_batch(token_lists, skip_special_tokens=True)
+    return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
 
 
 @dataclass

@@ -431,7 +431,17 @@ class StaticEngine:
         return state
 
     def _prefill(self, state: _DecodeState, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        return state.prefill(input_ids, prompt_mask)
+        if not self.compile or self._compiled.get("prefill") is False:
+            return state.prefill(input_ids, prompt_mask)
+        if "prefill" not in self._compiled:   # symbolic batch and width: prompt widths vary call to call
+            self._compiled["prefill"] = torch.compile(_prefill_layers, dynamic=True, mode=self.compile_mode)
+        try:
+            return state.prefill(input_ids, prompt_mask, self._compiled["prefill"])
+        except Exception as exc:  # noqa: BLE001 - a compile failure costs speed, not the call
+            log.warning("StaticEngine: the compiled prefill failed (%s: %s); prefill runs eagerly from now on",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._compiled["prefill"] = False
+            return state.prefill(input_ids, prompt_mask)
 
 
 @dataclass
@@ -545,9 +555,12 @@ class _DecodeState:
 
     # prefill: eager, all prompt positions at once -----------------------------------------------
 
-    def prefill(self, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        """Write cache slots ``0..P-1`` for the left-padded prompts; return last-position logits [B, V]."""
-        model, spec = self.model, self.spec
+    def prefill(self, input_ids: Tensor, prompt_mask: Tensor, layers=None) -> Tensor:
+        """Write cache slots ``0..P-1`` for the left-padded prompts; return last-position logits [B, V].
+
+        ``layers``: the function that runs the decoder layers (:func:`_prefill_layers`, or its
+        compiled form)."""
+        model = self.model
         body = model.model
         batch, width = input_ids.shape
         device = input_ids.device
@@ -562,19 +575,8 @@ class _DecodeState:
         bias = torch.zeros(batch, 1, width, width, dtype=dtype, device=device)
         bias = bias.masked_fill(~allowed[:, None], float("-inf"))
         hidden = body.embed_tokens(input_ids)                                    # [B, P, H]
-        for i, layer in enumerate(body.layers):
-            fused = self.fused[i] if self.fused is not None else None
-            q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin, fused)  # [B, H, P, D]
-            self.k_cache[i][:, :, :width].copy_(k)
-            self.v_cache[i][:, :, :width].copy_(v)
-            g = spec["groups"]
-            if g > 1:
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec["scaling"])
-            out = out.transpose(1, 2).reshape(batch, width, -1)                  # [B, P, H_q·D]
-            hidden = hidden + layer.self_attn.o_proj(out)
-            hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
-        logits = model.lm_head(body.norm(hidden[:, -1:]))[:, 0]                  # [B, V]
+        last = (layers or _prefill_layers)(self, hidden, cos, sin, bias)         # [B, 1, H], normed
+        logits = model.lm_head(last)[:, 0]                                       # [B, V]
         # decode state: prompt slots visible where real, everything after hidden until written
         self.mask.fill_(float("-inf"))
         self.mask[:, 0, 0, :width].masked_fill_(real, 0.0)
@@ -595,6 +597,28 @@ class _DecodeState:
     def capture(self) -> None:
         """Capture one decode step (host-side sampling path) into a CUDA graph; see :func:`_capture`."""
         self.graph, self.graph_logits = _capture(partial(self.step_fn, self), self)
+
+
+def _prefill_layers(state: _DecodeState, hidden: Tensor, cos: Tensor, sin: Tensor, bias: Tensor) -> Tensor:
+    """The decoder layers over the prompt positions ``hidden`` [B, P, H] (RoPE tables [B, 1, P, D],
+    additive attention bias [B, 1, P, P]); writes cache slots ``0..P-1``; returns the final-normed
+    hidden state of the last position [B, 1, H]."""
+    spec = state.spec
+    body = state.model.model
+    batch, width, _ = hidden.shape
+    for i, layer in enumerate(body.layers):
+        fused = state.fused[i] if state.fused is not None else None
+        q, k, v = _qkv(layer, layer.input_layernorm(hidden), spec, cos, sin, fused)   # [B, H, P, D]
+        state.k_cache[i][:, :, :width].copy_(k)
+        state.v_cache[i][:, :, :width].copy_(v)
+        g = spec["groups"]
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec["scaling"])
+        out = out.transpose(1, 2).reshape(batch, width, -1)                      # [B, P, H_q·D]
+        hidden = hidden + layer.self_attn.o_proj(out)
+        hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused)
+    return body.norm(hidden[:, -1:])
 
 
 def _decode_step(state: _DecodeState) -> Tensor:
