@@ -501,7 +501,7 @@ def hf_generate(b: Bench, *, cache: str | None, compile_: bool):
 def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | None = None,
                 device_sampling: bool | None = None, attention: str | None = None, temperature: float = 0.0,
                 graph_steps: int = 8, compile_mode: str | None = None, sampling_kernel: bool | None = None,
-                linear_kernel: bool | None = None, eager_prefill: bool = False, plain_batch_decode: bool = False):
+                linear_kernel: bool | None = None, plain_batch_decode: bool = False):
     """``fuse``/``device_sampling``/``attention``/``sampling_kernel``: StaticEngine's
     ``fuse_projections``/``device_sampling``/``decode_attention``/``sampling_kernel`` (None = its
     default: on a GPU with Triton, fused projections, sampling in the graph with the sampling kernel,
@@ -517,8 +517,6 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
                                 device_sampling=device_sampling, decode_attention=attention,
                                 graph_steps=graph_steps, compile_mode=compile_mode,
                                 sampling_kernel=sampling_kernel, linear_kernel=linear_kernel, **kw))
-    if eager_prefill:      # the engine before its compiled prefill (session 5)
-        engine._compiled["prefill"] = False
     if plain_batch_decode:  # the engine before the Rust-backend text decoding (session 5)
         from rlxf.rollout import hf_engine
 
@@ -1255,11 +1253,9 @@ def main(argv=None):
     if "decode" in work and not args.no_compile and b.cuda:
         b.run("decode", "rlxf StaticEngine (compile)", lambda: rlxf_engine(b, "static", compile_=True, attention=None),
               need_s=s(80))
-        b.run("decode", "rlxf StaticEngine (compile; eager prefill, batch_decode: before session 5)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention=None, eager_prefill=True,
-                                  plain_batch_decode=True), need_s=s(40))
-        b.run("decode", "rlxf StaticEngine (compile; eager prefill)",
-              lambda: rlxf_engine(b, "static", compile_=True, attention=None, eager_prefill=True), need_s=s(40))
+        b.run("decode", "rlxf StaticEngine (compile; batch_decode for the texts: before session 5)",
+              lambda: rlxf_engine(b, "static", compile_=True, attention=None, plain_batch_decode=True),
+              need_s=s(40))
         b.run("decode", "rlxf StaticEngine (compile; cuBLASLt preferred)",
               lambda: _with_blas("cublaslt", lambda: rlxf_engine(b, "static", compile_=True, attention=None)),
               need_s=s(60))

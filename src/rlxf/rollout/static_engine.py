@@ -431,17 +431,9 @@ class StaticEngine:
         return state
 
     def _prefill(self, state: _DecodeState, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        if not self.compile or self._compiled.get("prefill") is False:
-            return state.prefill(input_ids, prompt_mask)
-        if "prefill" not in self._compiled:   # symbolic batch and width: prompt widths vary call to call
-            self._compiled["prefill"] = torch.compile(_prefill_layers, dynamic=True, mode=self.compile_mode)
-        try:
-            return state.prefill(input_ids, prompt_mask, self._compiled["prefill"])
-        except Exception as exc:  # noqa: BLE001 - a compile failure costs speed, not the call
-            log.warning("StaticEngine: the compiled prefill failed (%s: %s); prefill runs eagerly from now on",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self._compiled["prefill"] = False
-            return state.prefill(input_ids, prompt_mask)
+        # eager: compiling it (symbolic batch and width) measured 28.9 → 25.7 ms a call on the H100
+        # for the 128 × 64-token benchmark, under 1% of the call, for a second compile per process
+        return state.prefill(input_ids, prompt_mask)
 
 
 @dataclass
@@ -555,11 +547,8 @@ class _DecodeState:
 
     # prefill: eager, all prompt positions at once -----------------------------------------------
 
-    def prefill(self, input_ids: Tensor, prompt_mask: Tensor, layers=None) -> Tensor:
-        """Write cache slots ``0..P-1`` for the left-padded prompts; return last-position logits [B, V].
-
-        ``layers``: the function that runs the decoder layers (:func:`_prefill_layers`, or its
-        compiled form)."""
+    def prefill(self, input_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Write cache slots ``0..P-1`` for the left-padded prompts; return last-position logits [B, V]."""
         model = self.model
         body = model.model
         batch, width = input_ids.shape
@@ -575,7 +564,7 @@ class _DecodeState:
         bias = torch.zeros(batch, 1, width, width, dtype=dtype, device=device)
         bias = bias.masked_fill(~allowed[:, None], float("-inf"))
         hidden = body.embed_tokens(input_ids)                                    # [B, P, H]
-        last = (layers or _prefill_layers)(self, hidden, cos, sin, bias)         # [B, 1, H], normed
+        last = _prefill_layers(self, hidden, cos, sin, bias)                     # [B, 1, H], normed
         logits = model.lm_head(last)[:, 0]                                       # [B, V]
         # decode state: prompt slots visible where real, everything after hidden until written
         self.mask.fill_(float("-inf"))
