@@ -249,14 +249,20 @@ def dpo_flops(b: Bench, n_params: int, tokens: int, *, reference_forward: bool) 
 
 
 def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: bool = True,
-             compile_body: bool = False, micro_pairs: int | None = None, share_prompt: bool = False):
+             compile_body: bool = False, micro_pairs: int | None = None, share_prompt: bool = False,
+             memory_budget: float | None = None):
     """rlxf's DPO step. ``label_mask``: the head runs over completion positions only; ``fused``: the
     fused head (``_LinearLabelLogps``) instead of checkpointed chunks; ``compile_body``: ``--compile``
     (``rlxf.models.compile_layers``: each decoder layer compiled, one graph shared by the identical
     layers); ``micro_pairs``: pairs per forward/backward, gradients accumulated over the 8 pairs
     (the recipe's ``--grad-accum``), which lowers activation memory without recompute;
-    ``share_prompt``: ``--share-prompt`` (each prompt encoded once for chosen and rejected)."""
+    ``share_prompt``: ``--share-prompt`` (each prompt encoded once for chosen and rejected);
+    ``memory_budget``: torch's ``activation_memory_budget`` for the compiled layers (the partitioner
+    recomputes what it does not save; 1.0 saves everything), a fresh compile."""
     from functools import partial
+
+    import torch._functorch.config as functorch_config
+
 
     from rlxf.losses import dpo_loss
     from rlxf.models import compile_layers, sequence_logps, shared_prompt_logps, token_logps
@@ -267,8 +273,11 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compile_s = None
+    budget_before = functorch_config.activation_memory_budget
+    if memory_budget is not None:   # a fresh compile under the budget (the recipes' --activation-memory-budget)
+        torch._dynamo.reset()
     if compile_body:
-        compile_layers(model)
+        compile_layers(model, activation_memory_budget=memory_budget)
     model.config.use_cache = False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
@@ -357,8 +366,11 @@ def rlxf_dpo(b: Bench, *, checkpointing: bool, label_mask: bool = True, fused: b
                share_prompt=share_prompt,
                tokens_through_body=tokens - (n * p_len if share_prompt else 0),
                phase_ms={k: round(1e3 * median(v), 2) for k, v in phases.items()},
-               step_times_ms=[round(1e3 * t, 2) for t in times])
+               step_times_ms=[round(1e3 * t, 2) for t in times], activation_memory_budget=memory_budget)
     del model, opt
+    if memory_budget is not None:   # later variants compile with torch's default again
+        functorch_config.activation_memory_budget = budget_before
+        torch._dynamo.reset()
     return res
 
 
@@ -1143,6 +1155,7 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
 
     out = []
     for mine in ("rlxf", "rlxf (grad ckpt)", "rlxf --compile", "rlxf --compile (grad ckpt)",
+                 "rlxf --compile --activation-memory-budget 0.05",
                  "rlxf --compile, 4 micro-batches of 2 pairs", "rlxf --compile, 8 micro-batches of 1 pair"):
         for peer, target in (("TRL defaults (grad ckpt)", "≥ 2.0 at ≤ its memory"),
                              ("TRL no ckpt", "≥ 1.5 at ≤ its memory"),
@@ -1210,6 +1223,10 @@ def main(argv=None):
                   need_s=s(40))
             b.run("dpo", "rlxf --compile (grad ckpt)",
                   lambda: rlxf_dpo(b, checkpointing=True, compile_body=True), need_s=s(40))
+            for budget in (0.05, 0.1, 0.2):
+                b.run("dpo", f"rlxf --compile --activation-memory-budget {budget}",
+                      lambda budget=budget: rlxf_dpo(b, checkpointing=False, compile_body=True, memory_budget=budget),
+                      need_s=s(40))
             for m in (2, 1):
                 b.run("dpo", f"rlxf --compile, {b.cfg['dpo']['pairs'] // m} micro-batches of {m} pair{'s' * (m > 1)}",
                       lambda m=m: rlxf_dpo(b, checkpointing=False, compile_body=True, micro_pairs=m),

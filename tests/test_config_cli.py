@@ -335,3 +335,27 @@ def test_documented_defaults_match_the_config_dataclasses(doc, recipe):
         assert documented == defaults[name], f"{doc}: {flag} documented default {text}, actual {defaults[name]!r}"
     if doc == "docs/cli.md":  # the shared-options table is complete
         assert {flag[2:].replace("-", "_") for flag, _ in rows} == set(defaults)
+
+
+def test_activation_memory_budget_is_checked_and_needs_compile():
+    from rlxf.recipes.common import ConfigError
+    from rlxf.recipes.preference import PreferenceConfig
+
+    with pytest.raises(ConfigError, match=r"--activation-memory-budget must be in \(0, 1\], got 0"):
+        PreferenceConfig(compile=True, activation_memory_budget=0.0)
+    with pytest.raises(ConfigError, match="add --compile"):
+        PreferenceConfig(activation_memory_budget=0.05)
+    assert PreferenceConfig(compile=True, activation_memory_budget=0.05).activation_memory_budget == 0.05
+
+
+def test_compile_layers_sets_the_partitioner_budget(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    from rlxf.models import compile_layers, load_policy
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    model = load_policy("tiny", dtype="float32", device="cpu")
+    assert compile_layers(model, activation_memory_budget=0.05) == len(model.model.layers)
+    assert functorch_config.activation_memory_budget == 0.05
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        compile_layers(model, activation_memory_budget=1.5)

@@ -346,7 +346,7 @@ def _set_pad_token_id(model, pad_token_id: int | None) -> None:
         generation_config.pad_token_id = pad_token_id
 
 
-def compile_layers(model: torch.nn.Module, **compile_kwargs) -> int:
+def compile_layers(model: torch.nn.Module, activation_memory_budget: float | None = None, **compile_kwargs) -> int:
     """``torch.compile`` every decoder layer of ``model`` in place; returns how many were compiled.
 
     Decoder layers are the members of the model's ``nn.ModuleList`` stacks (``model.model.layers``
@@ -354,7 +354,20 @@ def compile_layers(model: torch.nn.Module, **compile_kwargs) -> int:
     the compile cost is paid about once. The layer bodies fuse their element-wise work (norms,
     rotary embedding, activation, residual adds), which also saves activation memory; the embedding,
     attention-mask construction and the output head stay eager.
+
+    ``activation_memory_budget`` (0 < b ≤ 1): keep about this share of the layers' activations for
+    backward and let torch's min-cut partitioner recompute the rest, cheapest first, inside the
+    compiled backward (``torch._functorch.config.activation_memory_budget``, a process-wide torch
+    setting read when the layers compile, at their first call). Unlike module-level activation
+    checkpointing it does not rerun whole layers: on the H100 DPO benchmark 0.05 took peak memory
+    from 12.6 to 5.3 GB at the same step time (docs/performance.md).
     """
+    if activation_memory_budget is not None:
+        if not 0 < activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget must be in (0, 1], got {activation_memory_budget}")
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = activation_memory_budget
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and all(

@@ -77,6 +77,10 @@ class RunConfig:
     compile: bool = option(False, "torch.compile each decoder layer, and the static engine's decode step in "
                            "online recipes (CUDA only; ignored on CPU): fewer kernels and less activation "
                            "memory after a one-off compile of tens of seconds")
+    activation_memory_budget: float = option(1.0, "with --compile: share of the compiled layers' activations "
+                                             "kept for backward; torch's partitioner recomputes the rest "
+                                             "(0.05: memory near --gradient-checkpointing at close to full "
+                                             "speed, measured in docs/performance.md); 1 = keep all")
     disable_dropout: bool = option(True, "set dropout to 0 in the trained model (TRL's default)")
     lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -98,6 +102,11 @@ class RunConfig:
             raise ConfigError(f"--max-steps must be >= 0, got {self.max_steps}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.activation_memory_budget <= 1:
+            raise ConfigError(f"--activation-memory-budget must be in (0, 1], got {self.activation_memory_budget}")
+        if self.activation_memory_budget < 1 and not self.compile:
+            raise ConfigError("--activation-memory-budget applies to the compiled layers: add --compile "
+                              "(or use --gradient-checkpointing without it)")
         if not 0 <= self.eval_holdout < 1:
             raise ConfigError(f"--eval-holdout must be in [0, 1), got {self.eval_holdout}")
 
@@ -219,7 +228,8 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
         from rlxf.models import compile_layers
 
         if device.type == "cuda":
-            log.info("compile: %d decoder layers compiled", compile_layers(model))
+            budget = cfg.activation_memory_budget if cfg.activation_memory_budget < 1 else None
+            log.info("compile: %d decoder layers compiled", compile_layers(model, activation_memory_budget=budget))
         else:
             log.warning("--compile is ignored on %s (CUDA only)", device.type)
     if cfg.disable_dropout:
