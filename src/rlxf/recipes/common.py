@@ -228,6 +228,10 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
         from rlxf.models import compile_layers
 
         if device.type == "cuda":
+            if cfg.gradient_checkpointing:
+                log.info("compile with --gradient-checkpointing reruns whole layers in backward; "
+                         "--activation-memory-budget 0.05 without it measured faster at similar memory "
+                         "(docs/performance.md)")
             budget = cfg.activation_memory_budget if cfg.activation_memory_budget < 1 else None
             log.info("compile: %d decoder layers compiled", compile_layers(model, activation_memory_budget=budget))
         else:
