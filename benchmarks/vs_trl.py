@@ -675,22 +675,7 @@ def kernel_sweep(b: Bench) -> dict:
     seed, step = torch.tensor([1], device=dev), torch.tensor([0], device=dev)
     inv_t = torch.tensor(1.0, device=dev)
 
-    def us(fn):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                fn()
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            graph.replay()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / 20 * 1e6)
-        return round(sorted(times)[2], 2)
+    us = _graph_us
 
     def matmul_attention():
         scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * head_dim ** -0.5

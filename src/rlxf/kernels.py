@@ -300,6 +300,26 @@ if triton is not None:
         tl.store(LOGPS + row, z_sel - (top + tl.log(total)))
 
     @triton.jit
+    def _k_tile(at, k, rows, inside, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+        """Rows ``rows`` × columns ``k`` of a row-major matrix at ``at`` (columns past ``inside`` as 0)."""
+        if EVEN_K:
+            tile = tl.load(at + k[None, :], mask=rows[:, None], other=0.0)
+        else:
+            tile = tl.load(at + k[None, :], mask=rows[:, None] & inside[None, :], other=0.0)
+        if UPCAST:
+            tile = tile.to(tl.float32)
+        return tile
+
+    @triton.jit
+    def _dot_t(acc, x, w, IEEE: tl.constexpr):
+        """``acc + x @ w.T`` (fp32 inputs in IEEE precision where asked)."""
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        return acc
+
+    @triton.jit
     def _skinny_linear_kernel(X, W, B, O, M, N, K, k_per_split, stride_xm, stride_wn, stride_os, stride_om,
                               HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -323,32 +343,11 @@ if triton is not None:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
-            if EVEN_K:
-                x = tl.load(x_at + k[None, :], mask=rows_m[:, None], other=0.0)
-                w = tl.load(w_at + k[None, :], mask=rows_n[:, None], other=0.0)
-            else:
-                inside = k < k_hi
-                x = tl.load(x_at + k[None, :], mask=rows_m[:, None] & inside[None, :], other=0.0)
-                w = tl.load(w_at + k[None, :], mask=rows_n[:, None] & inside[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-            if SILU_MUL:
-                if EVEN_K:
-                    u = tl.load(w_at + N * stride_wn + k[None, :], mask=rows_n[:, None], other=0.0)
-                else:
-                    u = tl.load(w_at + N * stride_wn + k[None, :], mask=rows_n[:, None] & inside[None, :],
-                                other=0.0)
-                if UPCAST:
-                    u = u.to(tl.float32)
-                if IEEE:
-                    acc_up += tl.dot(x, tl.trans(u), input_precision="ieee")
-                else:
-                    acc_up += tl.dot(x, tl.trans(u))
+            inside = k < k_hi
+            x = _k_tile(x_at, k, rows_m, inside, EVEN_K, UPCAST)
+            acc = _dot_t(acc, x, _k_tile(w_at, k, rows_n, inside, EVEN_K, UPCAST), IEEE)
+            if SILU_MUL:   # the up rows start N rows after the gate rows
+                acc_up = _dot_t(acc_up, x, _k_tile(w_at + N * stride_wn, k, rows_n, inside, EVEN_K, UPCAST), IEEE)
         if HAS_BIAS:
             if pid_s == 0:
                 acc += tl.load(B + offs_n, mask=rows_n, other=0.0).to(tl.float32)[None, :]
