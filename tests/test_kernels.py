@@ -288,7 +288,9 @@ def test_engine_with_kernels_greedy_equals_hf_engine(kind, linear, tokenizer):
     out = engine.generate(prompts, params)
     check_invariants(out, params)
     spec = engine._states[next(iter(engine._states))].spec
-    wanted = StaticEngine.__init__.__globals__["LINEAR_PROJECTIONS"] if linear is True else (linear or ())
+    from rlxf.rollout.static_engine import LINEAR_PROJECTIONS
+
+    wanted = LINEAR_PROJECTIONS if linear is True else (linear or ())
     assert spec["attention"] == "triton" and spec["linear_kernel"] == frozenset(wanted)
     assert torch.equal(out.completion_ids, ref.completion_ids)
     assert torch.equal(out.completion_mask, ref.completion_mask)

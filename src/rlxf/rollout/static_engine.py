@@ -164,12 +164,13 @@ class StaticEngine:
         self.sampling_kernel = sampling_kernel
         if linear_kernel is True:
             linear_kernel = LINEAR_PROJECTIONS
-        elif linear_kernel is not None and linear_kernel is not False:
-            unknown = set(linear_kernel) - set(LINEAR_PROJECTIONS) if not isinstance(linear_kernel, str) else {0}
-            if unknown:
-                raise ValueError(f"linear_kernel must be True, False, None or a subset of {LINEAR_PROJECTIONS}, "
-                                 f"got {linear_kernel!r}")
-        self.linear_kernel = None if linear_kernel is None else frozenset(linear_kernel or ())
+        elif linear_kernel is False:
+            linear_kernel = ()
+        if linear_kernel is not None and (isinstance(linear_kernel, str)
+                                          or not set(linear_kernel) <= set(LINEAR_PROJECTIONS)):
+            raise ValueError(f"linear_kernel must be True, False, None or a subset of {LINEAR_PROJECTIONS}, "
+                             f"got {linear_kernel!r}")
+        self.linear_kernel = None if linear_kernel is None else frozenset(linear_kernel)
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
@@ -636,16 +637,7 @@ def _decode_step(state: _DecodeState) -> Tensor:
                 state.v_cache[i], state.mask, state.slot, state.positions, state.cos, state.sin, spec["scaling"],
                 spec["split_slots"])
             hidden = hidden + _projection(layer.self_attn.o_proj, out.reshape(batch, 1, -1), "o" in linear)
-            x = layer.post_attention_layernorm(hidden)
-            if fused is None:         # unfused projections (the kernels need the fused copies)
-                hidden = hidden + layer.mlp(x)
-                continue
-            if "gate_up" in linear:   # silu(gate)·up in the kernel's epilogue
-                act = kernels.decode_linear(x[:, 0], fused[2], fused[3], True)[:, None]
-            else:
-                gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
-                act = layer.mlp.act_fn(gate) * up
-            hidden = hidden + _projection(layer.mlp.down_proj, act, "down" in linear)
+            hidden = hidden + _mlp(layer, layer.post_attention_layernorm(hidden), fused, linear)
             continue
         q, k, v = _qkv(layer, x, spec, cos, sin, fused)                          # [B, H, 1, D]
         state.k_cache[i].index_copy_(2, state.slot, k)
@@ -890,12 +882,18 @@ def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor, fused=None) -> 
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _mlp(layer, x: Tensor, fused=None) -> Tensor:
-    """The layer's MLP, through the fused gate/up copy when there is one."""
+def _mlp(layer, x: Tensor, fused=None, linear: frozenset = frozenset()) -> Tensor:
+    """The layer's MLP, through the fused gate/up copy when there is one; ``linear`` names the
+    projections (``"gate_up"``, ``"down"``) that run through :func:`rlxf.kernels.decode_linear`
+    (rows ``x`` [B, 1, H]; the gate/up kernel applies silu(gate)·up in its epilogue)."""
     if fused is None:
         return layer.mlp(x)
-    gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
-    return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    if "gate_up" in linear:
+        act = kernels.decode_linear(x[:, 0], fused[2], fused[3], True)[:, None]
+    else:
+        gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)
+        act = layer.mlp.act_fn(gate) * up
+    return _projection(layer.mlp.down_proj, act, "down" in linear)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
