@@ -765,6 +765,90 @@ def kernel_sweep(b: Bench) -> dict:
     return out
 
 
+def split_sweep(b: Bench) -> dict:
+    """Where the attention kernel's cache split (flash-decoding) starts to pay: microseconds per call
+    of ``rope_decode_attention`` without the split and with 128- and 256-slot slices, for 1..128 rows
+    (× the model's KV heads) over 256..2048 filled slots, caches read cold (rotated over copies that
+    together exceed the L2 cache). The engine's rule (``_attention_split``) is set from this table."""
+    if not b.cuda:
+        return {}
+    from rlxf import kernels
+    from rlxf.rollout.static_engine import _attention_split
+
+    m = b.cfg["model"]
+    n_kv, n_heads = m["num_key_value_heads"], m["num_attention_heads"]
+    head_dim = m["hidden_size"] // n_heads
+    dev, dt = "cuda", torch.bfloat16
+    out = {}
+    for filled in (256, 512, 1024, 2048):
+        length = filled + 64
+        cos, sin = (torch.rand(length, head_dim, device=dev, dtype=dt) for _ in range(2))
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+            copy_bytes = 2 * rows * n_kv * length * head_dim * 2
+            copies = max(4, min(512, -(-(160 << 20) // copy_bytes)))
+            caches = [(torch.randn(rows, n_kv, length, head_dim, device=dev, dtype=dt),
+                       torch.randn(rows, n_kv, length, head_dim, device=dev, dtype=dt)) for _ in range(copies)]
+            q = torch.randn(rows, n_kv, n_heads // n_kv, head_dim, device=dev, dtype=dt)
+            k_new, v_new = (torch.randn(rows, n_kv, head_dim, device=dev, dtype=dt) for _ in range(2))
+            mask = torch.zeros(rows, 1, 1, length, device=dev, dtype=dt)
+            slot = torch.tensor([filled], device=dev)
+            positions = slot.expand(rows).contiguous()
+            turn = iter(range(10 ** 9))
+            cell = out[f"{rows} rows x {n_kv} KV heads, {filled} slots"] = {
+                "engine_split": _attention_split(rows, n_kv, length)}
+            for split in (0, 128, 256):
+                def call(split=split):
+                    kc, vc = caches[next(turn) % copies]
+                    return kernels.rope_decode_attention(q, k_new, v_new, kc, vc, mask, slot, positions, cos, sin,
+                                                         head_dim ** -0.5, split)
+                cell[f"split {split}"] = _graph_us(call, copies)
+            print(f"[split sweep] {rows} rows, {filled} slots: {cell}", flush=True)
+            del caches
+    return out
+
+
+def split_end_to_end(b: Bench) -> list:
+    """The cache-split rule end to end: ``StaticEngine(compile=True)`` greedy decode of few rows over a
+    long cache with the engine's split (``_attention_split``) against no split, tok/s and the share
+    of equal tokens (the split changes the summation order of the softmax, so ties can flip)."""
+    from rlxf.rollout import SamplingParams, StaticEngine, static_engine
+
+    vocab = b.cfg["model"]["vocab_size"]
+    rule = static_engine._attention_split
+    rows_out = []
+    for rows, new in ((8, 1024), (32, 1024), (64, 2048)):
+        model = b.build_model()
+        prompts = decode_prompts(b, rows, 64, seed=1)
+        params = SamplingParams(max_new_tokens=new, temperature=0.0)
+        rec, tokens = dict(rows=rows, prompt=64, new=new), {}
+        for label, fn in (("split", rule), ("no split", lambda *a: 0)):
+            static_engine._attention_split = fn
+            try:
+                engine = StaticEngine(model, b.tokenizer, compile=True, max_batch_size=rows, eos_token_ids=[vocab],
+                                      pad_token_id=0)
+                engine.generate(prompts, params)
+                times = []
+                for _ in range(2):
+                    b.sync()
+                    t0 = time.perf_counter()
+                    out = engine.generate(prompts, params)
+                    b.sync()
+                    times.append(time.perf_counter() - t0)
+                state = next(iter(engine._states.values()))
+                rec[label] = dict(tok_per_s=round(rows * new / min(times), 1), split_slots=state.spec["split_slots"])
+                tokens[label] = out.completion_ids
+                del engine
+            finally:
+                static_engine._attention_split = rule
+        rec["split speed-up"] = round(rec["split"]["tok_per_s"] / rec["no split"]["tok_per_s"], 3)
+        rec["equal tokens"] = round(float((tokens["split"] == tokens["no split"]).float().mean()), 4)
+        print(f"[split end to end] {rec}", flush=True)
+        rows_out.append(rec)
+        del model
+        b.fresh()
+    return rows_out
+
+
 def _graph_us(fn, calls: int = 20) -> float:
     """Microseconds per call of ``fn``, timed as ``calls`` calls in one CUDA graph (no launch overhead)."""
     for _ in range(3):
@@ -961,19 +1045,22 @@ def grpo_prompts(b: Bench):
     return [b.text(rng, c["prompt"] - 1) for _ in range(c["prompts"])]  # + <bos>
 
 
-def rlxf_grpo(b: Bench, *, compile_: bool = False, memory_budget: float | None = None):
+def rlxf_grpo(b: Bench, *, compile_: bool = False, memory_budget: float | None = None, share_prompt: bool = False):
     """``compile_``: ``rlxf grpo --compile`` (compiled decoder layers for training, compiled decode step);
-    ``memory_budget``: ``--activation-memory-budget`` (a fresh compile of the layers)."""
+    ``memory_budget``: ``--activation-memory-budget`` (a fresh compile of the layers); ``share_prompt``:
+    ``--share-prompt`` (each group's prompt encoded once for its completions in the training forward)."""
     import torch._functorch.config as functorch_config
 
     budget_before = functorch_config.activation_memory_budget
     if memory_budget is not None:
         torch._dynamo.reset()
     from rlxf.losses import aggregate, clipped_policy_loss, group_advantages
-    from rlxf.models import labels_from, token_logps
+    from rlxf.models import labels_from, shared_prompt_logps, token_logps
     from rlxf.rollout import SamplingParams, StaticEngine
 
     c = b.cfg["grpo"]
+    G = c["group"]
+    assert not share_prompt or c["micro"] % G == 0, "whole groups per micro-batch"
     model = b.build_model()
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=b.cuda)
@@ -1003,7 +1090,11 @@ def rlxf_grpo(b: Bench, *, compile_: bool = False, memory_budget: float | None =
         model.train()
         for s in range(0, len(ro), c["micro"]):
             sl = slice(s, s + c["micro"])
-            logps = token_logps(model, ids[sl], attn[sl], label_mask=labels_from(P - 1, ids))[:, P - 1:]
+            if share_prompt:  # rows come in whole groups of G (the engine repeats each prompt n times)
+                logps = shared_prompt_logps(model, ids[sl][::G, :P], attn[sl][::G, :P], ids[sl][:, P:],
+                                            attn[sl][:, P:])
+            else:
+                logps = token_logps(model, ids[sl], attn[sl], label_mask=labels_from(P - 1, ids))[:, P - 1:]
             per_tok = clipped_policy_loss(logps, logps.detach(), adv[sl], eps_low=0.2, eps_high=0.2)
             loss = aggregate(per_tok, mask[sl], mode="token-mean") * (mask[sl].sum() / total)
             loss.backward()
@@ -1024,7 +1115,8 @@ def rlxf_grpo(b: Bench, *, compile_: bool = False, memory_budget: float | None =
                generation_fraction=gen / (gen + train), sample_tok_per_s=runs[-1][2] / gen,
                train_tflops=6 * n_params * runs[-1][3] / train / 1e12, peak_gb=b.peak_gb(),
                grad_norm=runs[-1][4], engine_stats=dict(engine.stats),
-               steps=[[round(x, 3) for x in r[:2]] for r in runs], activation_memory_budget=memory_budget)
+               steps=[[round(x, 3) for x in r[:2]] for r in runs], activation_memory_budget=memory_budget,
+               share_prompt=share_prompt)
     del engine, model, opt
     if memory_budget is not None:
         functorch_config.activation_memory_budget = budget_before
@@ -1241,6 +1333,7 @@ def main(argv=None):
         b.run("decode", "HF generate static", lambda: hf_generate(b, cache="static", compile_=False), need_s=s(25))
     if "grpo" in work:
         b.run("grpo", "rlxf", lambda: rlxf_grpo(b), need_s=s(20))
+        b.run("grpo", "rlxf --share-prompt", lambda: rlxf_grpo(b, share_prompt=True), need_s=s(20))
         if not args.no_compile and b.cuda:
             b.run("grpo", "rlxf --compile", lambda: rlxf_grpo(b, compile_=True), need_s=s(60))
             b.run("grpo", "rlxf --compile --activation-memory-budget 0.05",
@@ -1252,6 +1345,17 @@ def main(argv=None):
             b.results["profile"]["kernel_sweep_us"] = kernel_sweep(b)
         except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
             b.results["errors"]["decode/kernel sweep"] = f"{type(exc).__name__}: {exc}"
+    if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/split sweep")):
+        try:
+            b.results["profile"]["split_sweep_us"] = split_sweep(b)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
+            b.results["errors"]["decode/split sweep"] = f"{type(exc).__name__}: {exc}"
+    if "decode" in work and b.cuda and not args.no_compile and (not args.match
+                                                                or re.search(args.match, "decode/split end to end")):
+        try:
+            b.results["profile"]["split_end_to_end"] = split_end_to_end(b)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not cost the run
+            b.results["errors"]["decode/split end to end"] = f"{type(exc).__name__}: {exc}"
     if "decode" in work and b.cuda and (not args.match or re.search(args.match, "decode/matmul layouts")):
         try:
             b.results["profile"]["matmul_layouts_us"] = matmul_layouts(b)

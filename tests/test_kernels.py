@@ -364,6 +364,11 @@ def test_engine_splits_the_cache_for_few_rows_and_keeps_hf_greedy_tokens(tokeniz
 
     assert static_engine._attention_split(2, 2, 2048) == static_engine._SPLIT_SLOTS
     assert static_engine._attention_split(128, 2, 2048) == 0 and static_engine._attention_split(2, 2, 192) == 0
+    # the H100 sweep's crossovers: 64 programs split from a 1024-slot cache, 128 programs (in 256-slot
+    # slices) from a 2048-slot one, 256 programs never
+    assert static_engine._attention_split(32, 2, 1088) == 128 and static_engine._attention_split(32, 2, 512) == 0
+    assert static_engine._attention_split(64, 2, 2112) == 256 and static_engine._attention_split(64, 2, 1088) == 0
+    assert static_engine._attention_split(16, 8, 4096) == 256 and static_engine._attention_split(128, 2, 8192) == 0
     monkeypatch.setattr(static_engine, "_SPLIT_SLOTS", 16)     # 64-slot caches here: four splits
     model = _random("qwen2").to(DEVICE)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]

@@ -53,7 +53,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter's bf16
 # launch settings (benchmarks/vs_trl.py sweeps them on the GPU; docs/performance.md has the results)
 # SPLIT_SLOTS: cache slots per program when a call does not say (flash-decoding split, the partials
 # merged by a second kernel); 0 = one program walks the whole cache, which measured faster at 128
-# rows (docs/performance.md); StaticEngine splits only for few rows (see its _attention_split)
+# rows (docs/performance.md); StaticEngine splits for few rows × KV heads over a long cache
+# (see its _attention_split)
 ATTENTION_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "SPLIT_SLOTS": 0}
 SAMPLE_CONFIG = {"CHUNK": 8192, "num_warps": 8}   # CHUNK: vocabulary entries per first-pass program
 # decode_linear settings per (N, K, silu_mul): the best of benchmarks/vs_trl.py's sweep with cold

@@ -62,16 +62,28 @@ log = logging.getLogger("rlxf.rollout")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _CACHE_ALIGN = 64
-# the attention kernel splits the cache into slices of _SPLIT_SLOTS slots (flash-decoding) when fewer
-# than _MIN_KERNEL_PROGRAMS rows × KV heads would each walk more than 2·_SPLIT_SLOTS slots; at 128
-# rows × 2 KV heads the split measured slower (docs/performance.md)
+# the attention kernel splits the cache into slices of _SPLIT_SLOTS slots (flash-decoding) when too few
+# rows × KV heads would each walk a long cache; the thresholds come from the H100 split sweep
+# (benchmarks/vs_trl.py "decode/split sweep", docs/performance.md): at 128 rows × 2 KV heads the split
+# is slower at every fill level, at 64 programs it pays from ~512 filled slots, at 128 from ~1024
 _MIN_KERNEL_PROGRAMS = 32
 _SPLIT_SLOTS = 128
 
 
 def _attention_split(batch: int, n_kv: int, length: int) -> int:
-    """Cache slots per program of the attention kernel for this decode shape (0: no split)."""
-    return _SPLIT_SLOTS if batch * n_kv < _MIN_KERNEL_PROGRAMS and length > 2 * _SPLIT_SLOTS else 0
+    """Cache slots per program of the attention kernel for this decode shape (0: no split).
+
+    ``length`` is the static cache length; a call fills about half of it on average, so each rule
+    asks for a cache twice as long as the fill level where the split started to win in the sweep.
+    """
+    programs = batch * n_kv
+    if programs < _MIN_KERNEL_PROGRAMS and length > 2 * _SPLIT_SLOTS:
+        return _SPLIT_SLOTS
+    if programs <= 2 * _MIN_KERNEL_PROGRAMS and length >= 8 * _SPLIT_SLOTS:
+        return _SPLIT_SLOTS
+    if programs <= 4 * _MIN_KERNEL_PROGRAMS and length >= 16 * _SPLIT_SLOTS:
+        return 2 * _SPLIT_SLOTS
+    return 0
 
 
 # the decode projections rlxf.kernels.decode_linear can run, and those it runs by default on CUDA
