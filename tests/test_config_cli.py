@@ -282,6 +282,8 @@ def _all_command_flags() -> set[str]:
 
 OTHER_FLAGS = _all_command_flags()  # non-recipe commands: compare, serve, text2reward, long2short-data, zoo, demo
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
+TORCHRUN_FLAGS = {"--standalone", "--nproc-per-node"}  # torchrun's own, in the data-parallel command lines
+BENCHMARK_FLAGS = {"--gpus", "--out"}  # benchmarks/data_parallel.py's, in docs/distributed.md
 
 
 def _doc_path(doc: str) -> Path:
@@ -306,10 +308,11 @@ def test_method_page_documents_only_real_flags(doc):
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/tasks.md", "docs/tiny-model.md", "docs/index.md",
-                                 "docs/compare.md"])
+                                 "docs/compare.md", "docs/distributed.md"])
 def test_other_pages_document_only_real_flags(doc):
     path = _doc_path(doc)
-    known = set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS | DOC_EXAMPLES
+    known = (set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS | DOC_EXAMPLES | TORCHRUN_FLAGS
+             | BENCHMARK_FLAGS)
     unknown = _documented_flags(path) - known
     assert not unknown, f"{doc} documents flags rlxf does not have: {sorted(unknown)}"
 

@@ -49,8 +49,16 @@ def _run(name: str, cfg) -> int:
     module = importlib.import_module(RECIPES[name][0])
     result = module.train(cfg)
     out = result.output_dir
-    print(f"\nrlxf {name}: done. Report: {out / 'report.html'}  Summary: {out / 'summary.json'}")
+    if _first_process():   # one line under torchrun
+        print(f"\nrlxf {name}: done. Report: {out / 'report.html'}  Summary: {out / 'summary.json'}")
     return 0
+
+
+def _first_process() -> bool:
+    """False on torchrun's ranks other than 0: they raise the same errors, rank 0 prints them once."""
+    from rlxf.runtime.distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 def _keep_previous_demo(out: Path, *, resume: bool) -> None:
@@ -318,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     except ConfigError as exc:
-        print(f"rlxf: configuration error: {exc}", file=sys.stderr)
+        if _first_process():
+            print(f"rlxf: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlxf: interrupted; resume with --resume (the newest complete checkpoint is kept)", file=sys.stderr)
@@ -329,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlxf.rewards import RewardError
 
         if isinstance(exc, (DataError, TrainingError, RewardError, OSError)):
-            print(f"rlxf: error: {exc}", file=sys.stderr)
+            if _first_process():
+                print(f"rlxf: error: {exc}", file=sys.stderr)
             return 1
         raise
 

@@ -24,7 +24,7 @@ import torch
 
 from rlxf.config import ConfigError, check_choice, option, save_yaml, to_dict
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
-from rlxf.runtime import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from rlxf.runtime import distributed, latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 
 log = logging.getLogger("rlxf")
 
@@ -149,15 +149,28 @@ def setup_logging() -> None:
 
 
 def prepare_output_dir(cfg: RunConfig, recipe: str) -> Path:
-    """Create output_dir; refuse to overwrite another run's results unless resuming."""
-    out = cfg.resolved_output_dir(recipe)
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-            raise ConfigError(f"output dir {out} already holds a run; pass --resume to continue it, "
-                              f"or choose another --output-dir (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    return out
+    """Create output_dir; refuse to overwrite another run's results unless resuming.
+
+    Under torchrun this is where a process joins the data-parallel group (recipes that cannot run
+    data-parallel, or a batch size the processes do not divide, stop here with a clear error), and
+    only rank 0 touches the directory."""
+    try:
+        if distributed.check_launch(recipe, getattr(cfg, "batch_size", None)) > 1:
+            distributed.init(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    def make() -> Path:
+        out = cfg.resolved_output_dir(recipe)
+        if out.exists() and any(out.iterdir()) and not cfg.resume:
+            if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+                raise ConfigError(f"output dir {out} already holds a run; pass --resume to continue it, "
+                                  f"or choose another --output-dir (nothing was overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+        return out
+
+    return distributed.on_main(make)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -207,7 +220,7 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        device = resolve_device(cfg.device)
+        device = distributed.init(cfg.device) if distributed.active() else resolve_device(cfg.device)
         # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
         dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
     except ValueError as exc:
@@ -335,6 +348,9 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     steps = total_steps(cfg, len(train_examples))
+    # data parallel (torchrun): each rank takes its slice of every micro-batch (runtime/distributed.py)
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.broadcast_parameters(model)
     batcher = EpochBatcher(len(train_examples), cfg.batch_size * cfg.grad_accum, seed=cfg.seed)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -352,27 +368,31 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
             batcher.load_state_dict(saved["batcher"])
             state = {k: saved.get(k, v) for k, v in state.items()}
             log.info("resumed from %s (step %d of %d)", ckpt, step, steps)
-    metrics_log = MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
+    metrics_log = (MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
+                   if distributed.is_main() else _NoLog())
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
 
     def run_eval(at_step: int) -> dict:
+        def run() -> dict:
+            with torch.no_grad(), autocast_context(cfg, device, dtype):
+                return evaluate()
+
         model.eval()
-        with torch.no_grad(), autocast_context(cfg, device, dtype):
-            metrics = evaluate()
+        metrics = distributed.on_main(run)     # every rank gets rank 0's metrics
         model.train()
         metrics_log.log(at_step, metrics, split="eval")
         return metrics
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(ckpt_root, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        scheduler=scheduler, state={"batcher": batcher.state_dict(), **state},
-                        keep=cfg.keep_checkpoints)
+        distributed.on_main(lambda: save_checkpoint(
+            ckpt_root, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+            state={"batcher": batcher.state_dict(), **state}, keep=cfg.keep_checkpoints))
 
     if step == 0:
         state["start"] = state["last_eval"] = run_eval(0)
         state["best"] = {k: v for k, v in state["start"].items() if k in headline}
     model.train()
-    bar = Progress(steps, desc=recipe, initial=step, enabled=cfg.progress)
+    bar = Progress(steps, desc=recipe, initial=step, enabled=cfg.progress and distributed.is_main())
     wall0 = time.time()
     try:
         while step < steps:
@@ -380,29 +400,37 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
             indices = batcher.next_indices()
             micro, tokens = [], 0
             for start in range(0, len(indices), cfg.batch_size):
-                batch = collate([train_examples[i] for i in indices[start:start + cfg.batch_size]])
+                rows = indices[start:start + cfg.batch_size]
+                share = len(rows) // world
+                batch = collate([train_examples[i] for i in rows[rank * share:(rank + 1) * share]])
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
                 with autocast_context(cfg, device, dtype):
                     loss, metrics = loss_fn(batch)
-                if not torch.isfinite(loss):
+                bad = not bool(torch.isfinite(loss))
+                if distributed.any_true(bad):      # a collective under torchrun: every rank stops together
                     good = latest_checkpoint(ckpt_root)
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step + 1}; "
+                        f"non-finite loss ({loss.item() if bad else 'on another process'}) at step {step + 1}; "
                         + (f"last good checkpoint: {good} (resume from it with a lower --lr)" if good
                            else "no checkpoint was written yet; lower --lr or check the data") )
                 (loss / cfg.grad_accum).backward()
                 micro.append({"loss": loss.item(), **metrics})
+            distributed.average_gradients(model.parameters())
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if world > 1:  # metrics of the whole step: the ranks' means (equal shares), tokens summed
+                tokens = sum(distributed.gather(tokens))
+                train_metrics = mean_metrics(distributed.gather(mean_metrics(micro)))
+            else:
+                train_metrics = mean_metrics(micro)
             seconds = time.time() - t0
             state["tokens"] += tokens
             state["train_seconds"] += seconds
-            train_metrics = mean_metrics(micro)
             bar.update(1, loss=train_metrics["loss"])
             if step % cfg.log_every == 0 or step == steps:
                 metrics_log.log(step, {**train_metrics, "lr": scheduler.get_last_lr()[0],
@@ -421,7 +449,7 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
         bar.close()
         metrics_log.close()
     final_dir = out / "final"
-    save_final(final_dir)
+    distributed.on_main(lambda: save_final(final_dir))
     summary = {
         "recipe": recipe,
         "steps": steps,
@@ -439,11 +467,28 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
         "final_model": str(final_dir),
         **(extra_summary() if extra_summary else {}),
     }
-    write_summary(out, summary)
-    write_report(out, title=f"rlxf {recipe}: {cfg.model} on {cfg.dataset}", panels=panels, summary=summary,
-                 config=to_dict(cfg))
+    if world > 1:
+        summary["data_parallel"] = {"processes": world, "rows_per_process": cfg.batch_size // world,
+                                    "peak_memory_mb_by_rank": distributed.gather(summary["peak_memory_mb"])}
+
+    def write() -> None:
+        write_summary(out, summary)
+        write_report(out, title=f"rlxf {recipe}: {cfg.model} on {cfg.dataset}", panels=panels, summary=summary,
+                     config=to_dict(cfg))
+
+    distributed.on_main(write)
     log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if "/" in k}))
     return FitResult(summary=summary, output_dir=out)
+
+
+class _NoLog:
+    """The metrics logger of ranks other than 0 (rank 0 writes metrics.jsonl)."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def peak_memory_mb(device: torch.device) -> float | None:

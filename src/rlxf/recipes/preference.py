@@ -138,27 +138,37 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
                          device: torch.device) -> None:
     """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
     from rlxf.data import collate_preference
+    from rlxf.runtime import distributed
 
     if not examples:
         return
     cache = cache_dir / f"ref_logps-{_cache_key(cfg, examples)}.pt"
-    if cache.exists():
+    if distributed.broadcast(cache.exists()):                               # rank 0 decides under torchrun
         values = torch.load(cache, weights_only=True)  # [N, 2]
         log.info("reference log-probs: loaded %d pairs from %s", len(values), cache)
     else:
+        # under torchrun each process scores a contiguous share and the shares are gathered in order
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = examples[rank * len(examples) // world:(rank + 1) * len(examples) // world]
         rows = []
         with torch.no_grad():
-            for start in range(0, len(examples), cfg.eval_batch_size):
-                batch = collate_preference(examples[start:start + cfg.eval_batch_size], pad_id)
+            for start in range(0, len(mine), cfg.eval_batch_size):
+                batch = collate_preference(mine[start:start + cfg.eval_batch_size], pad_id)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if cfg.share_prompt:
                     chosen, rejected, _ = _shared_pair_logps(reference.shared_prompt_logps, batch, cfg.length_norm)
                 else:
                     chosen, rejected, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
                 rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
-        values = torch.cat(rows)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(values, cache)
+        values = torch.cat(rows) if rows else torch.zeros(0, 2)
+        if world > 1:
+            values = torch.cat(distributed.gather(values))
+
+        def save() -> None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(values, cache)
+
+        distributed.on_main(save)
     for e, (c, r) in zip(examples, values.tolist()):
         e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
 

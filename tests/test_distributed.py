@@ -1,0 +1,114 @@
+"""Data parallel under torchrun (gloo on the CPU): two processes give the one-process run's numbers,
+and errors stop every process with one message instead of a hang (rlxf.runtime.distributed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlxf.cli import main
+from rlxf.reporting import read_metrics
+from rlxf.runtime import distributed
+
+FAST = {"task_size": 96, "eval_size": 32, "eval_batch_size": 32, "progress": False, "log_every": 1,
+        "warmup_steps": 2, "threads": 1}
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def _flags(values: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "rlxf", *args]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("recipe,extra", [("dpo", {"batch_size": 4, "grad_accum": 2}),
+                                          ("rm", {"batch_size": 8})])
+def test_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model_dir, tmp_path):
+    """Same global batch: each process takes half of every micro-batch, gradients are averaged, so the
+    logged losses and metrics, the eval and the final weights equal the one-process run's."""
+    common = {**FAST, **extra, "model": str(tiny_random_model_dir), "max_steps": 3, "eval_every": 3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([recipe, *_flags({**common, "output_dir": one})]) == 0
+    proc = _torchrun([recipe, *_flags({**common, "output_dir": two})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done. Report") == 1                      # rank 0 speaks for the run
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in read_metrics(run / "metrics.jsonl")]
+
+    a, b = rows(one), rows(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (ra["step"], ra["split"], key)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["data_parallel"]["processes"] == 2
+    assert summary["data_parallel"]["rows_per_process"] == extra["batch_size"] // 2
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+
+def test_errors_stop_every_process_with_one_message(tiny_random_model_dir, tmp_path):
+    """An online recipe, an indivisible batch and an occupied output dir: a clear error, printed once."""
+    proc = _torchrun(["grpo", f"--model={tiny_random_model_dir}", f"--output-dir={tmp_path / 'g'}"], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("does not run data-parallel yet") == 1, proc.stderr[-2000:]
+    assert "as one process (without torchrun)" in proc.stderr
+    proc = _torchrun(["sft", f"--model={tiny_random_model_dir}", "--batch-size=3", f"--output-dir={tmp_path / 's'}"],
+                     timeout=120)
+    assert proc.stderr.count("--batch-size 3 must be a multiple of the 2 processes") == 1, proc.stderr[-2000:]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = _torchrun(["dpo", *_flags({**FAST, "model": tiny_random_model_dir, "batch_size": 8, "max_steps": 1,
+                                      "output_dir": busy})], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("already holds a run") == 1, proc.stderr[-2000:]  # raised on rank 0, re-raised on 1
+    assert (busy / "metrics.jsonl").read_text() == '{"step": 1}\n'           # nothing the user had is lost
+
+
+def test_launch_checks_read_the_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.check_launch("grpo", 3) == 1 and not distributed.active()
+    assert distributed.init("cpu") is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.check_launch("dpo", 8) == 4
+    with pytest.raises(ValueError, match="multiple of the 4 processes"):
+        distributed.check_launch("orpo", 6)
+    with pytest.raises(ValueError, match="`ppo` does not run data-parallel"):
+        distributed.check_launch("ppo", 8)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        distributed.check_launch("dpo", 8)
+
+
+def test_gradient_buckets_keep_one_dtype_and_every_tensor(monkeypatch):
+    monkeypatch.setattr(distributed, "_BUCKET_BYTES", 64)
+    grads = [torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(20), torch.zeros(2),
+             torch.zeros(1, dtype=torch.float64)]
+    buckets = distributed._buckets(grads)
+    assert sorted(id(g) for b in buckets for g in b) == sorted(id(g) for g in grads)
+    assert all(len({g.dtype for g in b}) == 1 for b in buckets)
+    assert all(sum(g.numel() * g.element_size() for g in b[:-1]) < 64 for b in buckets)
+    with torch.no_grad():   # one process: a no-op that leaves the gradients as they were
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.full((3,), 2.0)
+        distributed.average_gradients([p])
+        assert torch.equal(p.grad, torch.full((3,), 2.0))
