@@ -5,8 +5,9 @@
 Builds a random-init model of the Qwen2.5-0.5B shape with rlxf's character tokenizer in a local
 directory (``--hidden`` etc. change the shape), then runs ``rlxf <recipe>`` once as one process and
 once under ``torchrun --nproc-per-node N`` with identical flags, and compares the training tokens/s
-(``summary.json``: tokens over the seconds of the training steps, eval excluded), peak memory per
-process and the final held-out metrics. Writes ``results.json`` and prints a table.
+(``summary.json``: tokens over the seconds of the training steps, eval excluded) or, for the GRPO
+family, the seconds a step (sampling + training), peak memory per process and the final held-out
+metrics. Writes ``results.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -51,10 +52,16 @@ def run(recipe: str, flags: list[str], nproc: int, out: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"processes": nproc, "wall_s": round(time.time() - t0, 1), "train_seconds": summary["train_seconds"],
-            "tokens_per_s": summary["tokens_per_s"], "peak_memory_mb": summary["peak_memory_mb"],
-            "data_parallel": summary.get("data_parallel"),
-            "final": {k: v for k, v in summary.items() if k.startswith("final/")}}
+    rec = {"processes": nproc, "wall_s": round(time.time() - t0, 1), "train_seconds": summary["train_seconds"],
+           "peak_memory_mb": summary["peak_memory_mb"], "data_parallel": summary.get("data_parallel"),
+           "final": {k: v for k, v in summary.items() if k.startswith("final/")}}
+    if "tokens_per_s" in summary:        # offline recipes: training tokens over the training steps' seconds
+        rec["tokens_per_s"] = summary["tokens_per_s"]
+    else:                                # online recipes: sampled tokens and the step (sampling + training)
+        rec.update(sample_seconds=summary["sample_seconds"], sample_tokens_per_s=summary["sample_tokens_per_s"],
+                   train_tokens_per_s=summary["train_tokens_per_s"],
+                   step_s=(summary["sample_seconds"] + summary["train_seconds"]) / summary["steps"])
+    return rec
 
 
 def main() -> None:
@@ -81,14 +88,23 @@ def main() -> None:
         results["runs"].append(run(args.recipe, flags, nproc, out / f"{args.recipe}-{nproc}"))
         (out / "results.json").write_text(json.dumps(results, indent=2))
     one, many = results["runs"]
-    results["speed_up"] = many["tokens_per_s"] / one["tokens_per_s"]
+    offline = "tokens_per_s" in one
+    results["speed_up"] = (many["tokens_per_s"] / one["tokens_per_s"] if offline else one["step_s"] / many["step_s"])
     results["scaling_efficiency"] = results["speed_up"] / args.gpus
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"| processes | train tokens/s | train s | peak MB (per process) | final metrics |")
-    print(f"|---|---|---|---|---|")
+    if offline:
+        print("| processes | train tokens/s | train s | peak MB (per process) | final metrics |")
+        print("|---|---|---|---|---|")
+    else:
+        print("| processes | s a step | sample s | train s | sampled tokens/s | peak MB (per process) | final metrics |")
+        print("|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         peaks = (r["data_parallel"] or {}).get("peak_memory_mb_by_rank") or [r["peak_memory_mb"]]
-        print(f"| {r['processes']} | {r['tokens_per_s']:,.0f} | {r['train_seconds']} | {peaks} | {r['final']} |")
+        if offline:
+            print(f"| {r['processes']} | {r['tokens_per_s']:,.0f} | {r['train_seconds']} | {peaks} | {r['final']} |")
+        else:
+            print(f"| {r['processes']} | {r['step_s']:.3f} | {r['sample_seconds']} | {r['train_seconds']} | "
+                  f"{r['sample_tokens_per_s']:,.0f} | {peaks} | {r['final']} |")
     print(f"speed-up {results['speed_up']:.2f}x on {args.gpus} GPUs ({results['scaling_efficiency']:.0%} efficiency)")
 
 

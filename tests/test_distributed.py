@@ -1,5 +1,6 @@
-"""Data parallel under torchrun (gloo on the CPU): two processes give the one-process run's numbers,
-and errors stop every process with one message instead of a hang (rlxf.runtime.distributed)."""
+"""Data parallel under torchrun (gloo on the CPU): two processes give the one-process run's numbers
+(offline recipes) or train bit-identical copies on their shares of the prompts (GRPO family), and
+errors stop every process with one message instead of a hang (rlxf.runtime.distributed)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def test_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model
 
 
 def test_errors_stop_every_process_with_one_message(tiny_random_model_dir, tmp_path):
-    """An online recipe, an indivisible batch and an occupied output dir: a clear error, printed once."""
-    proc = _torchrun(["grpo", f"--model={tiny_random_model_dir}", f"--output-dir={tmp_path / 'g'}"], timeout=120)
+    """PPO (not data-parallel yet), an indivisible batch and an occupied output dir: a clear error, printed once."""
+    proc = _torchrun(["ppo", f"--model={tiny_random_model_dir}", "--reward=verifiable", "--value-model=policy",
+                      f"--output-dir={tmp_path / 'g'}"], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("does not run data-parallel yet") == 1, proc.stderr[-2000:]
     assert "as one process (without torchrun)" in proc.stderr
@@ -112,3 +114,77 @@ def test_gradient_buckets_keep_one_dtype_and_every_tensor(monkeypatch):
         p.grad = torch.full((3,), 2.0)
         distributed.average_gradients([p])
         assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+# -- the GRPO family ---------------------------------------------------------------------------------
+
+GRPO_FAST = {"task_size": 64, "eval_size": 16, "eval_generate": 16, "batch_size": 4, "group_size": 4,
+             "max_new_tokens": 12, "progress": False, "log_every": 1, "threads": 1}
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_rank_normalisers_make_the_averaged_gradient_the_whole_batch_gradient(loss_agg, tiny_random_model_dir):
+    """What each GRPO rank does: its share of the rows, token-mean divided by (all ranks' tokens / W),
+    sequence modes by its own row count; the mean of the ranks' gradients is the one-process gradient."""
+    from rlxf.config import build_config
+    from rlxf.models import load_policy
+    from rlxf.recipes.grpo import GRPOConfig, policy_loss_terms
+
+    model = load_policy(str(tiny_random_model_dir), dtype="float32", device="cpu")
+    cfg = build_config(GRPOConfig, {"loss_agg": loss_agg, "beta": 0.0, "max_new_tokens": 8})
+    torch.manual_seed(0)
+    N, P, C, W = 8, 4, 5, 2
+    mask = torch.ones(N, C)
+    mask[0, 2:] = 0
+    mask[5, 1:] = 0                                    # the two halves hold different token counts
+    batch = {"input_ids": torch.randint(3, 100, (N, P + C)), "attention_mask": torch.ones(N, P + C, dtype=torch.long),
+             "mask": mask, "advantages": torch.randn(N), "prompt_len": P, "old_logps": None, "ref_logps": None}
+
+    def grad(rows, units):
+        model.zero_grad()
+        part = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        policy_loss_terms(model, part, cfg, units_total=units)[0].backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = grad(torch.arange(N), float(mask.sum()) if loss_agg == "token-mean" else float(N))
+    shares = [torch.arange(r * N // W, (r + 1) * N // W) for r in range(W)]
+    units = [float(mask.sum()) / W if loss_agg == "token-mean" else float(len(s)) for s in shares]
+    averaged = sum(grad(s, u) for s, u in zip(shares, units)) / W
+    torch.testing.assert_close(averaged, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_grpo_on_two_processes_trains_with_identical_copies(tiny_random_model_dir, tmp_path):
+    """Each process samples its share of the step's prompts; the run ends with bit-identical copies
+    (the recipe checks this and would fail), one set of files, and summed sample counts."""
+    out = tmp_path / "grpo"
+    proc = _torchrun(["grpo", *_flags({**GRPO_FAST, "model": tiny_random_model_dir, "output_dir": out,
+                                       "max_steps": 2, "device": "cpu"})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data_parallel"] == {"processes": 2, "prompts_per_process": 2,
+                                        "peak_memory_mb_by_rank": summary["data_parallel"]["peak_memory_mb_by_rank"]}
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["groups_sampled"] == 4 for r in train)          # 2 groups on each of 2 processes
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert summary["final/task_accuracy"] is not None
+
+
+def test_grpo_settings_that_need_the_whole_batch_are_refused(tiny_random_model_dir, tmp_path, monkeypatch):
+    from rlxf.config import build_config
+    from rlxf.recipes.grpo import DAPOConfig, GRPOConfig, combine_rank_metrics, data_parallel_limits
+
+    assert data_parallel_limits(build_config(GRPOConfig, {})) is None
+    assert "--dynamic-sampling" in data_parallel_limits(build_config(DAPOConfig, {}))
+    assert "--sampler aps" in data_parallel_limits(build_config(GRPOConfig, {"sampler": "aps"}))
+    monkeypatch.setenv("WORLD_SIZE", "2")                   # refused before any process group is joined
+    assert main(["dapo", f"--model={tiny_random_model_dir}", f"--output-dir={tmp_path / 'd'}"]) == 2
+    assert not (tmp_path / "d").exists()
+    combined = combine_rank_metrics([
+        {"loss": 1.0, "ratio_max": 1.5, "groups_sampled": 2, "_sample_tokens": 10, "_sample_seconds": 1.0,
+         "_train_tokens": 30, "_train_seconds": 2.0, "accuracy": 0.5},
+        {"loss": 3.0, "ratio_max": 1.2, "groups_sampled": 2, "_sample_tokens": 14, "_sample_seconds": 2.0,
+         "_train_tokens": 30, "_train_seconds": 3.0}])
+    assert combined["loss"] == 2.0 and combined["ratio_max"] == 1.5 and combined["groups_sampled"] == 4
+    assert combined["accuracy"] == 0.5 and combined["sample_tokens_per_s"] == 12.0
+    assert combined["train_tokens_per_s"] == 20.0

@@ -369,7 +369,7 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
             state = {k: saved.get(k, v) for k, v in state.items()}
             log.info("resumed from %s (step %d of %d)", ckpt, step, steps)
     metrics_log = (MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
-                   if distributed.is_main() else _NoLog())
+                   if distributed.is_main() else NullLogger())
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
 
     def run_eval(at_step: int) -> dict:
@@ -448,6 +448,7 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
     finally:
         bar.close()
         metrics_log.close()
+    distributed.check_replicas(model)
     final_dir = out / "final"
     distributed.on_main(lambda: save_final(final_dir))
     summary = {
@@ -481,8 +482,8 @@ def fit(cfg: TrainConfig, *, recipe: str, out: Path, model, tokenizer, train_exa
     return FitResult(summary=summary, output_dir=out)
 
 
-class _NoLog:
-    """The metrics logger of ranks other than 0 (rank 0 writes metrics.jsonl)."""
+class NullLogger:
+    """The metrics logger of ranks other than 0 under torchrun (rank 0 writes metrics.jsonl)."""
 
     def log(self, *args, **kwargs) -> None:
         pass

@@ -44,13 +44,13 @@ import torch
 from rlxf.config import ConfigError, check_choice, option, save_yaml, to_dict
 from rlxf.losses import (AGGREGATION_MODES, ADVANTAGE_SCALES, KL_KINDS, aggregate, clip_fraction,
                          clipped_policy_loss, group_advantages, kl_penalty)
-from rlxf.recipes.common import (FAULT_ENV, TrainingError, autocast_context, build_optimizer,
+from rlxf.recipes.common import (FAULT_ENV, NullLogger, TrainingError, autocast_context, build_optimizer,
                                  load_model_for_training, lr_multiplier, peak_memory_mb, prepare_output_dir,
                                  setup_logging)
 from rlxf.recipes.online import (OnlineConfig, RewardPipeline, build_engine, evaluate_greedy, load_prompts,
                                  reference_answer_nll, reward_tensor)
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
-from rlxf.runtime import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlxf.runtime import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("rlxf.grpo")
 
@@ -179,8 +179,10 @@ def sample_groups(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
     kept: list[tuple] = []   # (rollouts, row slice, scores, rows) per kept group
     info = {"sample_seconds": 0.0, "sample_tokens": 0, "groups_sampled": 0, "reward_none": 0,
             "sampler_feedback": []}
+    rank, world = distributed.rank(), distributed.world_size()
+    share = cfg.batch_size // world                    # every rank draws the same order and takes its share
     for _ in range(cfg.max_sample_batches if cfg.dynamic_sampling else 1):
-        indices = sampler.sample(cfg.batch_size)
+        indices = sampler.sample(cfg.batch_size)[rank * share:(rank + 1) * share]
         t0 = time.time()
         out = engine.generate(prompts.prompt_ids(indices), params)
         info["sample_seconds"] += time.time() - t0
@@ -199,11 +201,11 @@ def sample_groups(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
             last.append((out, sl, scores, rows))
             if not cfg.dynamic_sampling or bool(rewards[sl].max() > rewards[sl].min()):
                 kept.append((out, sl, scores, rows))
-        if len(kept) >= cfg.batch_size:
+        if len(kept) >= share:
             break
     if not kept:  # every group uninformative after max_sample_batches: train on the last (zero advantage)
         kept = last
-    kept = kept[:cfg.batch_size]
+    kept = kept[:share]
     merged = _merge_rows([(o, list(range(sl.start, sl.stop))) for o, sl, _, _ in kept], G)
     pick = lambda values: [v for (_, sl, sc, _) in kept for v in values(sc)[sl]]  # noqa: E731
     rows = [r for (_, sl, sc, batch_rows) in kept for r in batch_rows[sl]]
@@ -296,6 +298,8 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
 
     recipe = recipe or cfg.preset
     setup_logging()
+    if distributed.launched_world_size() > 1 and (why := data_parallel_limits(cfg)):
+        raise ConfigError(why)
     out = prepare_output_dir(cfg, recipe)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
@@ -310,6 +314,10 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
         reference = Reference.build(model, mode)
     pipeline = RewardPipeline(cfg, tokenizer=tokenizer, task=prompts.task, policy=model,
                               ref_model=reference)
+    if distributed.active() and hasattr(pipeline.base, "after_step"):   # the same answer on every rank
+        raise ConfigError(f"--reward {cfg.reward} learns or counts across the whole batch after each step, which "
+                          f"data parallel does not support yet; run it as one process (without torchrun)")
+    distributed.broadcast_parameters(model)
     engine = build_engine(cfg, model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, n=cfg.group_size)
@@ -333,16 +341,21 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
             pipeline.base.load_state_dict(torch.load(ckpt / "reward.pt", weights_only=True))
         state = {k: saved.get(k, v) for k, v in state.items()}
         log.info("resumed from %s (step %d of %d)", ckpt, step, cfg.max_steps)
-    metrics_log = MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
+    metrics_log = (MetricsLogger(out, resume_step=step if step > 0 else None, tensorboard=cfg.tensorboard)
+                   if distributed.is_main() else NullLogger())
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
 
-    def run_eval(at_step: int) -> dict:
-        model.eval()
+    def evaluate() -> dict:
         with autocast_context(cfg, device, dtype):
             metrics = evaluate_greedy(engine, eval_prompts, pipeline, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=max(cfg.eval_batch_size, 64))
             if hasattr(pipeline.base, "evaluate"):  # a learned reward reports its own held-out quality
                 metrics.update(pipeline.base.evaluate())
+        return metrics
+
+    def run_eval(at_step: int) -> dict:
+        model.eval()
+        metrics = distributed.on_main(evaluate)     # rank 0 evaluates under torchrun; every rank gets it
         model.train()
         metrics_log.log(at_step, metrics, split="eval")
         for key, better in headline.items():
@@ -354,7 +367,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
     if step == 0:
         state["start"] = state["last_eval"] = run_eval(0)
     model.train()
-    bar = Progress(cfg.max_steps, desc=recipe, initial=step, enabled=cfg.progress)
+    bar = Progress(cfg.max_steps, desc=recipe, initial=step, enabled=cfg.progress and distributed.is_main())
     wall0 = time.time()
     try:
         while step < cfg.max_steps:
@@ -373,20 +386,30 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
                 state["last_eval"] = run_eval(step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 extra = {"reward.pt": pipeline.base.state_dict()} if hasattr(pipeline.base, "state_dict") else None
-                save_checkpoint(ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                scheduler=scheduler, state={"sampler": sampler.state_dict(), **state},
-                                keep=cfg.keep_checkpoints, extra=extra)
+                distributed.on_main(lambda: save_checkpoint(
+                    ckpt_root, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                    state={"sampler": sampler.state_dict(), **state}, keep=cfg.keep_checkpoints, extra=extra))
             if fault_step and step == fault_step:
                 os._exit(137)
     finally:
         bar.close()
         metrics_log.close()
+    distributed.check_replicas(model)
     final_dir = out / "final"
-    save_pretrained(model, tokenizer, final_dir, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
+    distributed.on_main(lambda: save_pretrained(model, tokenizer, final_dir,
+                                                merge_lora=cfg.merge_lora and cfg.lora_r > 0))
     summary = online_summary(cfg, recipe, state, headline, wall0, device, final_dir)
-    write_summary(out, summary)
-    write_report(out, title=f"rlxf {recipe} ({cfg.preset}): {cfg.model} on {cfg.dataset}", panels=PANELS,
-                 summary=summary, config=to_dict(cfg))
+    if distributed.active():
+        world = distributed.world_size()
+        summary["data_parallel"] = {"processes": world, "prompts_per_process": cfg.batch_size // world,
+                                    "peak_memory_mb_by_rank": distributed.gather(summary.get("peak_memory_mb"))}
+
+    def write() -> None:
+        write_summary(out, summary)
+        write_report(out, title=f"rlxf {recipe} ({cfg.preset}): {cfg.model} on {cfg.dataset}", panels=PANELS,
+                     summary=summary, config=to_dict(cfg))
+
+    distributed.on_main(write)
     log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if "/" in k}))
     return FitResult(summary=summary, output_dir=out)
 
@@ -396,7 +419,7 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
     """One rollout step: sample → score → advantages → ``ppo_epochs × mini_batches`` updates."""
     G = cfg.group_size
     rollouts, rows, rewards_list, correct, parts, info = sample_groups(
-        engine, prompts, sampler, pipeline, cfg, step, params)
+        engine, prompts, sampler, pipeline, cfg, step, params)     # under torchrun: this rank's share
     feedback = info.pop("sampler_feedback")
     if feedback:
         idx, rates = zip(*feedback)
@@ -448,6 +471,10 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
         for m in range(cfg.mini_batches):
             rows_m = order[m * mini:(m + 1) * mini].to(device)
             units_total = loss_mask[rows_m].sum() if cfg.loss_agg == "token-mean" else float(len(rows_m))
+            if cfg.loss_agg == "token-mean" and distributed.active():
+                # the mean over every rank's tokens: each rank divides by the total / W, and the averaged
+                # gradient is then Σ_ranks Σ_tokens / total (sequence modes: equal shares, nothing to do)
+                units_total = sum(distributed.gather(float(units_total))) / distributed.world_size()
             units_total = max(float(units_total), 1.0)
             for s in slices(rows_m):
                 batch = {"input_ids": input_ids[s], "attention_mask": attention_mask[s], "mask": loss_mask[s],
@@ -456,11 +483,12 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
                          "ref_logps": None if ref_logps is None else ref_logps[s]}
                 with autocast_context(cfg, device, dtype):
                     loss, stats = policy_loss_terms(model, batch, cfg, units_total=units_total)
-                if not torch.isfinite(loss):
+                if distributed.any_true(not bool(torch.isfinite(loss))):   # every rank stops together
                     raise TrainingError(f"non-finite loss at step {step + 1}; lower --lr and resume from the "
                                         f"last good checkpoint (--resume)")
                 loss.backward()
                 step_stats.append({"loss": loss.item(), **stats})
+            distributed.average_gradients(model.parameters())
             if cfg.max_grad_norm > 0:
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
             optimizer.step()
@@ -498,7 +526,41 @@ def grpo_step(cfg: GRPOConfig, step: int, *, model, engine, prompts, sampler, pi
         vals = [s[k] for s in step_stats if k in s]
         metrics[k] = max(vals) if k == "ratio_max" else sum(vals) / len(vals)
     metrics.update(sampler.stats())
-    return metrics
+    return combine_rank_metrics(distributed.gather(metrics)) if distributed.active() else metrics
+
+
+def combine_rank_metrics(per_rank: list[dict]) -> dict:
+    """One step's metrics from every rank's: counts summed, times the slowest rank's, throughputs
+    recomputed from those, ``ratio_max`` the largest, everything else the mean over ranks (equal shares)."""
+    summed = ("groups_sampled", "reward_none", "_sample_tokens", "_train_tokens")
+    slowest = ("_sample_seconds", "_train_seconds")
+    out = {}
+    for key in {k for m in per_rank for k in m}:
+        values = [m[key] for m in per_rank if key in m and m[key] is not None]
+        if not values:
+            out[key] = None
+        elif key in summed:
+            out[key] = sum(values)
+        elif key in slowest or key == "ratio_max":
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    out["sample_tokens_per_s"] = out["_sample_tokens"] / max(out["_sample_seconds"], 1e-9)
+    out["train_tokens_per_s"] = out["_train_tokens"] / max(out["_train_seconds"], 1e-9)
+    return out
+
+
+def data_parallel_limits(cfg: GRPOConfig) -> str | None:
+    """Why this configuration cannot run data-parallel (None: it can). Each rank samples its share of
+    every step's prompts from the same prompt order; what needs the whole batch in one place is refused."""
+    if cfg.dynamic_sampling:
+        return ("--dynamic-sampling resamples until enough informative groups are kept, which would make the "
+                "processes' prompt orders drift apart; data parallel does not support it yet (run it as one "
+                "process, without torchrun, or pass --dynamic-sampling false)")
+    if cfg.sampler != "uniform":
+        return (f"--sampler {cfg.sampler} adapts to each step's pass rates, which every process would see only "
+                f"a share of; data parallel supports --sampler uniform (or run it as one process)")
+    return None
 
 
 PANELS = [

@@ -33,8 +33,8 @@ log = logging.getLogger("rlxf")
 
 T = TypeVar("T")
 
-# recipes whose training loop is rlxf.recipes.common.fit
-DATA_PARALLEL_RECIPES = ("sft", "rm", "dpo", "ipo", "cdpo", "rpo", "orpo")
+# recipes whose training loop is rlxf.recipes.common.fit, and the GRPO family (rlxf.recipes.grpo)
+DATA_PARALLEL_RECIPES = ("sft", "rm", "dpo", "ipo", "cdpo", "rpo", "orpo", "grpo", "dr_grpo", "dapo", "rloo")
 _BUCKET_BYTES = 32 << 20
 _TIMEOUT = timedelta(minutes=60)   # rank 0 evaluates and writes while the others wait in a collective
 
@@ -80,7 +80,8 @@ def check_launch(recipe: str, batch_size: int | None) -> int:
         return world
     if recipe not in DATA_PARALLEL_RECIPES:
         raise ValueError(f"`{recipe}` does not run data-parallel yet (torchrun started {world} processes); "
-                         f"data parallel covers sft, rm, dpo (every --loss), rpo and orpo. Run `rlxf {recipe}` "
+                         f"data parallel covers sft, rm, dpo (every --loss), rpo, orpo and grpo, dr_grpo, dapo, rloo. "
+                         f"Run `rlxf {recipe}` "
                          f"as one process (without torchrun)")
     if batch_size is not None and batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} processes torchrun "
@@ -207,6 +208,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def check_replicas(model: torch.nn.Module) -> None:
+    """Raise if the processes' copies of ``model`` differ (they must stay bit-identical: same start,
+    same averaged gradients, same optimiser arithmetic). A cheap fingerprint: one sum per tensor."""
+    if not active():
+        return
+    with torch.no_grad():
+        mine = torch.stack([p.detach().float().sum() for p in model.parameters()]).cpu()
+    prints = gather(mine)
+    differ = [r for r, other in enumerate(prints) if not torch.equal(other, prints[0])]
+    if differ:
+        raise RuntimeError(f"data parallel: the model copies of ranks {differ} differ from rank 0's after "
+                           f"training; this is a bug in rlxf (please report it with the command line)")
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
