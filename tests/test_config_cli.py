@@ -283,7 +283,7 @@ def _all_command_flags() -> set[str]:
 OTHER_FLAGS = _all_command_flags()  # non-recipe commands: compare, serve, text2reward, long2short-data, zoo, demo
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
 TORCHRUN_FLAGS = {"--standalone", "--nproc-per-node"}  # torchrun's own, in the data-parallel command lines
-BENCHMARK_FLAGS = {"--gpus", "--out", "--flags"}  # benchmarks/data_parallel.py's, in docs/distributed.md
+BENCHMARK_FLAGS = {"--gpus", "--out", "--flags", "--recipe"}  # benchmarks/data_parallel.py's, in docs/distributed.md
 
 
 def _doc_path(doc: str) -> Path:
