@@ -181,6 +181,8 @@ def sample_groups(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
             "sampler_feedback": []}
     rank, world = distributed.rank(), distributed.world_size()
     share = cfg.batch_size // world                    # every rank draws the same order and takes its share
+    if world > 1:   # independent draws on each rank, repeated exactly by a resumed run (rank 0 keeps the RNG)
+        params = replace(params, seed=(cfg.seed * 1_000_003 + step) * 1009 + rank)
     for _ in range(cfg.max_sample_batches if cfg.dynamic_sampling else 1):
         indices = sampler.sample(cfg.batch_size)[rank * share:(rank + 1) * share]
         t0 = time.time()
