@@ -28,6 +28,10 @@ updates; a sample whose reward is None is excluded from its group's statistics a
 RLOO here is the leave-one-out baseline inside the GRPO loss (TRL's RLOOTrainer uses the same
 baseline with a sequence-level REINFORCE loss; with one update per batch and ρ ≡ 1 the gradients
 differ only by the aggregation).
+
+Under ``torchrun`` (docs/distributed.md) each process samples its share of every step's prompts,
+the token-mean normaliser counts every process's tokens and the gradients are averaged before each
+optimiser step; dynamic sampling, the APS sampler and rewards that learn after each step are refused.
 """
 
 from __future__ import annotations
