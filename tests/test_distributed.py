@@ -33,11 +33,11 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subproce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("recipe,extra", [("dpo", {"batch_size": 4, "grad_accum": 2}),
-                                          ("rm", {"batch_size": 8})])
+@pytest.mark.parametrize("recipe,extra", [("dpo", {"batch_size": 4, "grad_accum": 2})])
 def test_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model_dir, tmp_path):
     """Same global batch: each process takes half of every micro-batch, gradients are averaged, so the
-    logged losses and metrics, the eval and the final weights equal the one-process run's."""
+    logged losses and metrics, the eval and the final weights equal the one-process run's. (``rm`` gave
+    the same by hand; every fit recipe goes through this loop, and CI time is short.)"""
     common = {**FAST, **extra, "model": str(tiny_random_model_dir), "max_steps": 3, "eval_every": 3}
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([recipe, *_flags({**common, "output_dir": one})]) == 0
@@ -67,13 +67,9 @@ def test_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model
 
 
 def test_errors_stop_every_process_with_one_message(tiny_random_model_dir, tmp_path):
-    """PPO (not data-parallel yet) and an occupied output dir: a clear error, printed once (an indivisible
-    batch goes through the same path: test_launch_checks_read_the_environment)."""
-    proc = _torchrun(["ppo", f"--model={tiny_random_model_dir}", "--reward=verifiable", "--value-model=policy",
-                      f"--output-dir={tmp_path / 'g'}"], timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.count("does not run data-parallel yet") == 1, proc.stderr[-2000:]
-    assert "as one process (without torchrun)" in proc.stderr
+    """An occupied output dir under torchrun: rank 0's error reaches every process, is printed once, and
+    nothing hangs. (PPO's refusal and an indivisible batch are refused earlier, from the environment
+    alone: test_launch_checks_read_the_environment.)"""
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "metrics.jsonl").write_text('{"step": 1}\n')
