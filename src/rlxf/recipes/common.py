@@ -3,6 +3,9 @@
 ``fit`` is a plain function, not a Trainer class: a recipe hands it a model, its examples, a
 ``loss_fn(batch) -> (loss, metrics)`` and an ``evaluate() -> metrics`` and gets back the summary.
 The loop is: batch → micro-batches → loss → backward → clip → step → log → eval → checkpoint.
+Under ``torchrun`` (:mod:`rlxf.runtime.distributed`, docs/distributed.md) each process takes its
+share of every micro-batch, the gradients are averaged before the clip, and rank 0 alone evaluates
+and writes.
 
 Reliability (DESIGN.md): checkpoints are atomic; ``--resume`` continues from the newest complete
 checkpoint and reproduces the uninterrupted run (same batches, RNG and optimiser state); a
