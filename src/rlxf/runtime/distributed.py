@@ -7,8 +7,10 @@ so every replica takes the same optimiser step. Everything that writes files or 
 on rank 0 and its result is broadcast (:func:`on_main`), so all ranks see the same metrics and
 errors and none waits forever on a rank that failed.
 
-The recipes built on :func:`rlxf.recipes.common.fit` (sft, rm, dpo, rpo, orpo) support it; the
-online recipes (generation inside the step) refuse to start under torchrun with a clear error.
+The recipes built on :func:`rlxf.recipes.common.fit` (sft, rm, dpo, rpo, orpo) and the GRPO family
+support it (in GRPO each process samples its share of every step's prompts; see
+:mod:`rlxf.recipes.grpo`); PPO, COOPER and the multi-stage commands refuse to start under torchrun
+with a clear error.
 Why gradients by hand rather than ``DistributedDataParallel``: rlxf's log-prob path calls the
 model's body and output head separately (the fused head never builds full-vocabulary logits),
 which bypasses a DDP wrapper's forward. Sharded parameters (FSDP2) are not implemented: every
