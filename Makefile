@@ -4,9 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv sysdeps clean
 
 venv: $(STAMP)
+
+# bubblewrap: the OS boundary of the reward-code sandbox (docs/security.md). Installed from the
+# distribution when missing and this is a root shell on Debian/Ubuntu; otherwise a note says how.
+sysdeps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; \
+	  else \
+	    echo "note: bubblewrap (bwrap) is not installed; model-written reward code will be refused until it is"; \
+	    echo "      (Debian/Ubuntu: sudo apt-get install bubblewrap; Fedora: sudo dnf install bubblewrap)"; \
+	  fi; }
 
 # torch first, pinned: 2.13.0 is the CPU build (a range would pull a multi-GB CUDA build)
 $(STAMP): pyproject.toml
@@ -16,10 +28,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(BIN)/rlxf demo --output-dir runs/demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -140,8 +140,9 @@ def test_sandbox_reports_wrong_length_non_numbers_and_non_finite_values():
     short = run("return [1.0]")
     assert short.values is None and "returned 1 values for 2 completions" in short.error
     mixed = run("return [float('nan'), 'high']")
-    assert mixed.error is None and math.isnan(mixed.values[0]) and mixed.values[1] is None
-    assert mixed.sample_errors[0] == "returned nan" and "expected a float or None" in mixed.sample_errors[1]
+    assert mixed.error is None and mixed.values == [None, None]  # a non-finite value is an error, never a value
+    assert mixed.sample_errors[0] == "returned nan (not finite), expected a finite float or None"
+    assert "expected a float or None" in mixed.sample_errors[1]
     assert "SyntaxError" in run("return [1.0,").error
     missing = run_reward_code(GOOD, "other_name", PROMPTS, COMPLETIONS, FIELDS)
     assert "defines no function 'other_name'" in missing.error
@@ -267,8 +268,8 @@ def test_sandboxed_reward_inside_call_reward(tmp_path):
     assert not isinstance(get_reward(f"{flaky}:reward_fn"), SandboxedReward)
     fn = get_reward(f"sandbox:{flaky}:reward_fn")
     values, stats = call_reward(fn, ["p"] * 3, ["ab", "", "y" * 11], {})
-    assert values == [0.5, None, None] and stats["nonfinite"] == 1 and stats["none"] == 2
-    assert fn.errors == 1 and fn.first_error.startswith("sample 1: ZeroDivisionError")
+    assert values == [0.5, None, None] and stats["none"] == 2  # NaN is a per-sample error, like a raise
+    assert fn.errors == 2 and fn.first_error.startswith("sample 1: ZeroDivisionError")
 
     slow = tmp_path / "slow.py"
     slow.write_text("def reward_fn(prompts, completions, **kwargs):\n    while True:\n        pass\n")

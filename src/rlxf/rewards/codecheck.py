@@ -7,7 +7,7 @@ code that slips past them is still stopped.
 
 Accepted code: at top level only a docstring, imports, constant assignments and exactly one
 function ``def name(prompts, completions, **kwargs)``; imports only from
-:data:`rlxf.rewards.sandbox.ALLOWED_MODULES`; no dunder names or attributes (``__import__``,
+:data:`rlxf.sandbox.ALLOWED_MODULES`; no dunder names or attributes (``__import__``,
 ``__class__``, ``__globals__`` ...) and no builtins that reach outside the function's data
 (:data:`FORBIDDEN_NAMES`: ``eval``, ``exec``, ``open``, ``compile``, ``globals``, ``getattr`` ...).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import re
 
-from rlxf.rewards.sandbox import ALLOWED_MODULES
+from rlxf.sandbox import ALLOWED_MODULES
 
 FORBIDDEN_NAMES = {
     "eval": "evaluates arbitrary code", "exec": "runs arbitrary code", "compile": "builds code objects",

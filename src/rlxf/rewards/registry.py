@@ -7,10 +7,11 @@
   ``PYTHONPATH`` / in the working directory) and takes the attribute (dots walk attributes,
   ``module:Class.method``);
 - ``path/to/file.py:function`` — loads that file as a module (no package needed);
-- ``sandbox:path/to/file.py:function`` — runs the function in a separate, limited process for
-  every batch (:class:`rlxf.rewards.sandbox.SandboxedReward`). Files written by ``rlxf text2reward``
-  (first line ``# rlxf: sandboxed``) are always run this way, even without the prefix: code written
-  by a model never runs in the training process (docs/text2reward.md).
+- ``sandbox:path/to/file.py:function`` — runs the function behind the OS boundary for every batch
+  (:class:`rlxf.rewards.sandbox.SandboxedReward`). Files written by ``rlxf text2reward`` (first line
+  the provenance header of :mod:`rlxf.sandbox.provenance`) always run this way, even without the
+  prefix, and a file whose rlxf header is malformed is refused: code written by a model never runs
+  in the training process (docs/security.md).
 
 Registered entries are either contract functions (returned as they are) or *factories*:
 ``factory(**options) -> reward function``. :func:`get_reward` passes a factory the keyword
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlxf.rewards.base import RewardError, RewardFn
+from rlxf.rewards.sandbox import SANDBOX_PREFIX, SandboxedReward, is_generated_file
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def get_reward(spec: str | Callable, **context) -> RewardFn:
     spec: a registered name, ``module:attr``, ``path/to/file.py:attr``, or a callable (returned
     as it is). context: keyword arguments for factories (``model``, ``ref_model``, ``tokenizer``,
     ``task`` and factory options); a factory receives those it names, the rest are ignored.
+    ``unsafe_reward_code=True`` in the context lets a sandboxed reward run without the OS boundary
+    where this machine has none (``--unsafe-reward-code``).
     Raises :class:`RewardError` with what was wrong and how to fix it.
     """
     if callable(spec):
@@ -80,10 +84,8 @@ def get_reward(spec: str | Callable, **context) -> RewardFn:
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a registered name or 'module:function', got {spec!r}")
     spec = spec.strip()
-    if spec.startswith("sandbox:") or _generated_file(spec):
-        from rlxf.rewards.sandbox import SandboxedReward
-
-        return SandboxedReward.from_spec(spec)
+    if spec.startswith(SANDBOX_PREFIX) or is_generated_file(spec):
+        return SandboxedReward.from_spec(spec, unsafe=bool(context.get("unsafe_reward_code", False)))
     if spec in REWARDS:
         entry = REWARDS[spec]
         return _build(entry, context) if entry.factory else entry.target
@@ -169,12 +171,6 @@ def _load_file(path_text: str, spec: str):
         del sys.modules[module_name]
         raise RewardError(f"reward spec {spec!r}: running {path} raised {type(err).__name__}: {err}") from err
     return module
-
-
-def _generated_file(spec: str) -> bool:
-    from rlxf.rewards.sandbox import is_generated_file
-
-    return is_generated_file(spec)
 
 
 def _describe(target: Callable) -> str:

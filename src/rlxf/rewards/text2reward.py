@@ -20,8 +20,9 @@ sandboxed subprocess and regenerates on failure (the paper's future-work suggest
 few-shot retrieval of expert examples is not implemented (zero-shot only). Human-feedback
 refinement follows the paper's interactive prompt: previous code + feedback text -> new code.
 
-The written file starts with ``# rlxf: sandboxed``; ``get_reward`` then always runs it through the
-sandbox (:class:`~rlxf.rewards.sandbox.SandboxedReward`), never in the training process.
+The written file starts with the provenance header of :mod:`rlxf.sandbox.provenance`; ``get_reward``
+then always runs it behind the OS boundary (:class:`~rlxf.rewards.sandbox.SandboxedReward`), never in
+the training process.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from rlxf.rewards.codecheck import check_reward_code, extract_code
 from rlxf.rewards.sandbox import ALLOWED_MODULES, GENERATED_MARKER, run_reward_code
+from rlxf.sandbox.provenance import LEGACY_HEADER
 
 FUNCTION_NAME = "reward_fn"
 SYSTEM_PROMPT = ("You are an expert in reinforcement learning from feedback for language models. You write "
@@ -143,7 +145,7 @@ def dry_run_batch(sample_rows: list[dict], fields: list[str], *, seed: int = 0):
 
 def validate_reward_code(code: str, sample_rows: list[dict], fields: list[str], *, function: str = FUNCTION_NAME,
                          value_range: tuple[float, float] | None = None, timeout: float = 5.0,
-                         memory_mb: int = 256) -> tuple[list[str], list[dict], list[str]]:
+                         memory_mb: int = 256, unsafe: bool = False) -> tuple[list[str], list[dict], list[str]]:
     """Dry-run ``code`` in the sandbox on :func:`dry_run_batch` of ``sample_rows``.
 
     Returns ``(problems, dry_run, notes)``: problems (empty = valid) are feedback text for the model;
@@ -151,7 +153,8 @@ def validate_reward_code(code: str, sample_rows: list[dict], fields: list[str], 
     not fail the code (identical values for every sample, how long it took).
     """
     prompts, completions, columns, labels = dry_run_batch(sample_rows, fields)
-    result = run_reward_code(code, function, prompts, completions, columns, timeout=timeout, memory_mb=memory_mb)
+    result = run_reward_code(code, function, prompts, completions, columns, timeout=timeout, memory_mb=memory_mb,
+                             unsafe=unsafe)
     values = result.values or [None] * len(prompts)
     dry_run = [{"label": label, "prompt": _preview(p, 80), "completion": _preview(c, 120), "value": v}
                for label, p, c, v in zip(labels, prompts, completions, values)]
@@ -183,7 +186,7 @@ def generate_reward_function(goal: str, backend, *, fields: list[str], sample_ro
                              max_attempts: int = 3, feedback: str | None = None, previous_code: str | None = None,
                              knowledge: str | None = None, value_range: tuple[float, float] | None = None,
                              output_path: str | Path | None = None, max_tokens: int = 1024,
-                             temperature: float = 0.0, timeout: float = 5.0) -> GenerationResult:
+                             temperature: float = 0.0, timeout: float = 5.0, unsafe: bool = False) -> GenerationResult:
     """Ask ``backend`` (a ChatBackend: ``chat(messages, max_tokens=, temperature=) -> str | None``)
     for a reward function for ``goal`` until one passes the static checks and the sandboxed dry run
     on ``sample_rows``, at most ``max_attempts`` times; each retry's prompt carries the previous
@@ -211,7 +214,7 @@ def generate_reward_function(goal: str, backend, *, fields: list[str], sample_ro
             problems = check_reward_code(code, function_name=FUNCTION_NAME)
             if not problems:
                 problems, dry_run, notes = validate_reward_code(code, sample_rows, fields, value_range=value_range,
-                                                                timeout=timeout)
+                                                                timeout=timeout, unsafe=unsafe)
         result.attempts.append({"prompt": prompt, "response": response, "code": code, "problems": problems,
                                 "dry_run": dry_run, "notes": notes, "seconds": time.perf_counter() - start})
         if not problems:
@@ -243,7 +246,7 @@ def write_reward_file(code: str, path: str | Path, *, goal: str, generator: str,
 def strip_header(text: str) -> str:
     """The code of a file written by :func:`write_reward_file` (its header comments removed)."""
     lines = text.splitlines(keepends=True)
-    if not lines or lines[0].strip() != GENERATED_MARKER:
+    if not lines or lines[0].rstrip("\r\n") not in (GENERATED_MARKER, LEGACY_HEADER):
         return text
     i = 0
     while i < len(lines) and (lines[i].startswith("#") or not lines[i].strip()):
@@ -300,7 +303,8 @@ def run_text2reward(goal: str, *, judge: str, judge_model: str | None = None, da
                     rows: int = 4, output_dir: str | Path = "runs/text2reward", max_attempts: int = 3,
                     feedback: str | None = None, previous: str | Path | None = None,
                     value_range: tuple[float, float] | None = None, max_tokens: int = 1024,
-                    temperature: float = 0.0, timeout: float = 5.0) -> tuple[GenerationResult, Path]:
+                    temperature: float = 0.0, timeout: float = 5.0,
+                    unsafe: bool = False) -> tuple[GenerationResult, Path]:
     """``rlxf text2reward``: load sample rows, generate and validate, write ``reward_fn.py`` (when
     accepted) and ``report.json`` to ``output_dir``. Returns (result, report path)."""
     from rlxf.data.loading import TASK_PREFIX, load_rows
@@ -308,6 +312,13 @@ def run_text2reward(goal: str, *, judge: str, judge_model: str | None = None, da
 
     if feedback and not previous:
         raise RewardError("--feedback refines an existing function: pass it with --previous FILE.py")
+    if not unsafe:
+        from rlxf.sandbox import boundary
+
+        try:
+            boundary.require()  # before the chat model is asked for anything
+        except boundary.SandboxUnavailable as err:
+            raise RewardError(str(err)) from err
     previous_code = None
     if previous:
         try:
@@ -327,7 +338,8 @@ def run_text2reward(goal: str, *, judge: str, judge_model: str | None = None, da
     result = generate_reward_function(goal, backend, fields=fields, sample_rows=sample_rows,
                                       max_attempts=max_attempts, feedback=feedback, previous_code=previous_code,
                                       knowledge=knowledge, value_range=value_range, output_path=out / "reward_fn.py",
-                                      max_tokens=max_tokens, temperature=temperature, timeout=timeout)
+                                      max_tokens=max_tokens, temperature=temperature, timeout=timeout,
+                                      unsafe=unsafe)
     report = {"goal": goal, "generator": getattr(backend, "name", judge), "judge": judge, "dataset": dataset,
               "fields": fields, "ok": result.ok, "path": str(result.path) if result.path else None,
               "reward_spec": f"{result.path}:{FUNCTION_NAME}" if result.path else None,

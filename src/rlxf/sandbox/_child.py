@@ -1,14 +1,18 @@
-"""The child side of the reward-code sandbox (see ``rlxf.rewards.sandbox``). Standard library only.
+"""The child side of the sandbox (see ``rlxf.sandbox`` and ``rlxf.rewards.sandbox``). Standard library only.
 
-The parent runs this file's text as ``python -I -S -c <text> <limits-json>`` (the limits and the
-allowed modules) in a fresh scratch directory with a minimal environment, sends one JSON request
-on stdin ``{"code", "function", "prompts", "completions", "fields"}`` and reads one JSON reply on stdout
-``{"values", "error", "sample_errors", "stdout", "seconds"}``. ``values`` is null when there is no
-usable list (the code did not compile, the function is missing, it returned the wrong shape).
+The parent runs this file's text as ``python -I -S -c <text> <limits-json>`` — behind the OS
+boundary (``rlxf.sandbox.boundary``: bubblewrap namespaces, a tmpfs scratch as working directory)
+unless the user chose ``unsafe`` — sends one JSON request on stdin ``{"code", "function",
+"prompts", "completions", "fields", "lockdown"}`` and reads one JSON reply
+``{"values", "error", "sample_errors", "stdout", "seconds"}`` from the dedicated pipe whose
+descriptor is ``limits["reply_fd"]`` (never from stdout, which the code may write to). The parent
+trusts nothing in the reply: it validates every value (``rlxf.rewards.sandbox``).
 
-Order matters: resource limits -> read the request -> import the allowed modules -> install the
-audit hook -> compile and run the untrusted code -> call it (batch, then one sample at a time if
-the batch raised) -> reply. Everything the untrusted code can reach runs after the hook is in place.
+Order matters: resource limits -> read the request -> import the allowed modules -> lock down
+(switch to the unprivileged uid/gid, ``PR_SET_NO_NEW_PRIVS``, the seccomp filter) -> install the
+audit hook (when ``interpreter_checks``) -> compile and run the untrusted code -> call it (batch,
+then one sample at a time if the batch raised) -> reply. Everything the untrusted code can reach
+runs after the lock-down.
 """
 
 import sys
@@ -61,12 +65,15 @@ def main():
         __import__(name)
     for name in PRELOADED_CODECS:
         __import__("encodings." + name)
-    out = sys.stdout.buffer
+    reply_fd = int(limits["reply_fd"])
     scratch = os.path.realpath(os.getcwd())
     stdlib_roots = tuple(os.path.realpath(p) for p in sys.path if p)
+    if request.get("lockdown"):
+        _lock_down(os, request["lockdown"])
     capture = _Tail()
     sys.stdout = sys.stderr = capture
-    sys.addaudithook(_make_guard(os, scratch, stdlib_roots, tuple(limits["allowed_modules"])))
+    if limits.get("interpreter_checks", True):
+        sys.addaudithook(_make_guard(os, scratch, stdlib_roots, tuple(limits["allowed_modules"])))
 
     start = time.perf_counter()
     try:
@@ -81,8 +88,9 @@ def main():
     except BaseException as exc:  # noqa: BLE001 - e.g. memory exhausted, or the code broke json itself
         data = ('{"values": null, "error": "the sandbox could not build its reply (%s)", "sample_errors": []}'
                 % type(exc).__name__).encode()
-    out.write(b"\n" + data + b"\n")  # the reply is the last line, whatever the code printed before
-    out.flush()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(reply_fd, view):]
 
 
 def _set_limits(resource, limits):
@@ -95,6 +103,38 @@ def _set_limits(resource, limits):
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     if hasattr(resource, "RLIMIT_NPROC"):  # no new processes or threads (not enforced for root)
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+
+
+def _lock_down(os, lockdown):
+    """Become unprivileged and install the seccomp filter; from here on the OS refuses what the
+    filter does not list, whatever the code does in the interpreter."""
+    import base64
+    import ctypes
+
+    ids = lockdown.get("drop_to")
+    if ids:
+        os.setgroups([])
+        os.setresgid(ids[1], ids[1], ids[1])
+        os.setresuid(ids[0], ids[0], ids[0])
+        if os.getresuid() != (ids[0],) * 3 or os.getresgid() != (ids[1],) * 3:
+            raise SystemExit("sandbox: could not switch to the unprivileged user")
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "sandbox: prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if not lockdown.get("seccomp"):  # only when testing the namespaces on their own
+        return
+    program = base64.b64decode(lockdown["seccomp"])
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "sandbox: installing the seccomp filter failed")
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
 
 
 def _make_guard(os, scratch, stdlib_roots, allowed_modules):
