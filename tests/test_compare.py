@@ -159,7 +159,7 @@ GOOD = {"recipe": "sft", "common": {"max_steps": 2, "seed": 0}, "runs": {"a": {"
     ({"runs": {"a": {"lrr": 1}}}, r"runs\.a \(run 'a', recipe sft\): unknown option 'lrr'.*did you mean 'lr'"),
     ({"common": {"max_step": 2}}, r"common \(run 'a', recipe sft\): unknown option 'max_step'"),
     ({"runs": {"a": {"lr": "abc"}}}, r"runs\.a: lr: cannot read 'abc' as float"),
-    ({"runs": {"a": {"lr": -1.0}}}, r"runs\.a: --lr must be > 0"),
+    ({"runs": {"a": {"lr": -1.0}}}, r"runs\.a: lr -1\.0 is out of range: it must be a finite number > 0"),
     ({"runs": {"a": {"output_dir": "elsewhere"}}}, r"'output_dir' is set by rlxf compare"),
     ({"runs": {"a": {"recipe": "nope"}}}, r"runs\.a: unknown recipe 'nope'"),
     ({"run": {}}, r"unknown key 'run'; did you mean 'runs'\?"),

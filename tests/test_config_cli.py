@@ -6,13 +6,14 @@ Fast: nothing here loads a model or trains.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from rlxf.cli import RECIPES, _config_class, build_parser, main
-from rlxf.config import ConfigError, build_config, coerce, load_yaml, parse_args, save_yaml
+from rlxf.config import ConfigError, build_config, coerce, load_yaml, numeric_fields, parse_args, save_yaml
 from rlxf.recipes.long2short import Long2ShortDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +251,7 @@ def test_a_checkpoints_dir_also_marks_a_run(tmp_path):
 def test_a_fresh_or_empty_output_dir_is_accepted(tmp_path):
     from rlxf.recipes.common import prepare_output_dir
 
-    for out in (tmp_path / "new" / "run", tmp_path):
+    for out in (tmp_path, tmp_path / "new" / "run"):  # tmp_path while it is still empty
         cfg = build_config(_config_class("rm"), {"output_dir": str(out)})
         assert prepare_output_dir(cfg, "rm") == out
         assert build_config(_config_class("rm"), load_yaml(out / "config.yaml")) == cfg
@@ -260,6 +261,205 @@ def test_main_refuses_an_existing_run_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert main(["dpo", "--output-dir", str(tmp_path), "--model", str(tmp_path / "missing")]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_a_directory_of_the_users_own_files_is_never_written(tmp_path, capsys):
+    """config.yaml and notes.txt of the user's, no run: refused with and without --resume, untouched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "notes.txt").write_text("notes\n")
+    for extra in ([], ["--resume"]):
+        assert main(["sft", "--output-dir", str(mine), "--max-steps", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is not an rlxf run directory: it holds config.yaml, notes.txt" in err
+        assert "--output-dir" in err and "nothing was written" in err
+        assert ("--resume continues an rlxf run" in err) == bool(extra)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (mine / "config.yaml").read_text() == "my: settings\n"
+
+
+def test_the_run_marker_is_written_first_and_recognises_the_run(tmp_path, monkeypatch):
+    import json
+
+    import rlxf.recipes.common as common
+
+    written = []
+    real_save = common.save_yaml
+    monkeypatch.setattr(common, "save_yaml", lambda cfg, path: (written.append(sorted(os.listdir(path.parent))),
+                                                                real_save(cfg, path)))
+    out = tmp_path / "run"
+    cfg = build_config(_config_class("sft"), {"output_dir": str(out)})
+    common.prepare_output_dir(cfg, "sft")
+    assert written == [[common.RUN_MARKER]]            # the marker was there before config.yaml
+    assert json.loads((out / common.RUN_MARKER).read_text())["recipe"] == "sft"
+    (out / "notes.txt").write_text("added later\n")
+    assert common.prepare_output_dir(cfg, "sft") == out  # a run dir without a started run is reused
+    assert (out / "notes.txt").read_text() == "added later\n"
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        common.prepare_output_dir(cfg, "sft")
+
+
+def test_a_run_written_before_the_marker_existed_resumes_and_gets_the_marker(tmp_path):
+    from rlxf.recipes.common import RUN_MARKER, prepare_output_dir
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    cfg = build_config(_config_class("sft"), {"output_dir": str(tmp_path), "resume": True})
+    assert prepare_output_dir(cfg, "sft") == tmp_path
+    assert (tmp_path / RUN_MARKER).is_file() and (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    from rlxf.recipes.common import prepare_output_dir
+
+    path = tmp_path / "out"
+    path.write_text("mine\n")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        prepare_output_dir(build_config(_config_class("sft"), {"output_dir": str(path)}), "sft")
+    assert path.read_text() == "mine\n"
+
+
+# -- numeric options: one check, every field, before anything loads -------------------------------
+
+def _config_classes() -> list[type]:
+    """Every config class of a command: the recipes', and long2short-data, cool-rlhf, cai-sft, rlaif."""
+    import importlib
+
+    from rlxf.cli import AI_FEEDBACK
+    from rlxf.recipes.cool_rlhf import CoolRLHFConfig
+
+    classes = {_config_class(name) for name in RECIPES}
+    classes |= {getattr(importlib.import_module(module), cls) for module, cls, _ in AI_FEEDBACK.values()}
+    return sorted(classes | {Long2ShortDataConfig, CoolRLHFConfig}, key=lambda c: c.__name__)
+
+
+NUMERIC = [(cls, name, kind, bounds) for cls in _config_classes() for name, kind, bounds, _ in numeric_fields(cls)]
+
+
+def test_every_numeric_field_of_every_config_declares_its_range():
+    assert len(_config_classes()) >= 14 and len(NUMERIC) > 100
+    missing = [f"{cls.__name__}.{name}" for cls, name, _, bounds in NUMERIC if bounds is None]
+    assert not missing, f"numeric fields without bounds=...: {missing}"
+
+
+def test_every_default_is_inside_its_range():
+    for cls, name, _, bounds in NUMERIC:
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+        assert default is None or bounds.allows(default), (cls.__name__, name, default)
+
+
+def _outside(kind: type, bounds) -> list:
+    """Values each field must refuse: NaN and ±inf for floats, the integers just outside the range."""
+    if kind is float:
+        bad = [float("nan"), float("inf"), float("-inf")]
+        if bounds.low is not None:
+            bad.append(bounds.low if bounds.low_open else bounds.low - 0.5)
+        if bounds.high is not None:
+            bad.append(bounds.high if bounds.high_open else bounds.high + 0.5)
+        return bad
+    bad = []
+    if bounds.low is not None:
+        below = int(bounds.low) - 1
+        while below in bounds.special:  # e.g. --overlong-buffer: -1 has its own meaning, -2 is out
+            below -= 1
+        bad.append(below)
+    if bounds.high is not None:
+        bad.append(int(bounds.high) + 1)
+    return bad
+
+
+@pytest.mark.parametrize("cls, name, kind, bounds", NUMERIC, ids=[f"{c.__name__}.{n}" for c, n, _, _ in NUMERIC])
+def test_every_numeric_field_refuses_values_outside_its_range(cls, name, kind, bounds):
+    from rlxf.config import OptionRangeError
+
+    for value in _outside(kind, bounds):
+        with pytest.raises(OptionRangeError) as info:
+            cls(**{name: value})
+        assert [p[0] for p in info.value.problems] == [name]
+        assert str(info.value).startswith(f"{name} {value!r} is out of range: it must be ")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["dpo", "--lr", "nan"], "--lr nan is out of range: it must be a finite number > 0"),
+    (["dpo", "--lr", "inf"], "--lr inf is out of range: it must be a finite number > 0"),
+    (["dpo", "--beta", "nan"], "--beta nan is out of range: it must be a finite number > 0"),
+    (["grpo", "--beta", "nan"], "--beta nan is out of range: it must be a finite number >= 0"),
+    (["sft", "--max-grad-norm", "nan"], "--max-grad-norm nan is out of range: it must be a finite number >= 0"),
+    (["sft", "--save-every", "-1"], "--save-every -1 is out of range: it must be an integer >= 0"),
+    (["sft", "--warmup-steps", "-3"], "--warmup-steps -3 is out of range: it must be an integer >= 0"),
+    (["sft", "--threads", "-4"], "--threads -4 is out of range: it must be an integer >= 0"),
+    (["sft", "--log-every", "0"], "--log-every 0 is out of range: it must be an integer >= 1"),
+    (["sft", "--seed", "-1"], "--seed -1 is out of range: it must be an integer in [0, 4294967295]"),
+    (["grpo", "--eps-low", "1"], "--eps-low 1.0 is out of range: it must be a finite number in [0, 1)"),
+    (["grpo", "--temperature", "0"], "--temperature 0.0 is out of range: it must be a finite number > 0"),
+    (["ppo", "--gamma", "1.5"], "--gamma 1.5 is out of range: it must be a finite number in [0, 1]"),
+    (["grpo", "--overlong-buffer", "-2"], "--overlong-buffer -2 is out of range: it must be an integer >= 0, or -1"),
+    (["long2short-data", "--temperature", "nan"], "--temperature nan is out of range"),
+    (["rlaif", "--threshold", "0.7"], "--threshold 0.7 is out of range: it must be a finite number in [0, 0.5]"),
+    (["demo", "--max-steps", "0"], "--max-steps 0 is out of range: it must be an integer >= 1"),
+])
+def test_cli_names_the_flag_the_value_and_the_range(argv, expected, tmp_path, capsys, monkeypatch):
+    import rlxf.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    for loader in ("load_policy", "load_reward_model", "load_tokenizer"):
+        monkeypatch.setattr(rlxf.models, loader, no_model)
+    out = tmp_path / "out"
+    assert main([*argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"rlxf: configuration error: {expected}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_help_shows_each_numeric_range(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.0002; allowed: a finite number > 0)" in out
+    assert "(default: 1.0; allowed: a finite number >= 0)" in out  # --max-grad-norm, 0 = off
+
+
+def test_every_bad_number_is_listed_at_once(capsys):
+    assert main(["grpo", "--lr", "nan", "--top-p", "0", "--save-every", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "3 options are out of range:" in err
+    assert "--lr nan" in err and "--top-p 0.0" in err and "--save-every -1" in err
+
+
+def test_a_yaml_file_names_the_key_and_the_file(tmp_path):
+    path = write(tmp_path, "beta: .nan\nlr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: beta nan is out of range"):
+        cli_config(["dpo", "--config", str(path)])
+    with pytest.raises(ConfigError, match=r"^--beta -1.0 is out of range"):  # the flag wins, named as a flag
+        cli_config(["dpo", "--config", str(path), "--beta", "-1"])
+
+
+def test_a_yaml_config_may_start_with_a_byte_order_mark_and_latin1_is_explained(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbfbeta: 0.3\n")
+    assert cli_config(["dpo", "--config", str(path)]).beta == 0.3
+    path.write_bytes("lr: 1.0e-3\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"(?s){re.escape(str(path))}:2: byte 0xe9 .* iconv -f latin1 -t utf-8"):
+        cli_config(["dpo", "--config", str(path)])
+
+
+def test_the_python_api_names_the_field():
+    from rlxf.recipes.preference import PreferenceConfig
+
+    with pytest.raises(ConfigError, match=r"^lr nan is out of range: it must be a finite number > 0"):
+        PreferenceConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"^max_grad_norm inf is out of range"):
+        build_config(PreferenceConfig, {"max_grad_norm": "inf"})
+
+
+def test_an_integer_too_large_for_a_float_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot read '1e400' as int"):
+        cli_config(["sft", "--max-steps", "1e400"])
 
 
 # -- documentation stays true to the flags ---------------------------------------------------------
@@ -340,11 +540,31 @@ def test_documented_defaults_match_the_config_dataclasses(doc, recipe):
         assert {flag[2:].replace("-", "_") for flag, _ in rows} == set(defaults)
 
 
+def test_documented_ranges_match_the_bounds():
+    """docs/cli.md's table of the shared options' ranges says what rlxf.config.check_numbers checks."""
+    from rlxf.recipes.common import TrainConfig
+
+    text = _doc_path("docs/cli.md").read_text()
+    table = text[text.index("| options | allowed |"):].split("\n\n")[0]
+    rows = re.findall(r"^\| (`--.+?) \| (.+?) \|$", table, flags=re.MULTILINE)
+    bounds = {name: (kind, b) for name, kind, b, _ in numeric_fields(TrainConfig)}
+    documented = set()
+    for flags, allowed in rows:
+        allowed = allowed.split(";")[0].replace("≥", ">=").replace("2³² − 1", str(2**32 - 1))
+        allowed = allowed.removeprefix("an integer ")
+        for flag in re.findall(r"`(--[a-z0-9-]+)`", flags):
+            kind, b = bounds[flag[2:].replace("-", "_")]
+            assert re.sub(r"^(a finite number|an integer) ", "", b.describe(kind)) == allowed, (flag, allowed)
+            documented.add(flag[2:].replace("-", "_"))
+    assert documented == set(bounds)  # every numeric shared option is in the table
+
+
 def test_activation_memory_budget_is_checked_and_needs_compile():
     from rlxf.recipes.common import ConfigError
     from rlxf.recipes.preference import PreferenceConfig
 
-    with pytest.raises(ConfigError, match=r"--activation-memory-budget must be in \(0, 1\], got 0"):
+    with pytest.raises(ConfigError, match=r"activation_memory_budget 0.0 is out of range: it must be a finite "
+                                          r"number in \(0, 1\]"):
         PreferenceConfig(compile=True, activation_memory_budget=0.0)
     with pytest.raises(ConfigError, match="add --compile"):
         PreferenceConfig(activation_memory_budget=0.05)

@@ -182,7 +182,7 @@ def test_file_labels_are_merged_in_their_round():
     ({"datasets": "data.jsonl"}, "not a built-in task"),
     ({"labels": "judge"}, "--judge"),
     ({"labels": "file"}, "--labels-file"),
-    ({"hack_quantile": 1.0}, "hack-quantile"),
+    ({"hack_quantile": 1.0}, r"hack_quantile 1\.0 is out of range: it must be a finite number in \(0, 1\)"),
     ({"rounds": 0}, "rounds"),
 ])
 def test_bad_values_are_config_errors(values, match):

@@ -228,7 +228,7 @@ def test_config_defaults_and_validation():
         build_config(CooperConfig, {"dataset": "prompts.jsonl"})
     with pytest.raises(ConfigError, match="rlxf grpo"):
         build_config(CooperConfig, {"reward": "verifiable"})
-    with pytest.raises(ConfigError, match="cooper-rm-lr"):
+    with pytest.raises(ConfigError, match="cooper_rm_lr 0.0 is out of range"):
         build_config(CooperConfig, {"cooper_rm_lr": 0})
     with pytest.raises(ConfigError, match="cooper-negatives"):
         build_config(CooperConfig, {"cooper_negatives": "llm"})

@@ -105,13 +105,14 @@ def test_bad_json_line_reports_file_and_line(tmp_path):
         load_rows(str(path), kind="preference")
 
 
-def test_many_bad_lines_report_first_five_and_count(tmp_path):
+def test_many_bad_lines_report_the_first_ten_and_count_the_rest(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("{oops\n" * 8)
+    path.write_text("{oops\n" * 13)
     with pytest.raises(DataError) as info:
         load_rows(str(path), kind="sft")
     message = str(info.value)
-    assert "8 of 8 lines are invalid" in message and f"{path}:5:" in message and f"{path}:6:" not in message
+    assert "13 of 13 rows are invalid" in message and f"{path}:10:" in message and f"{path}:11:" not in message
+    assert "... and 3 more" in message
 
 
 def test_empty_file_and_missing_file(tmp_path):
@@ -158,13 +159,13 @@ def test_missing_field_names_field_and_format(tmp_path):
 
 
 def test_skip_invalid_counts_and_many_errors_are_summarised():
-    rows = [{"prompt": "p", "completion": ""}] * 7 + [{"prompt": "p", "completion": "c"}]
+    rows = [{"prompt": "p", "completion": ""}] * 12 + [{"prompt": "p", "completion": "c"}]
     valid, skipped = validate_rows(rows, kind="sft", skip_invalid=True)
-    assert len(valid) == 1 and skipped == 7
+    assert len(valid) == 1 and skipped == 12
     with pytest.raises(DataError) as info:
         validate_rows(rows, kind="sft")
-    assert "7 of 8 sft rows are invalid (first 5 shown)" in str(info.value)
-    assert "row 4:" in str(info.value) and "row 5:" not in str(info.value)
+    assert "12 of 13 sft rows are invalid:" in str(info.value) and "... and 2 more" in str(info.value)
+    assert "row 9:" in str(info.value) and "row 10:" not in str(info.value)
 
 
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), "high", True])
@@ -215,6 +216,148 @@ def test_conversational_preference_explicit_and_implicit_prompt(tok):
 def test_string_preference_without_prompt_is_missing_prompt():
     with pytest.raises(DataError, match="field 'prompt' missing"):
         validate_rows([{"chosen": "a", "rejected": "b"}], kind="preference")
+
+
+# -- encodings, byte-order marks and unreadable lines --------------------------------------------
+
+LATIN1_ROW = b'{"prompt": "caf\xe9?", "chosen": " a", "rejected": " b"}\n'
+E_ACUTE = LATIN1_ROW.index(b"\xe9")  # 0-based byte position of the Latin-1 byte in the line
+
+
+def test_latin1_jsonl_names_file_line_byte_offset_and_iconv(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + LATIN1_ROW)
+    offset = len(json.dumps(PAIRS[0])) + 1 + E_ACUTE
+    with pytest.raises(DataError) as info:
+        load_rows(str(path), kind="preference")
+    message = str(info.value)
+    assert f"{path}:2: byte 0xe9 at byte offset {offset} (byte {E_ACUTE + 1} of line 2) is not valid UTF-8" in message
+    assert f"iconv -f latin1 -t utf-8 {path} > {tmp_path / 'pairs.utf8.jsonl'}" in message
+
+
+@pytest.mark.parametrize("name, good", [
+    ("pairs.json", b'[\n{"prompt": "p", "chosen": "a", "rejected": "b"},\n'),
+    ("pairs.csv", b"prompt,chosen,rejected\np,a,b\n"),
+])
+def test_undecodable_bytes_in_json_and_csv_name_the_line(tmp_path, name, good):
+    path = tmp_path / name
+    bad_line = b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}]\n' if name.endswith(".json") \
+        else b"caf\xe9,a,b\n"
+    path.write_bytes(good + bad_line)
+    offset = len(good) + bad_line.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"{path}:3: byte 0xe9 at byte offset {offset} "):
+        load_rows(str(path), kind="preference")
+
+
+def test_several_undecodable_lines_are_all_listed(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(LATIN1_ROW * 12)
+    with pytest.raises(DataError) as info:
+        load_rows(str(path), kind="preference")
+    message = str(info.value)
+    assert "12 lines hold bytes that are not valid UTF-8" in message
+    assert f"{path}:10:" in message and f"{path}:11:" not in message and "... and 2 more lines" in message
+
+
+def test_undecodable_bytes_are_not_skipped_by_skip_invalid(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + LATIN1_ROW)
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        validate_rows(load_rows(str(path), kind="preference", keep_invalid=True), kind="preference",
+                      skip_invalid=True)
+
+
+def test_utf16_file_is_recognised(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(json.dumps(PAIRS[0]).encode("utf-16"))
+    with pytest.raises(DataError, match=rf"UTF-16.*iconv -f utf-16 -t utf-8 {path}"):
+        load_rows(str(path), kind="preference")
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json", "pairs.csv"])
+def test_a_utf8_byte_order_mark_is_dropped_in_every_text_format(tmp_path, name):
+    path = tmp_path / name
+    rows = [{"prompt": "café?", "chosen": " a", "rejected": " b"}]
+    if name.endswith(".jsonl"):
+        text = json.dumps(rows[0], ensure_ascii=False) + "\r\n"
+    elif name.endswith(".json"):
+        text = json.dumps(rows, ensure_ascii=False)
+    else:
+        text = "prompt,chosen,rejected\r\ncafé?, a, b\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    loaded = load_rows(str(path), kind="preference")
+    assert [{k: v for k, v in r.items() if k != "_where"} for r in loaded] == rows
+    assert validate_rows(loaded, kind="preference")[1] == 0
+
+
+def _column_of(line: str, fault: str) -> int:
+    return line.index(fault) + 1
+
+
+def test_every_bad_row_is_reported_with_its_line_and_column(tmp_path):
+    """Invalid JSON does not hide the other bad rows, and the column is the fault's, 1-based."""
+    good = json.dumps(PAIRS[0])
+    missing_comma = '{"prompt": "2+2=?", "chosen": "4", "rejected": "5" "id": 7}'
+    truncated = '{"prompt": "2+2=?", "chosen": " #4", "rejected":'
+    lines = [good, missing_comma, '{"prompt": "2+2=?", "chosen": " #4"}', truncated, "[1, 2]", good]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        validate_rows(load_rows(str(path), kind="preference", keep_invalid=True), kind="preference")
+    message = str(info.value)
+    assert "4 of 6 preference rows are invalid" in message
+    assert _column_of(missing_comma, '"id"') == 52  # the attack's "fault at column 52"
+    assert f"{path}:2: invalid JSON: Expecting ',' delimiter (column 52)" in message
+    assert f"{path}:3: field 'rejected' missing" in message
+    assert f"{path}:4: invalid JSON: Expecting value (column {len(truncated) + 1})" in message
+    assert f"{path}:5: expected a JSON object, got a list" in message
+    assert "--skip-invalid" in message and "skip_invalid=True" in message
+
+
+def test_skip_invalid_also_drops_unreadable_lines_and_counts_them(tmp_path, caplog):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([json.dumps(PAIRS[0]), "{oops", json.dumps(PAIRS[1]), "\n", "null"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="rlxf.data"):
+        valid, skipped = validate_rows(load_rows(str(path), kind="preference", keep_invalid=True),
+                                       kind="preference", skip_invalid=True)
+    assert [r["prompt"] for r in valid] == ["1+2=?", "5+5=?"] and skipped == 2
+    assert f"{path}:2: invalid JSON" in caplog.text and f"{path}:6: expected a JSON object, got null" in caplog.text
+
+
+def test_limit_counts_readable_rows_only(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("{oops\n" + json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n")
+    rows = load_rows(str(path), kind="preference", keep_invalid=True, limit=1)
+    assert [r["_where"] for r in rows] == [f"{path}:1", f"{path}:2"]
+
+
+def test_csv_extra_cells_and_an_unclosed_quote_are_reported(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\n1,000,a,b\n\np,a,b\n")
+    rows = load_rows(str(path), kind="preference", keep_invalid=True)
+    assert [r["_where"] for r in rows] == [f"{path}:2", f"{path}:3", f"{path}:5"]
+    with pytest.raises(DataError, match=rf"{path}:3: 4 cells, but the header names 3 columns"):
+        validate_rows(rows, kind="preference")
+    path.write_text('prompt,chosen,rejected\np,a,b\n"p,a,b\np,a,b\n')
+    with pytest.raises(DataError, match=rf"{path}:3: could not read the CSV record .*never closed"):
+        load_rows(str(path), kind="preference")
+
+
+def test_json_items_that_are_not_objects_are_invalid_rows(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([PAIRS[0], "text", PAIRS[1]]))
+    rows = load_rows(str(path), kind="preference", keep_invalid=True)
+    valid, skipped = validate_rows(rows, kind="preference", skip_invalid=True)
+    assert len(valid) == 2 and skipped == 1
+    with pytest.raises(DataError, match=rf"{path}\[1\]: expected a JSON object, got a string"):
+        load_rows(str(path), kind="preference")
+
+
+def test_an_integer_too_large_for_a_float_is_an_invalid_score(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1' + "0" * 400 + "}\n")
+    with pytest.raises(DataError, match=rf"{path}:1: field 'margin' must be finite"):
+        validate_rows(load_rows(str(path), kind="preference"), kind="preference")
 
 
 # -- tokenization -------------------------------------------------------------------------------

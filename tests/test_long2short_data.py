@@ -157,9 +157,11 @@ def test_dataset_without_answers_is_a_clear_error_before_the_model_loads(tmp_pat
 # -- config and command line ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("values,match", [
-    ({"samples": 0}, "--samples must be > 0"), ({"ratio": 0.9}, "--ratio must be >= 1"),
-    ({"temperature": 0.0}, "--temperature must be > 0"), ({"num_prompts": 0}, "task: dataset"),
-    ({"max_pairs_per_prompt": -1}, "--max-pairs-per-prompt must be >= 0"),
+    ({"samples": 0}, "samples 0 is out of range: it must be an integer >= 1"),
+    ({"ratio": 0.9}, "ratio 0.9 is out of range: it must be a finite number >= 1"),
+    ({"temperature": 0.0}, "temperature 0.0 is out of range: it must be a finite number > 0"),
+    ({"num_prompts": 0}, "task: dataset"),
+    ({"max_pairs_per_prompt": -1}, "max_pairs_per_prompt -1 is out of range: it must be an integer >= 0"),
 ])
 def test_bad_config_values_are_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):

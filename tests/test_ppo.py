@@ -64,7 +64,7 @@ def test_value_head_shares_the_policy_body_and_starts_at_zero(tiny_random_model_
 @pytest.mark.parametrize("values,match", [
     ({"value_model": "reward_model"}, "reward-model"),
     ({"value_model": "policy", "reward": "verifiable", "mini_batches": 3}, "mini-batches"),
-    ({"value_model": "policy", "reward": "verifiable", "kl_coef": -1}, "kl-coef"),
+    ({"value_model": "policy", "reward": "verifiable", "kl_coef": -1}, "kl_coef -1.0 is out of range"),
 ])
 def test_bad_values_are_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):

@@ -115,13 +115,63 @@ def test_malformed_rows_stop_with_file_and_line(tiny_random_model_dir, tmp_path,
     assert "pairs.jsonl:21" in err and "rejected" in err
 
 
-def test_malformed_json_line_and_skip_invalid(tiny_random_model_dir, tmp_path, capsys):
+def test_malformed_json_line_and_skip_invalid(tiny_random_model_dir, tmp_path, capsys, caplog):
     data = tmp_path / "pairs.jsonl"
     good = json.dumps({"prompt": "1+1=?", "chosen": " #2", "rejected": " #3"})
     data.write_text("\n".join([good] * 20 + ['{"prompt": "2+2=?", "chosen": " #4", "rejected":']) + "\n")
     args = {**FAST, "model": tiny_random_model_dir, "dataset": data, "max_steps": 1, "eval_holdout": 0.1}
     assert main(["dpo", *_flags({**args, "output_dir": tmp_path / "a"})]) == 1
     assert "pairs.jsonl:21" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        assert main(["dpo", *_flags({**args, "output_dir": tmp_path / "b", "skip_invalid": "true"})]) == 0
+    assert "pairs.jsonl:21: invalid JSON" in caplog.text and "skipped 1 of 21 training rows" in caplog.text
+
+
+def test_a_run_stopped_by_bad_data_reports_every_bad_row_and_writes_nothing(tiny_random_model_dir, tmp_path,
+                                                                            capsys):
+    good = json.dumps({"prompt": "1+1=?", "chosen": " #2", "rejected": " #3"})
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    trailing_comma = '{"prompt": "x", "chosen": " a", "rejected": " b",}'
+    train.write_text("\n".join([good] * 10 + [trailing_comma, '{"prompt": "2+2=?", "chosen": " #4"}']) + "\n")
+    evals.write_text(good + "\n" + '{"prompt": "3+3=?", "chosen": 6, "rejected": " #7"}' + "\n")
+    out = tmp_path / "run"
+    code = main(["dpo", *_flags({**FAST, "model": tiny_random_model_dir, "dataset": train, "eval_dataset": evals,
+                                 "output_dir": out, "max_steps": 1})])
+    assert code == 1
+    err = capsys.readouterr().err
+    column = trailing_comma.index("}") + 1
+    assert f"{train}:11: invalid JSON: Expecting property name enclosed in double quotes (column {column})" in err
+    assert f"{train}:12: field 'rejected' missing" in err and f"{evals}:2: field 'chosen' must be" in err
+    assert "--skip-invalid" in err and "skip_invalid=True" in err
+    assert not out.exists()
+
+
+def test_a_latin1_file_is_a_clear_error_and_writes_nothing(tiny_random_model_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes('{"prompt": "café", "chosen": " a", "rejected": " b"}\n'.encode("latin-1") * 30)
+    out = tmp_path / "run"
+    assert main(["dpo", *_flags({**FAST, "model": tiny_random_model_dir, "dataset": data, "output_dir": out})]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}:1: byte 0xe9 at byte offset 15 (byte 16 of line 1) is not valid UTF-8" in err
+    assert f"iconv -f latin1 -t utf-8 {data}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_removes_the_temporary_directory_of_a_killed_checkpoint_write(tiny_random_model_dir, tmp_path):
+    from rlxf.runtime.checkpoint import PARTIAL_MARKER
+
+    out = tmp_path / "run"
+    cfg = _cfg("dpo", tiny_random_model_dir, out, max_steps=2, save_every=1)
+    _train("dpo", cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, look_alike = out / "checkpoints" / f"step-3.tmp-{dead.pid}", out / "checkpoints" / f"step-4.tmp-{dead.pid}"
+    for path in (stale, look_alike):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 1024)
+    (stale / PARTIAL_MARKER).write_text("{}\n")
+    _train("dpo", _cfg("dpo", tiny_random_model_dir, out, max_steps=2, save_every=1, resume=True))
+    assert not stale.exists() and look_alike.is_dir()
 
 
 def test_empty_dataset_is_a_clear_error(tiny_random_model_dir, tmp_path, capsys):

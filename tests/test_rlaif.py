@@ -228,7 +228,7 @@ def test_label_pairs_draws_one_principle_per_pair_and_batches_by_principle():
 
 
 def test_rlaif_config_checks():
-    with pytest.raises(ConfigError, match="--threshold must be in"):
+    with pytest.raises(ConfigError, match=r"threshold 0\.7 is out of range: it must be a finite number in \[0, 0\.5\]"):
         build_config(RLAIFConfig, {"threshold": 0.7})
     with pytest.raises(ConfigError, match="--temperature must be > 0"):
         build_config(RLAIFConfig, {"temperature": 0})

@@ -138,7 +138,11 @@ def _add_serve_parser(sub) -> None:
                        description="rlxf serve: GET /v1/models and POST /v1/chat/completions over a model "
                        "(docs/serve.md).", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="model directory, Hub id, or 'tiny' (default: tiny)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; another address without an API key prints a warning)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every "
+                   "path but /health (default: the RLXF_API_KEY environment variable, which keeps the key out of "
+                   "the process list; neither = no key is checked)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger bodies get 413 (default: 1000000)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default: 512)")
@@ -150,9 +154,19 @@ def _add_serve_parser(sub) -> None:
                    "1 is much faster on a busy small CPU machine)")
 
 
+def _serve_api_key(args) -> str | None:
+    """``--api-key``, else the ``RLXF_API_KEY`` environment variable (empty = not set)."""
+    import os
+
+    from rlxf.serve import API_KEY_ENV
+
+    return args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+
+
 def _serve(args) -> int:
     from rlxf.serve import make_server
 
+    api_key = _serve_api_key(args)
     if args.threads > 0:
         import torch
 
@@ -161,10 +175,11 @@ def _serve(args) -> int:
         server, thread = make_server(args.model, args.host, args.port, max_request_bytes=args.max_request_bytes,
                                      max_tokens_limit=args.max_tokens_limit,
                                      max_top_logprobs=args.max_top_logprobs, device=args.device,
-                                     model_name=args.served_model_name)
+                                     model_name=args.served_model_name, api_key=api_key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    print(f"rlxf serve: {server.model_name!r} at {server.base_url} (Ctrl-C stops)", flush=True)
+    print(f"rlxf serve: {server.model_name!r} at {server.base_url} "
+          f"({'API key required' if api_key else 'no API key'}; Ctrl-C stops)", flush=True)
     try:
         thread.join()
     except KeyboardInterrupt:
@@ -251,6 +266,8 @@ def _add_text2reward_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="answer length limit (default: 1024)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox wall-time limit of the dry run, s (default: 5)")
+    p.add_argument("--unsafe-reward-code", action="store_true", help="where this machine cannot isolate code "
+                   "(no bubblewrap or namespaces), dry-run it anyway with interpreter checks only; unsafe")
 
 
 def _text2reward(args) -> int:
@@ -260,7 +277,7 @@ def _text2reward(args) -> int:
         args.goal, judge=args.judge, judge_model=args.judge_model, dataset=args.dataset, rows=args.rows,
         output_dir=args.output_dir, max_attempts=args.max_attempts, feedback=args.feedback, previous=args.previous,
         value_range=tuple(args.range) if args.range else None, max_tokens=args.max_tokens,
-        temperature=args.temperature, timeout=args.timeout)
+        temperature=args.temperature, timeout=args.timeout, unsafe=args.unsafe_reward_code)
     print(format_summary(result, report), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
@@ -300,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_args(_config_class(args.command), args)
             return _run(args.command, cfg)
         if args.command == "demo":
-            _keep_previous_demo(Path(args.output_dir), resume=args.resume)
             cls = _config_class(DEMO_RECIPE)
             values = {**DEMO, "output_dir": args.output_dir, "max_steps": args.max_steps, "resume": args.resume}
-            return _run(DEMO_RECIPE, build_config(cls, values, where="rlxf demo"))
+            cfg = build_config(cls, values, where="rlxf demo", spelling={"max_steps": "--max-steps"})
+            _keep_previous_demo(Path(args.output_dir), resume=args.resume)
+            return _run(DEMO_RECIPE, cfg)
         if args.command == "zoo" and args.zoo_command == "build":
             from rlxf.zoo.build import main as build_main
 

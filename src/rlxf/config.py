@@ -4,6 +4,13 @@ Every field carries a one-line help text (``metadata["help"]``) that becomes its
 The CLI and YAML files are generated from the dataclass: ``--config file.yaml`` is read first,
 ``--field value`` flags override it, and unknown keys are errors that name the closest valid key.
 Derived values are computed in one place: the dataclass's ``__post_init__`` validation.
+
+Every numeric field declares its allowed values once, as :class:`Bounds` in ``metadata["bounds"]``
+(a subclass that overrides a field's default inherits them). :func:`check_numbers` checks every
+numeric field of a config against them (finite, in range) and is the first thing each config's
+``__post_init__`` does, so the CLI, YAML files and the Python API share one check that runs before
+any model or data loads. Its :class:`OptionRangeError` names each option as the user wrote it
+(``--lr`` on the command line, ``lr`` in a YAML file or in Python).
 """
 
 from __future__ import annotations
@@ -11,19 +18,132 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message says which field and what is allowed."""
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A dataclass field with its ``--help`` text (and optional allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed values of a numeric option: a finite number in an interval, plus ``special``
+    values outside it that have their own meaning (e.g. ``-1`` = derive from another option).
+
+    ``low``/``high`` of None leave that side open-ended; ``low_open``/``high_open`` exclude the end.
+    NaN and ±inf are never allowed: no option of rlxf means anything by them.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple = ()
+
+    def allows(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self, kind: type) -> str:
+        """``"a finite number > 0"``, ``"an integer >= 1"``, ``"a finite number in [0, 1)"`` ..."""
+        noun = "an integer" if kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            text = (f"{noun} in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{noun} {'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            text = f"{noun} {'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = noun
+        return text + "".join(f", or {_num(v)}" for v in self.special)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+POSITIVE = Bounds(low=0, low_open=True)          # > 0: learning rates, scales that must not vanish
+NON_NEGATIVE = Bounds(low=0)                     # >= 0: counts where 0 means "none"/"off", weights
+AT_LEAST_ONE = Bounds(low=1)                     # >= 1: sizes, counts, intervals used as divisors
+UNIT = Bounds(low=0, high=1)                     # [0, 1]: fractions, probabilities
+SEED = Bounds(low=0, high=2**32 - 1)             # the 32-bit seeds every RNG rlxf feeds accepts
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Bounds:
+    """Bounds of an interval, e.g. ``between(0, 1, high_open=True)`` is [0, 1)."""
+    return Bounds(low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, bounds: Bounds | None = None) -> Any:
+    """A dataclass field with its ``--help`` text (and optional allowed values or numeric bounds)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+
+
+class OptionRangeError(ConfigError):
+    """Numeric options outside their :class:`Bounds`; ``problems`` holds ``(field, value, allowed)``.
+
+    The message names each option by ``spell(field)``: by default the field name (the Python
+    API's spelling); :func:`build_config` re-raises it with the user's own (``--lr`` on the
+    command line)."""
+
+    def __init__(self, problems: list[tuple[str, Any, str]], spell: Callable[[str], str] = str):
+        self.problems = problems
+        super().__init__(self.spelled(spell))
+
+    def __reduce__(self):  # pickled (torchrun sends errors between processes) as its message
+        return ConfigError, (str(self),)
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        lines = [f"{spell(name)} {value!r} is out of range: it must be {allowed}"
+                 for name, value, allowed in self.problems]
+        if len(lines) == 1:
+            return lines[0]
+        return f"{len(lines)} options are out of range:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+@functools.lru_cache(maxsize=None)
+def numeric_fields(cls: type) -> tuple[tuple[str, type, Bounds | None, str], ...]:
+    """``(name, int or float, bounds, help)`` of every numeric field of the config class ``cls``.
+
+    A field's bounds come from the nearest class in the MRO that declares them, so an override
+    that only changes the default keeps the range."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind, _ = _base_type(hints[f.name])
+        if kind not in (int, float):
+            continue
+        bounds = next((base.__dataclass_fields__[f.name].metadata.get("bounds") for base in cls.__mro__
+                       if f.name in getattr(base, "__dataclass_fields__", {})
+                       and base.__dataclass_fields__[f.name].metadata.get("bounds") is not None), None)
+        out.append((f.name, kind, bounds, f.metadata.get("help", "")))
+    return tuple(out)
+
+
+def check_numbers(cfg: Any) -> None:
+    """Raise :class:`OptionRangeError` listing every numeric field of ``cfg`` that is not finite
+    or lies outside its bounds (None, an unset optional, is skipped)."""
+    problems = []
+    for name, kind, bounds, help_text in numeric_fields(type(cfg)):
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool):
+            continue
+        bounds = bounds or Bounds()
+        if not bounds.allows(value):
+            problems.append((name, value, f"{bounds.describe(kind)} ({help_text})"))
+    if problems:
+        raise OptionRangeError(problems)
 
 
 def check_choice(cfg: Any, name: str) -> None:
@@ -84,7 +204,7 @@ def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
             return float(value)
         if kind is str:
             return str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {name}: cannot read {value!r} as {kind.__name__} ({exc})") from None
     return value
 
@@ -99,11 +219,14 @@ def _unknown_key_error(cls: type, key: str, where: str) -> ConfigError:
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
+    from rlxf.data.loading import decode_utf8
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"--config: file not found: {path}")
+    text = decode_utf8(path.read_bytes(), str(path), error=ConfigError)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -111,21 +234,32 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(cls: type, values: dict, *, where: str = "config") -> Any:
-    """Instantiate ``cls`` from a dict, coercing types and rejecting unknown keys."""
+def build_config(cls: type, values: dict, *, where: str = "config",
+                 spelling: dict[str, str] | None = None) -> Any:
+    """Instantiate ``cls`` from a dict, coercing types and rejecting unknown keys.
+
+    ``spelling`` maps field names to how the user wrote them (``{"lr": "--lr"}``); an
+    :class:`OptionRangeError` names options that way, and the others by the key given in ``values``.
+    """
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs, written = {}, {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in names:
             raise _unknown_key_error(cls, key, where)
         kwargs[name] = coerce(cls, name, value, where)
-    return cls(**kwargs)
+        written[name] = key
+    written.update(spelling or {})
+    try:
+        return cls(**kwargs)
+    except OptionRangeError as exc:
+        raise OptionRangeError(exc.problems, spell=lambda name: written.get(name, name)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field, with its help text, default and choices."""
+    """One ``--flag`` per dataclass field, with its help text, default and choices or allowed range."""
     hints = typing.get_type_hints(cls)
+    ranges = {name: (kind, bounds) for name, kind, bounds, _ in numeric_fields(cls) if bounds is not None}
     for f in dataclasses.fields(cls):
         kind, _ = _base_type(hints[f.name])
         meta = f.metadata
@@ -133,7 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if meta.get("choices"):
             help_text += f" {{{', '.join(map(str, meta['choices']))}}}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text += f" (default: {default})"
+        help_text += f" (default: {default}"
+        help_text += f"; allowed: {ranges[f.name][1].describe(ranges[f.name][0])})" if f.name in ranges else ")"
         flag = "--" + f.name.replace("_", "-")
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
         # argparse keeps strings; coerce() converts them so YAML and CLI share one path
@@ -144,15 +279,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def parse_args(cls: type, args: argparse.Namespace) -> Any:
     """Merge ``--config`` YAML with explicit flags (flags win) into a ``cls`` instance."""
     values: dict = {}
+    spelling: dict[str, str] = {}
     config_path = getattr(args, "config", None)
     if config_path:
-        values.update(load_yaml(config_path))
+        from_file = load_yaml(config_path)
+        values.update(from_file)
+        spelling.update({str(k).replace("-", "_"): f"{config_path}: {k}" for k in from_file})
         where = str(config_path)
     else:
         where = "config"
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
     values.update(flags)
-    return build_config(cls, values, where=where)
+    spelling.update({name: "--" + name.replace("_", "-") for name in flags})
+    return build_config(cls, values, where=where, spelling=spelling)
 
 
 def to_dict(cfg: Any) -> dict:

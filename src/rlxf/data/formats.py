@@ -23,14 +23,19 @@ to fix it.
 
 from __future__ import annotations
 
+import logging
 import math
 from numbers import Real
+
+log = logging.getLogger("rlxf.data")
 
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SCORE_FIELDS = ("chosen_score", "rejected_score", "margin")
 PROBABILITY_FIELD = "chosen_probability"  # soft label P(chosen ≻ rejected), RLAIF (SPECS §2 L_soft, §7b)
-MAX_REPORTED = 5
+MAX_REPORTED = 10   # problems listed in full in one error; the rest are counted
+UNREADABLE = "_unreadable"  # key of a placeholder row: why its line/item could not be read as a row
+SKIP_HINT = "--skip-invalid (skip_invalid=True in Python)"
 
 EXPECTED = {
     "sft": "expected 'prompt' + 'completion', or 'messages' (a list of {'role', 'content'} "
@@ -60,38 +65,55 @@ def row_where(row: dict, index: int) -> str:
     return where if where else f"row {index}"
 
 
-def raise_problems(problems: list[str], *, total: int, what: str, hint: str) -> None:
-    """Raise one :class:`DataError` listing the first :data:`MAX_REPORTED` problems and the count.
-
-    ``problems`` are ``"where: message"`` lines; ``what`` names the items (``"rows"``, ``"lines"``).
-    """
-    if not problems:
-        return
+def describe_problems(problems: list[str], *, total: int, what: str) -> str:
+    """``problems`` (``"where: message"`` lines) as one text: every one of the first
+    :data:`MAX_REPORTED` in full, then how many more there are."""
     if len(problems) == 1:
-        raise DataError(f"{problems[0]}\n{hint}")
+        return problems[0]
     shown = "\n".join(f"  {p}" for p in problems[:MAX_REPORTED])
-    raise DataError(f"{len(problems)} of {total} {what} are invalid (first "
-                    f"{min(len(problems), MAX_REPORTED)} shown):\n{shown}\n{hint}")
+    more = len(problems) - MAX_REPORTED
+    tail = f"\n  ... and {more} more (fix the ones above and run again to see them)" if more > 0 else ""
+    return f"{len(problems)} of {total} {what} are invalid:\n{shown}{tail}"
 
 
-def validate_rows(rows: list[dict], *, kind: str, skip_invalid: bool = False) -> tuple[list[dict], int]:
+def raise_problems(problems: list[str], *, total: int, what: str, hint: str) -> None:
+    """Raise one :class:`DataError` listing ``problems`` (:func:`describe_problems`) and ``hint``.
+
+    ``what`` names the items (``"rows"``, ``"lines"``)."""
+    if problems:
+        raise DataError(f"{describe_problems(problems, total=total, what=what)}\n{hint}")
+
+
+def validate_rows(rows: list[dict], *, kind: str, skip_invalid: bool = False,
+                  skip_hint: str | None = SKIP_HINT) -> tuple[list[dict], int]:
     """Check and normalise ``rows`` of ``kind``; return ``(valid rows, number skipped)``.
 
-    ``skip_invalid=False`` raises :class:`DataError` naming the first 5 bad rows and the count;
-    ``True`` drops bad rows and returns how many were dropped. Normalised rows keep every extra
-    field (``answer``, ``_where`` ...).
+    ``skip_invalid=False`` raises :class:`DataError` naming the first :data:`MAX_REPORTED` bad rows
+    and the count; ``True`` drops bad rows and returns how many were dropped. Placeholder rows of
+    unreadable lines (``load_rows(..., keep_invalid=True)``) are bad rows like any other.
+    ``skip_hint`` is how the error tells the caller's user to skip bad rows (None: it does not).
+    Normalised rows keep every extra field (``answer``, ``_where`` ...).
     """
     check_kind(kind)
     normalise = _NORMALISERS[kind]
     valid, problems = [], []
     for i, row in enumerate(rows):
         try:
+            if isinstance(row, dict) and UNREADABLE in row:
+                raise RowProblem(row[UNREADABLE])
             valid.append(normalise(row))
         except RowProblem as problem:
             problems.append(f"{row_where(row, i)}: {problem}")
+    if problems and skip_invalid and valid:
+        log.warning("dropping invalid rows (--skip-invalid, skip_invalid=True in Python):\n%s",
+                    describe_problems(problems, total=len(rows), what=f"{kind} rows"))
     if problems and (not skip_invalid or not valid):
-        hint = ("Every row is invalid: check that the data is of kind " + repr(kind) + "." if skip_invalid
-                else "Fix or remove these rows, or drop invalid rows with skip_invalid=True.")
+        if skip_invalid:
+            hint = f"Every row is invalid: check that the data is of kind {kind!r}."
+        elif skip_hint:
+            hint = f"Fix or remove these rows, or pass {skip_hint} to drop them (the log counts them)."
+        else:
+            hint = "Fix or remove these rows."
         raise_problems(problems, total=len(rows), what=f"{kind} rows", hint=hint)
     if not valid:
         raise DataError(f"no valid {kind} rows among {len(rows)} ({EXPECTED[kind]})")
@@ -235,7 +257,10 @@ def _check_score(value, field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
         raise RowProblem(f"field '{field}' must be a number, got {value!r:.40}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise RowProblem(f"field '{field}' must be finite, got an integer too large for a float") from None
     if not math.isfinite(value):
         raise RowProblem(f"field '{field}' must be finite, got {value}")
     return value

@@ -11,16 +11,22 @@
 Every row gets ``_where`` (``pairs.jsonl:17``, ``pairs.json[3]``, ``task:arithmetic[3]`` ...) so
 later validation and tokenization errors can point at it. Rows are returned unvalidated; pass
 them to :func:`rlxf.data.validate_rows`.
+
+Text files (``.jsonl``, ``.json``, ``.csv``) are read as UTF-8; a leading UTF-8 byte-order mark
+(as Excel writes) is dropped in all three. Bytes that are not UTF-8 are a :class:`DataError` that
+names the file, the lines, the byte offsets and an ``iconv`` command to re-encode the file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
-from rlxf.data.formats import DataError, check_kind, raise_problems
+from rlxf.data.formats import MAX_REPORTED, UNREADABLE, DataError, check_kind, raise_problems
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 TASK_PREFIX = "task:"
@@ -28,14 +34,20 @@ DEFAULT_TASK_SIZE = {"train": 2000, "eval": 256}
 
 
 def load_rows(spec: str, *, kind: str, split: str = "train", limit: int | None = None, seed: int = 0,
-              task_size: int | None = None, pair_kind: str = "mixed", verbose_fraction: float = 0.0) -> list[dict]:
+              task_size: int | None = None, pair_kind: str = "mixed", verbose_fraction: float = 0.0,
+              keep_invalid: bool = False) -> list[dict]:
     """Return the rows named by ``spec`` (see the module docstring), each with ``_where``.
 
     ``kind`` ∈ {"sft", "preference", "prompt"} picks what a task generates (files and hub
     datasets are read as they are). ``limit`` keeps the first N rows. ``seed``, ``task_size``
     (default 2000 for train, 256 for eval), ``pair_kind`` ("mixed", "correctness",
-    "conciseness") and ``verbose_fraction`` (share of verbose-style SFT completions) apply to tasks only. Raises :class:`DataError` when nothing can be read or
-    no rows remain.
+    "conciseness") and ``verbose_fraction`` (share of verbose-style SFT completions) apply to
+    tasks only. Raises :class:`DataError` when nothing can be read or no rows remain.
+
+    Items of a file that cannot be read as rows (invalid JSON lines ...) raise one
+    :class:`DataError` listing them; with ``keep_invalid`` they are returned as placeholder rows
+    (``_where`` and :data:`~rlxf.data.formats.UNREADABLE`), so that :func:`rlxf.data.validate_rows`
+    reports them together with every other invalid row, or skips them with ``skip_invalid``.
     """
     check_kind(kind)
     if limit is not None and limit <= 0:
@@ -45,15 +57,14 @@ def load_rows(spec: str, *, kind: str, split: str = "train", limit: int | None =
         rows = _task_rows(spec[len(TASK_PREFIX):], kind=kind, split=split, seed=seed,
                           task_size=task_size, pair_kind=pair_kind, verbose_fraction=verbose_fraction)
     elif spec.lower().endswith(FILE_SUFFIXES):
-        rows = load_file(spec, limit=limit)
+        rows = load_file(spec, limit=limit, keep_invalid=keep_invalid)
     elif os.path.isdir(spec):
         rows = _saved_dataset_rows(spec, split=split, limit=limit)
     elif os.path.isfile(spec):
         raise DataError(f"{spec}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
     else:
         rows = _hub_rows(spec, split=split, limit=limit)
-    if limit is not None:
-        rows = rows[:limit]
+    rows = first_rows(rows, limit)
     if not rows:
         raise DataError(f"no rows in {spec} (split {split!r}); check that the file or dataset has data")
     return rows
@@ -85,56 +96,189 @@ def _task_rows(name: str, *, kind: str, split: str, seed: int, task_size: int | 
 
 # -- files --------------------------------------------------------------------------------------
 
-def load_file(path: str, *, limit: int | None = None) -> list[dict]:
-    """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, each with ``_where``."""
+def load_file(path: str, *, limit: int | None = None, keep_invalid: bool = False) -> list[dict]:
+    """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, each with ``_where``.
+
+    Text files are UTF-8; a leading UTF-8 byte-order mark is dropped. Items that cannot be read as
+    a row (a line of invalid JSON, a JSON value that is not an object, a CSV record with more cells
+    than the header has columns) raise one :class:`DataError` listing them, or with
+    ``keep_invalid`` come back as rows holding only ``_where`` and :data:`UNREADABLE` (the reason),
+    which :func:`rlxf.data.validate_rows` reports or skips with the other invalid rows.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (working directory {os.getcwd()})")
     suffix = Path(path).suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
-    return readers[suffix](path, limit)
-
-
-def _read_jsonl(path: str, limit: int | None) -> list[dict]:
-    rows, problems, lines = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                continue
-            rows.append({**row, "_where": f"{path}:{line_no}"})
-            if limit is not None and len(rows) >= limit:
-                break
-    raise_problems(problems, total=lines, what="lines",
-                   hint="Each line of a .jsonl file must be one JSON object; fix or remove these lines.")
+    rows = readers[suffix](path, limit)
+    problems = [f"{row['_where']}: {row[UNREADABLE]}" for row in rows if UNREADABLE in row]
+    if problems and not keep_invalid:
+        raise_problems(problems, total=len(rows), what="rows", hint=_FIX_HINTS.get(suffix, "Fix or remove them."))
     return rows
 
 
+_FIX_HINTS = {
+    ".jsonl": "Each non-blank line of a .jsonl file must be one JSON object; fix or remove these lines.",
+    ".json": "Every list item must be a row object; fix or remove these items.",
+    ".csv": "Every record must have at most as many cells as the header has columns; quote cells that "
+            "contain commas, or fix or remove these records.",
+}
+
+
+def unreadable_row(where: str, reason: str) -> dict:
+    """The placeholder of an item that could not be read as a row (see :func:`load_file`)."""
+    return {"_where": where, UNREADABLE: reason}
+
+
+def first_rows(rows: list[dict], limit: int | None) -> list[dict]:
+    """``rows`` up to and including the ``limit``-th readable row (unreadable ones do not count)."""
+    if limit is None:
+        return rows
+    out, readable = [], 0
+    for row in rows:
+        if readable >= limit:
+            break
+        out.append(row)
+        readable += UNREADABLE not in row
+    return out
+
+
+def decode_utf8(raw: bytes, path: str, *, error: type[Exception] = DataError, note: str = "") -> str:
+    """The text of a file's bytes: UTF-8, with a leading UTF-8 byte-order mark dropped.
+
+    Bytes that are not UTF-8 raise ``error`` naming the file, each bad line (the first
+    :data:`~rlxf.data.formats.MAX_REPORTED`) with the byte and its offset, and an ``iconv`` command
+    that re-encodes the file; ``note`` is added to that advice. UTF-16 text (Windows "Unicode"
+    exports) is recognised by its byte-order mark and gets its own ``iconv`` command.
+    """
+    _check_not_utf16(raw, path, error)
+    try:
+        return raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    problems, offset = [], 0
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
+        problem = _undecodable(line, path, line_no, offset)
+        if problem:
+            problems.append(problem)
+        offset += len(line) + 1
+    raise error(_encoding_message(problems, path, note))
+
+
+def _check_not_utf16(head: bytes, path: str, error: type[Exception]) -> None:
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise error(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark); rlxf reads "
+                    f"UTF-8. Re-encode it: iconv -f utf-16 -t utf-8 {path} > {_utf8_name(path)}")
+
+
+def _undecodable(line: bytes, path: str, line_no: int, offset: int) -> str | None:
+    """Why line ``line_no`` (starting at byte ``offset`` of the file) is not UTF-8, or None."""
+    bom = len(codecs.BOM_UTF8) if line_no == 1 and line.startswith(codecs.BOM_UTF8) else 0
+    try:
+        line[bom:].decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        return (f"{path}:{line_no}: byte 0x{line[at]:02x} at byte offset {offset + at} "
+                f"(byte {at + 1} of line {line_no}) is not valid UTF-8")
+
+
+def _encoding_message(problems: list[str], path: str, note: str) -> str:
+    hint = (f"rlxf reads UTF-8 text (a leading UTF-8 byte-order mark is allowed). Re-encode the file; from "
+            f"Latin-1 or Windows-1252 (Excel): iconv -f latin1 -t utf-8 {path} > {_utf8_name(path)} (or -f "
+            f"cp1252); `file {path}` may tell its encoding.{note}")
+    if len(problems) == 1:
+        return f"{problems[0]}\n{hint}"
+    shown = "\n".join(f"  {p}" for p in problems[:MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more lines" if len(problems) > MAX_REPORTED else ""
+    return f"{path}: {len(problems)} lines hold bytes that are not valid UTF-8:\n{shown}{more}\n{hint}"
+
+
+_DATA_NOTE = " (--skip-invalid does not skip such lines: re-encoding the file keeps their rows.)"
+
+
+def _utf8_name(path: str) -> str:
+    """``data/in.jsonl`` -> ``data/in.utf8.jsonl``: where the iconv hint writes the re-encoded copy."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.utf8{p.suffix}"))
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return decode_utf8(f.read(), path, note=_DATA_NOTE)
+
+
+def _read_jsonl(path: str, limit: int | None) -> list[dict]:
+    """One row per non-blank line, read line by line; lines end in ``\\n`` (a ``\\r`` before it is
+    dropped). Every line holding bytes that are not UTF-8 is listed in one error."""
+    rows, readable, undecodable, offset = [], 0, [], 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if line_no == 1:
+                _check_not_utf16(raw, path, DataError)
+            problem = _undecodable(raw, path, line_no, start)
+            if problem:
+                undecodable.append(problem)
+                continue
+            line = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8") if line_no == 1 else raw.decode("utf-8")
+            line = line.removesuffix("\n").removesuffix("\r")
+            if undecodable or not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            row, reason = _parse_json_line(line)
+            if reason is not None:
+                rows.append(unreadable_row(where, reason))
+                continue
+            rows.append({**row, "_where": where})
+            readable += 1
+            if limit is not None and readable >= limit:
+                break
+    if undecodable:
+        raise DataError(_encoding_message(undecodable, path, _DATA_NOTE))
+    return rows
+
+
+def _parse_json_line(line: str) -> tuple[dict | None, str | None]:
+    """``(object, None)`` or ``(None, why the line is not one JSON object)``."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply to read"
+    except ValueError as e:  # e.g. an integer literal longer than Python converts
+        return None, f"invalid JSON: {e}"
+    if not isinstance(value, dict):
+        return None, f"expected a JSON object, got {_json_type(value)}"
+    return value, None
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
 def _read_json(path: str, limit: int | None) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            hint = (" — the file holds several JSON values; rename it to .jsonl if it has one object per line"
-                    if e.msg == "Extra data" else "")
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = (" — the file holds several JSON values; rename it to .jsonl if it has one object per line"
+                if e.msg == "Extra data" else "")
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply to read") from None
+    except ValueError as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of row objects or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
-    data = data[:limit] if limit is not None else data
-    problems = [f"{path}[{i}]: expected a JSON object, got {type(row).__name__}"
-                for i, row in enumerate(data) if not isinstance(row, dict)]
-    raise_problems(problems, total=len(data), what="rows", hint="Every list item must be a row object.")
-    return [{**row, "_where": f"{path}[{i}]"} for i, row in enumerate(data)]
+                        f"got {_json_type(data)}")
+    rows = [{**item, "_where": f"{path}[{i}]"} if isinstance(item, dict)
+            else unreadable_row(f"{path}[{i}]", f"expected a JSON object, got {_json_type(item)}")
+            for i, item in enumerate(data)]
+    return first_rows(rows, limit)
 
 
 def _read_parquet(path: str, limit: int | None) -> list[dict]:
@@ -150,15 +294,33 @@ def _read_parquet(path: str, limit: int | None) -> list[dict]:
 
 
 def _read_csv(path: str, limit: int | None) -> list[dict]:
-    """CSV via the stdlib; score/margin/probability columns become floats, empty cells become None."""
-    rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for record in reader:
-            row = {key: _csv_value(key, value) for key, value in record.items() if key is not None}
-            rows.append({**row, "_where": f"{path}:{reader.line_num}"})
-            if limit is not None and len(rows) >= limit:
+    """CSV via the stdlib (strict quoting): the first non-blank record is the header; score/margin/
+    probability columns become floats, empty or missing cells become None. A row's ``_where`` is
+    the line its record starts on."""
+    rows, readable, header, end = [], 0, None, 0
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    try:
+        for cells in reader:
+            start, end = end + 1, reader.line_num
+            if not cells:  # a blank line
+                continue
+            if header is None:
+                header = cells
+                continue
+            where = f"{path}:{start}"
+            if len(cells) > len(header):
+                rows.append(unreadable_row(where, f"{len(cells)} cells, but the header names {len(header)} "
+                                                  f"columns"))
+                continue
+            record = dict(zip(header, cells))
+            rows.append({**{key: _csv_value(key, record.get(key)) for key in header}, "_where": where})
+            readable += 1
+            if limit is not None and readable >= limit:
                 break
+    except csv.Error as e:
+        raise DataError(f"{path}:{end + 1}: could not read the CSV record that starts on this line: {e} "
+                        f"(a quote that is never closed, or text after a closing quote); quote whole cells "
+                        f"and double the quotes inside them (\"\")") from None
     return rows
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlxf.config import ConfigError, option
+from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, SEED, ConfigError, check_numbers, option
 
 log = logging.getLogger("rlxf.ai_feedback")
 
@@ -32,35 +31,28 @@ class SamplingOptions:
                           "dataset directory or hub dataset with a 'prompt' field")
     split: str = option("train", "split to read: train or eval for a task, the split name of a hub/saved dataset")
     num_prompts: int = option(256, "prompts to use: drawn from a task, or the first N rows of a file/dataset "
-                              "(0 = every row of a file/dataset)")
+                              "(0 = every row of a file/dataset)", bounds=NON_NEGATIVE)
     principles: str | None = option(None, "principles YAML file (default: rlxf's constitution.yaml; "
                                     "docs/methods/rlaif.md)")
     principle: str | None = option(None, "use only the principle with this name (default: one drawn per "
                                    "prompt or pair)")
-    temperature: float = option(1.0, "sampling temperature of the policy (0 = greedy)")
-    max_new_tokens: int = option(48, "most tokens per generated text")
+    temperature: float = option(1.0, "sampling temperature of the policy (0 = greedy)", bounds=NON_NEGATIVE)
+    max_new_tokens: int = option(48, "most tokens per generated text", bounds=AT_LEAST_ONE)
     max_prompt_length: int = option(192, "most tokens of a rendered conversation the policy sees (longer ones "
-                                    "keep their last tokens)")
-    batch_size: int = option(256, "sequences generated per forward pass")
-    seed: int = option(0, "random seed (prompts, principles, sampling)")
+                                    "keep their last tokens)", bounds=AT_LEAST_ONE)
+    batch_size: int = option(256, "sequences generated per forward pass", bounds=AT_LEAST_ONE)
+    seed: int = option(0, "random seed (prompts, principles, sampling)", bounds=SEED)
     overwrite: bool = option(False, "replace the files of an earlier run in output_dir")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "policy dtype while sampling: auto (bf16 on CUDA, else fp32) | float32 | "
                         "bfloat16 | float16")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
-    threads: int = option(0, "torch CPU threads; 0 = torch default")
+    threads: int = option(0, "torch CPU threads; 0 = torch default", bounds=NON_NEGATIVE)
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("num_prompts", "threads", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_numbers(self)  # every numeric field of the (sub)class, before any other check uses one
         if self.num_prompts == 0 and self.dataset.startswith("task:"):
             raise ConfigError("--num-prompts must be > 0 for a task: dataset (how many problems to draw)")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -74,7 +66,7 @@ def load_prompt_rows(cfg: SamplingOptions) -> tuple[list[dict], object | None]:
     rows = load_rows(cfg.dataset, kind="prompt", split=cfg.split, seed=cfg.seed,
                      task_size=cfg.num_prompts if is_task else None,
                      limit=None if is_task or cfg.num_prompts == 0 else cfg.num_prompts)
-    rows, _ = validate_rows(rows, kind="prompt")
+    rows, _ = validate_rows(rows, kind="prompt", skip_hint=None)  # these commands have no --skip-invalid
     return rows, (get_task(cfg.dataset.split(":", 1)[1]) if is_task else None)
 
 

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlxf.config import ConfigError, build_config, option, save_yaml
+from rlxf.config import AT_LEAST_ONE, ConfigError, build_config, option, save_yaml
 from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
                                       prepare_output, train_values, user_turn, verifier, write_jsonl)
 
@@ -46,7 +46,7 @@ OUTPUT_FILES = ("cai_sft.jsonl", "stats.json")
 class CAISFTConfig(SamplingOptions):
     """Options of ``rlxf cai-sft``."""
 
-    rounds: int = option(1, "critique → revision rounds per prompt (the paper studies up to 4)")
+    rounds: int = option(1, "critique → revision rounds per prompt (the paper studies up to 4)", bounds=AT_LEAST_ONE)
     critic: str | None = option(None, "judge spec (local:PATH or http://host:port/v1) whose chat model writes "
                                 "the critiques and revisions instead of the policy")
     critic_model: str | None = option(None, "model name sent to an HTTP --critic")
@@ -57,8 +57,6 @@ class CAISFTConfig(SamplingOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
 
 
 class _Writer:

@@ -9,7 +9,10 @@ and writes.
 
 Reliability (DESIGN.md): checkpoints are atomic; ``--resume`` continues from the newest complete
 checkpoint and reproduces the uninterrupted run (same batches, RNG and optimiser state); a
-non-finite loss stops the run with a message naming the last good checkpoint.
+non-finite loss stops the run with a message naming the last good checkpoint. A recipe checks its
+options, its output directory and its data before it writes anything (:func:`check_output_dir`,
+:func:`load_split_rows`, then :func:`start_run_dir`), and writes only into a new or empty directory
+or one of its own runs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from rlxf.config import ConfigError, check_choice, option, save_yaml, to_dict
+from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ConfigError, between, check_choice,
+                         check_numbers, option, save_yaml, to_dict)
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
 from rlxf.runtime import distributed, latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
 
@@ -49,28 +53,31 @@ class RunConfig:
     eval_dataset: str | None = option(None, "held-out data (default: the task's eval split, or a holdout "
                                       "of eval_holdout of a file dataset)")
     eval_split: str = option("test", "split of a hub/saved eval_dataset to use (tasks use their eval split)")
-    eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset")
-    task_size: int = option(4000, "training rows drawn from a built-in task")
-    eval_size: int = option(512, "eval rows drawn from a built-in task (also caps file eval sets)")
+    eval_holdout: float = option(0.05, "fraction of a file dataset held out for eval when no eval_dataset",
+                                 bounds=between(0, 1, high_open=True))
+    task_size: int = option(4000, "training rows drawn from a built-in task", bounds=AT_LEAST_ONE)
+    eval_size: int = option(512, "eval rows drawn from a built-in task (also caps file eval sets)", bounds=AT_LEAST_ONE)
     skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
     output_dir: str | None = option(None, "where the run writes its files (None = runs/<recipe>)")
-    seed: int = option(0, "random seed (data order, init of new heads)")
-    max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
-    lr: float = option(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    warmup_steps: int = option(10, "linear warm-up steps")
+    seed: int = option(0, "random seed (data order, init of new heads)", bounds=SEED)
+    max_steps: int = option(0, "optimizer steps; 0 = derive from epochs", bounds=NON_NEGATIVE)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", bounds=POSITIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay", bounds=NON_NEGATIVE)
+    adam_beta1: float = option(0.9, "AdamW beta1", bounds=between(0, 1, high_open=True))
+    adam_beta2: float = option(0.999, "AdamW beta2", bounds=between(0, 1, high_open=True))
+    warmup_steps: int = option(10, "linear warm-up steps", bounds=NON_NEGATIVE)
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
-    max_prompt_length: int = option(128, "max prompt tokens (prompts are cut from the left)")
-    log_every: int = option(5, "log train metrics every N steps")
-    eval_every: int = option(50, "evaluate every N steps (and at start and end); 0 = start and end only")
-    eval_batch_size: int = option(64, "examples per eval batch")
-    eval_generate: int = option(0, "with a task dataset: greedy accuracy on N held-out task problems at each eval")
-    max_new_tokens: int = option(64, "generation budget for eval_generate")
-    save_every: int = option(0, "checkpoint every N steps (and at the end); 0 = end only")
-    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables", bounds=NON_NEGATIVE)
+    max_prompt_length: int = option(128, "max prompt tokens (prompts are cut from the left)", bounds=AT_LEAST_ONE)
+    log_every: int = option(5, "log train metrics every N steps", bounds=AT_LEAST_ONE)
+    eval_every: int = option(50, "evaluate every N steps (and at start and end); 0 = start and end only",
+                             bounds=NON_NEGATIVE)
+    eval_batch_size: int = option(64, "examples per eval batch", bounds=AT_LEAST_ONE)
+    eval_generate: int = option(0, "with a task dataset: greedy accuracy on N held-out task problems at each eval",
+                                bounds=NON_NEGATIVE)
+    max_new_tokens: int = option(64, "generation budget for eval_generate", bounds=AT_LEAST_ONE)
+    save_every: int = option(0, "checkpoint every N steps (and at the end); 0 = end only", bounds=NON_NEGATIVE)
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep (0 = all)", bounds=NON_NEGATIVE)
     resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "parameter dtype: auto (fp32 master weights; with --autocast, bf16 compute on "
@@ -83,35 +90,26 @@ class RunConfig:
     activation_memory_budget: float = option(1.0, "with --compile: share of the compiled layers' activations "
                                              "kept for backward; torch's partitioner recomputes the rest "
                                              "(0.05: memory near --gradient-checkpointing at close to full "
-                                             "speed, measured in docs/performance.md); 1 = keep all")
+                                             "speed, measured in docs/performance.md); 1 = keep all",
+                                             bounds=between(0, 1, low_open=True))
     disable_dropout: bool = option(True, "set dropout to 0 in the trained model (TRL's default)")
-    lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning", bounds=NON_NEGATIVE)
+    lora_alpha: int = option(16, "LoRA alpha", bounds=POSITIVE)
+    lora_dropout: float = option(0.0, "LoRA dropout", bounds=between(0, 1, high_open=True))
     lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts, "
                                "or all-linear")
     merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard)")
     progress: bool = option(True, "show a progress bar")
-    threads: int = option(0, "torch CPU threads; 0 = torch default")
+    threads: int = option(0, "torch CPU threads; 0 = torch default", bounds=NON_NEGATIVE)
 
     def __post_init__(self):
+        check_numbers(self)  # every numeric field of the (sub)class, before any other check uses one
         check_choice(self, "schedule")
-        for name in ("eval_batch_size", "task_size", "max_prompt_length", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.max_steps < 0:
-            raise ConfigError(f"--max-steps must be >= 0, got {self.max_steps}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if not 0 < self.activation_memory_budget <= 1:
-            raise ConfigError(f"--activation-memory-budget must be in (0, 1], got {self.activation_memory_budget}")
         if self.activation_memory_budget < 1 and not self.compile:
             raise ConfigError("--activation-memory-budget applies to the compiled layers: add --compile "
                               "(or use --gradient-checkpointing without it)")
-        if not 0 <= self.eval_holdout < 1:
-            raise ConfigError(f"--eval-holdout must be in [0, 1), got {self.eval_holdout}")
 
     def resolved_output_dir(self, recipe: str) -> Path:
         return Path(self.output_dir or f"runs/{recipe}")
@@ -123,10 +121,10 @@ class TrainConfig(RunConfig):
 
     pair_kind: str = option("mixed", "preference pairs from a task: correct vs wrong, concise vs verbose, or both",
                             choices=("mixed", "correctness", "conciseness"))
-    epochs: float = option(1.0, "passes over the training data when max_steps is 0")
-    batch_size: int = option(16, "examples (pairs for preference recipes) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    max_length: int = option(256, "max tokens of prompt + completion")
+    epochs: float = option(1.0, "passes over the training data when max_steps is 0", bounds=NON_NEGATIVE)
+    batch_size: int = option(16, "examples (pairs for preference recipes) per micro-batch", bounds=AT_LEAST_ONE)
+    grad_accum: int = option(1, "micro-batches per optimizer step", bounds=AT_LEAST_ONE)
+    max_length: int = option(256, "max tokens of prompt + completion", bounds=AT_LEAST_ONE)
     truncation: str = option("truncate", "rows longer than max_length: cut them or drop them",
                              choices=("truncate", "drop"))
 
@@ -134,9 +132,6 @@ class TrainConfig(RunConfig):
         super().__post_init__()
         for name in ("pair_kind", "truncation"):
             check_choice(self, name)
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps == 0:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
         if self.max_prompt_length >= self.max_length:
@@ -151,29 +146,91 @@ def setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def prepare_output_dir(cfg: RunConfig, recipe: str) -> Path:
-    """Create output_dir; refuse to overwrite another run's results unless resuming.
+# A run directory is one rlxf created (it writes RUN_MARKER into it before anything else) or one that
+# holds a run's files (runs written before the marker existed). rlxf writes into no other non-empty
+# directory, so a file it did not write is never overwritten.
+RUN_MARKER = ".rlxf-run"
+RUN_FILES = ("metrics.jsonl", "checkpoints", "summary.json")
 
-    Under torchrun this is where a process joins the data-parallel group (recipes that cannot run
-    data-parallel, or a batch size the processes do not divide, stop here with a clear error), and
-    only rank 0 touches the directory."""
+
+def is_run_dir(out: Path) -> bool:
+    """True when ``out`` is an rlxf run directory: it has the marker or a run's files."""
+    return (out / RUN_MARKER).is_file() or holds_run(out)
+
+
+def holds_run(out: Path) -> bool:
+    """True when ``out`` holds a started or finished run (:data:`RUN_FILES`): only ``--resume``
+    continues it."""
+    return any((out / name).exists() for name in RUN_FILES)
+
+
+def _listing(out: Path, most: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def check_output_dir(cfg: RunConfig, recipe: str) -> Path:
+    """The run's output directory, checked without writing anything.
+
+    A new or empty directory, or an rlxf run directory (:func:`is_run_dir`) that holds no started
+    run, is accepted; a started run only with ``--resume``. Any other non-empty directory is
+    refused, with or without ``--resume``, and the error lists what it holds. Under torchrun this
+    is where a process joins the data-parallel group (recipes that cannot run data-parallel, or a
+    batch size the processes do not divide, stop here with a clear error); rank 0 checks."""
     try:
         if distributed.check_launch(recipe, getattr(cfg, "batch_size", None)) > 1:
             distributed.init(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    def make() -> Path:
+    def check() -> Path:
         out = cfg.resolved_output_dir(recipe)
-        if out.exists() and any(out.iterdir()) and not cfg.resume:
-            if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-                raise ConfigError(f"output dir {out} already holds a run; pass --resume to continue it, "
-                                  f"or choose another --output-dir (nothing was overwritten)")
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output dir {out} is a file, not a directory; choose another --output-dir "
+                              f"(nothing was written)")
+        if not out.is_dir() or not any(out.iterdir()):
+            return out
+        if not is_run_dir(out):
+            why = (" --resume continues an rlxf run, and this directory holds none." if cfg.resume else "")
+            raise ConfigError(
+                f"output dir {out} is not empty and is not an rlxf run directory: it holds {_listing(out)}. "
+                f"rlxf writes only into a new or empty directory or into its own runs (recognised by "
+                f"{RUN_MARKER}, metrics.jsonl, checkpoints/ or summary.json), so nothing of yours is "
+                f"overwritten.{why} Choose another --output-dir, e.g. {out / recipe} (nothing was written)")
+        if holds_run(out) and not cfg.resume:
+            raise ConfigError(f"output dir {out} already holds a run ({_listing(out)}); pass --resume to continue "
+                              f"it, or choose another --output-dir (nothing was overwritten)")
         return out
 
-    return distributed.on_main(make)
+    return distributed.on_main(check)
+
+
+def start_run_dir(cfg: RunConfig, out: Path, recipe: str) -> None:
+    """Create ``out`` and write the run marker (first), then ``config.yaml``; remove temporary
+    checkpoint directories left by a run that was killed while writing one. Call it once the
+    inputs have validated (:func:`check_output_dir`, :func:`load_split_rows`): a run that stops on
+    bad input writes nothing. Rank 0 writes under torchrun."""
+    from rlxf.runtime import remove_stale_checkpoint_dirs
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        marker = out / RUN_MARKER
+        if not marker.is_file():
+            marker.write_text(json.dumps({"recipe": recipe, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                              + "\n")
+        save_yaml(cfg, out / "config.yaml")
+        for stale in remove_stale_checkpoint_dirs(out / "checkpoints"):
+            log.info("removed %s, a checkpoint whose write was interrupted", stale)
+
+    distributed.on_main(write)
+
+
+def prepare_output_dir(cfg: RunConfig, recipe: str) -> Path:
+    """:func:`check_output_dir`, then :func:`start_run_dir`: for callers with no inputs to check first."""
+    out = check_output_dir(cfg, recipe)
+    start_run_dir(cfg, out, recipe)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -276,30 +333,46 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_split_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset."""
-    from rlxf.data import load_rows, validate_rows
+    """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset.
+
+    Every invalid row of the training and eval data, unreadable lines included, is reported in one
+    :class:`~rlxf.data.DataError`; with ``--skip-invalid`` they are dropped, counted and logged. A
+    file's holdout is drawn after validation, from its valid rows."""
+    from rlxf.data import DataError, load_rows
 
     opts = dict(kind=kind, seed=cfg.seed, pair_kind=getattr(cfg, "pair_kind", "mixed"),
-                verbose_fraction=getattr(cfg, "verbose_fraction", 0.0))
-    train = load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts)
+                verbose_fraction=getattr(cfg, "verbose_fraction", 0.0), keep_invalid=True)
+    sources = {"training": (cfg.dataset, load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts))}
     if cfg.eval_dataset:
         split = "eval" if cfg.eval_dataset.startswith("task:") else cfg.eval_split
-        evals = load_rows(cfg.eval_dataset, split=split, task_size=cfg.eval_size, limit=cfg.eval_size, **opts)
+        sources["eval"] = (cfg.eval_dataset, load_rows(cfg.eval_dataset, split=split, task_size=cfg.eval_size,
+                                                       limit=cfg.eval_size, **opts))
     elif cfg.dataset.startswith("task:"):
-        evals = load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size, **opts)
-    else:
-        n_eval = min(cfg.eval_size, int(len(train) * cfg.eval_holdout))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        evals = [train[i] for i in order[:n_eval]]
-        train = [train[i] for i in sorted(order[n_eval:])]
-    train, skipped = validate_rows(train, kind=kind, skip_invalid=cfg.skip_invalid)
+        sources["eval"] = (cfg.dataset, load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size, **opts))
+    validated, errors = {}, []
+    for name, (spec, rows) in sources.items():
+        try:
+            validated[name] = _validated(rows, kind, cfg, f"{name} rows of {spec}")
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise DataError("\n".join(errors))
+    train = validated["training"]
+    if "eval" in validated:
+        return train, validated["eval"]
+    n_eval = min(cfg.eval_size, int(len(train) * cfg.eval_holdout))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [train[i] for i in sorted(order[n_eval:])], [train[i] for i in order[:n_eval]]
+
+
+def _validated(rows: list[dict], kind: str, cfg: RunConfig, what: str) -> list[dict]:
+    from rlxf.data import validate_rows
+
+    valid, skipped = validate_rows(rows, kind=kind, skip_invalid=cfg.skip_invalid)
     if skipped:
-        log.warning("skipped %d malformed training rows (--skip-invalid)", skipped)
-    if evals:
-        evals, skipped = validate_rows(evals, kind=kind, skip_invalid=cfg.skip_invalid)
-        if skipped:
-            log.warning("skipped %d malformed eval rows (--skip-invalid)", skipped)
-    return train, evals
+        log.warning("skipped %d of %d %s (--skip-invalid); the rows and why are logged above", skipped,
+                    len(rows), what)
+    return valid
 
 
 def win_rates_by_kind(margins: torch.Tensor, kinds: list, *, prefix: str = "accuracy") -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlxf.config import ConfigError, check_choice, option
+from rlxf.config import NON_NEGATIVE, POSITIVE, Bounds, ConfigError, check_choice, option
 from rlxf.recipes.grpo import GRPOConfig
 from rlxf.recipes.grpo import train as grpo_train
 from rlxf.rewards.cooper import NEGATIVES
@@ -38,12 +38,15 @@ class CooperConfig(GRPOConfig):
                                    "shifted; mixed = half of them cut before the final answer instead",
                                    choices=NEGATIVES)
     cooper_rm_lr: float = option(3e-4, "VerifyRM learning rate for the contrastive updates (AdamW); tuned for "
-                                 "the tiny model — the paper uses 1e-5")
-    cooper_pretrain_steps: int = option(800, "BCE pretraining steps of a fresh VerifyRM (ignored with --cooper-rm)")
+                                 "the tiny model — the paper uses 1e-5", bounds=POSITIVE)
+    cooper_pretrain_steps: int = option(800, "BCE pretraining steps of a fresh VerifyRM (ignored with --cooper-rm)",
+                                        bounds=NON_NEGATIVE)
     cooper_pretrain_lr: float = option(1e-3, "VerifyRM pretraining learning rate; tuned for the tiny model — the "
-                                       "paper uses 2e-5")
-    cooper_pretrain_batch_size: int = option(64, "rows per pretraining step (half correct, half wrong)")
-    cooper_eval_size: int = option(256, "held-out verification rows (task eval split, balanced) for rm/* eval metrics")
+                                       "paper uses 2e-5", bounds=POSITIVE)
+    cooper_pretrain_batch_size: int = option(64, "rows per pretraining step (half correct, half wrong)",
+                                             bounds=Bounds(low=2))
+    cooper_eval_size: int = option(256, "held-out verification rows (task eval split, balanced) for rm/* eval metrics",
+                                   bounds=Bounds(low=2))
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,17 +57,6 @@ class CooperConfig(GRPOConfig):
         if self.reward != "cooper":
             raise ConfigError(f"rlxf cooper trains against --reward cooper, got {self.reward!r}; use rlxf grpo "
                               "for another reward")
-        if self.cooper_rm_lr <= 0 or self.cooper_pretrain_lr <= 0:
-            raise ConfigError(f"--cooper-rm-lr and --cooper-pretrain-lr must be > 0, got {self.cooper_rm_lr}, "
-                              f"{self.cooper_pretrain_lr}")
-        if self.cooper_pretrain_steps < 0:
-            raise ConfigError(f"--cooper-pretrain-steps must be >= 0, got {self.cooper_pretrain_steps}")
-        if self.cooper_pretrain_batch_size < 2:
-            raise ConfigError(f"--cooper-pretrain-batch-size must be >= 2 (a correct and a wrong row), got "
-                              f"{self.cooper_pretrain_batch_size}")
-        if self.cooper_eval_size < 2:
-            raise ConfigError(f"--cooper-eval-size must be >= 2 (a correct and a wrong row), got "
-                              f"{self.cooper_eval_size}")
 
 
 def train(cfg: CooperConfig):

@@ -45,12 +45,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rlxf.config import ConfigError, check_choice, option, save_yaml, to_dict
+from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, between, check_choice, option, save_yaml,
+                         to_dict)
 from rlxf.losses import (AGGREGATION_MODES, ADVANTAGE_SCALES, KL_KINDS, aggregate, clip_fraction,
                          clipped_policy_loss, group_advantages, kl_penalty)
 from rlxf.recipes.common import (FAULT_ENV, NullLogger, TrainingError, autocast_context, build_optimizer,
-                                 load_model_for_training, lr_multiplier, peak_memory_mb, prepare_output_dir,
-                                 setup_logging)
+                                 check_output_dir, load_model_for_training, load_split_rows, lr_multiplier,
+                                 peak_memory_mb, setup_logging, start_run_dir)
 from rlxf.recipes.online import (OnlineConfig, RewardPipeline, build_engine, evaluate_greedy, load_prompts,
                                  reference_answer_nll, reward_tensor)
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
@@ -80,20 +81,25 @@ class GRPOConfig(OnlineConfig):
     leave_one_out: bool | None = option(None, "RLOO baseline: mean of the other G−1 rewards (None = preset)")
     loss_agg: str | None = option(None, "how per-token losses become one number (None = preset)",
                                   choices=AGGREGATION_MODES)
-    eps_low: float = option(0.2, "clip range below 1: ρ ≥ 1 − eps_low")
-    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = preset; DAPO 0.28)")
-    beta: float | None = option(None, "KL-in-loss coefficient β (0 = no reference model; None = preset)")
+    eps_low: float = option(0.2, "clip range below 1: ρ ≥ 1 − eps_low", bounds=between(0, 1, high_open=True))
+    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = preset; DAPO 0.28)",
+                                    bounds=NON_NEGATIVE)
+    beta: float | None = option(None, "KL-in-loss coefficient β (0 = no reference model; None = preset)",
+                                bounds=NON_NEGATIVE)
     kl_kind: str = option("k3", "KL estimator in the loss", choices=KL_KINDS)
     dynamic_sampling: bool | None = option(None, "DAPO: keep only groups whose rewards differ and sample more "
                                            "prompts to refill the batch (None = preset)")
-    max_sample_batches: int = option(3, "dynamic sampling: most rollout batches drawn per step")
+    max_sample_batches: int = option(3, "dynamic sampling: most rollout batches drawn per step", bounds=AT_LEAST_ONE)
     overlong_buffer: int | None = option(None, "DAPO overlong shaping: penalise the last N tokens before "
-                                         "max_new_tokens (0 = off, -1 = max_new_tokens // 4; None = preset)")
-    overlong_factor: float = option(1.0, "DAPO overlong penalty at max_new_tokens")
+                                         "max_new_tokens (0 = off, -1 = max_new_tokens // 4; None = preset)",
+                                         bounds=Bounds(low=0, special=(-1,)))
+    overlong_factor: float = option(1.0, "DAPO overlong penalty at max_new_tokens", bounds=NON_NEGATIVE)
     mask_truncated: bool = option(False, "drop completions that hit max_new_tokens from the loss (overlong filtering)")
-    ppo_epochs: int = option(1, "passes over each rollout batch (μ; > 1 makes ρ ≠ 1 and clipping active)")
-    mini_batches: int = option(1, "optimizer steps per pass over a rollout batch")
-    micro_batch_size: int = option(256, "completions per forward/backward (memory; does not change the maths)")
+    ppo_epochs: int = option(1, "passes over each rollout batch (μ; > 1 makes ρ ≠ 1 and clipping active)",
+                             bounds=AT_LEAST_ONE)
+    mini_batches: int = option(1, "optimizer steps per pass over a rollout batch", bounds=AT_LEAST_ONE)
+    micro_batch_size: int = option(256, "completions per forward/backward (memory; does not change the maths)",
+                                   bounds=AT_LEAST_ONE)
     share_prompt: bool = option(False, "encode each group's prompt once for its G completions in the training "
                                 "passes (KV cache; same values and gradients); mini-batches then shuffle whole "
                                 "groups; needs micro-batches of whole groups; not with --gradient-checkpointing "
@@ -101,7 +107,7 @@ class GRPOConfig(OnlineConfig):
     reference: str = option("auto", "reference for the KL term or the likelihood scorer: auto (copy, or base "
                             "without adapters for LoRA), copy, lora", choices=("auto", "copy", "lora"))
     lr: float = option(1e-4, "learning rate (AdamW); tuned for the tiny model — use ~1e-6 for real LLMs")
-    max_steps: int = option(60, "rollout steps")
+    max_steps: int = option(60, "rollout steps", bounds=AT_LEAST_ONE)
     adam_beta2: float = option(0.99, "AdamW beta2")
 
     def __post_init__(self):
@@ -118,18 +124,11 @@ class GRPOConfig(OnlineConfig):
             object.__setattr__(self, "overlong_buffer", max(1, self.max_new_tokens // 4))
         for name in ("advantage_scale", "loss_agg"):
             check_choice(self, name)
-        if self.beta < 0:
-            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
-        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
-            raise ConfigError(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.group_size < 2:
             raise ConfigError(f"--group-size must be >= 2 for group-relative advantages, got {self.group_size}")
-        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+        if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"--overlong-buffer must be in [0, max_new_tokens={self.max_new_tokens}) "
                               f"(or -1 for max_new_tokens // 4), got {self.overlong_buffer}")
-        for name in ("ppo_epochs", "mini_batches", "micro_batch_size", "max_sample_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if (self.batch_size * self.group_size) % self.mini_batches:
             raise ConfigError(f"--mini-batches {self.mini_batches} must divide batch_size × group_size = "
                               f"{self.batch_size * self.group_size}")
@@ -306,12 +305,14 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
     setup_logging()
     if distributed.launched_world_size() > 1 and (why := data_parallel_limits(cfg)):
         raise ConfigError(why)
-    out = prepare_output_dir(cfg, recipe)
+    out = check_output_dir(cfg, recipe)
+    rows = load_split_rows(cfg, "prompt")
+    start_run_dir(cfg, out, recipe)    # only once the inputs are valid
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    prompts, eval_prompts = load_prompts(cfg, tokenizer)
+    prompts, eval_prompts = load_prompts(cfg, tokenizer, rows)
     log.info("%d training prompts, %d eval prompts; preset %s: %s", len(prompts), len(eval_prompts), cfg.preset,
              {k: getattr(cfg, k) for k in PRESETS[cfg.preset]})
     reference = None

@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlxf.config import ConfigError, option, save_yaml
+from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Bounds, ConfigError, check_numbers, option,
+                         save_yaml)
 
 log = logging.getLogger("rlxf.long2short")
 
@@ -48,35 +49,29 @@ class Long2ShortDataConfig:
                           ".csv file, saved HF dataset directory or hub dataset whose rows have 'prompt' and 'answer'")
     split: str = option("train", "split to read: train or eval for a task, the split name of a hub/saved dataset")
     num_prompts: int = option(256, "prompts to sample: drawn from a task, or the first N rows of a file/dataset "
-                              "(0 = every row of a file/dataset)")
-    samples: int = option(8, "completions sampled per prompt (n; Kimi k1.5 uses 8)")
-    temperature: float = option(1.0, "sampling temperature")
-    max_new_tokens: int = option(48, "most tokens per sampled completion")
-    ratio: float = option(1.5, "DPO pairs: a correct completion at least ratio x the shortest correct one is rejected")
-    max_pairs_per_prompt: int = option(0, "DPO pairs: keep at most this many pairs per prompt (0 = no limit)")
-    max_prompt_length: int = option(128, "prompts longer than this many tokens are dropped (counted in stats.json)")
-    batch_size: int = option(256, "sequences (prompts x samples) generated per forward pass")
-    seed: int = option(0, "random seed (task prompts and sampling)")
+                              "(0 = every row of a file/dataset)", bounds=NON_NEGATIVE)
+    samples: int = option(8, "completions sampled per prompt (n; Kimi k1.5 uses 8)", bounds=AT_LEAST_ONE)
+    temperature: float = option(1.0, "sampling temperature", bounds=POSITIVE)
+    max_new_tokens: int = option(48, "most tokens per sampled completion", bounds=AT_LEAST_ONE)
+    ratio: float = option(1.5, "DPO pairs: a correct completion at least ratio x the shortest correct one is rejected",
+                          bounds=Bounds(low=1))
+    max_pairs_per_prompt: int = option(0, "DPO pairs: keep at most this many pairs per prompt (0 = no limit)",
+                                       bounds=NON_NEGATIVE)
+    max_prompt_length: int = option(128, "prompts longer than this many tokens are dropped (counted in stats.json)",
+                                    bounds=AT_LEAST_ONE)
+    batch_size: int = option(256, "sequences (prompts x samples) generated per forward pass", bounds=AT_LEAST_ONE)
+    seed: int = option(0, "random seed (task prompts and sampling)", bounds=SEED)
     output_dir: str = option("runs/long2short_data", "where sft.jsonl, pairs.jsonl, stats.json and config.yaml go")
     overwrite: bool = option(False, "replace the files of an earlier build in output_dir")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "model dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
-    threads: int = option(0, "torch CPU threads; 0 = torch default")
+    threads: int = option(0, "torch CPU threads; 0 = torch default", bounds=NON_NEGATIVE)
 
     def __post_init__(self):
-        for name in ("samples", "max_new_tokens", "max_prompt_length", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("num_prompts", "max_pairs_per_prompt", "threads", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_numbers(self)
         if self.num_prompts == 0 and self.dataset.startswith("task:"):
             raise ConfigError("--num-prompts must be > 0 for a task: dataset (how many problems to draw)")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"--temperature must be > 0 (the builders need varied samples), got {self.temperature}")
-        if not (math.isfinite(self.ratio) and self.ratio >= 1.0):
-            raise ConfigError(f"--ratio must be >= 1 (Kimi k1.5 uses 1.5), got {self.ratio}")
 
 
 def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
@@ -187,7 +182,7 @@ def _load_prompt_rows(cfg: Long2ShortDataConfig):
     rows = load_rows(cfg.dataset, kind="prompt", split=cfg.split, seed=cfg.seed,
                      task_size=cfg.num_prompts if is_task else None,
                      limit=None if is_task or cfg.num_prompts == 0 else cfg.num_prompts)
-    rows, _ = validate_rows(rows, kind="prompt")
+    rows, _ = validate_rows(rows, kind="prompt", skip_hint=None)  # this command has no --skip-invalid
     if is_task:
         task = get_task(cfg.dataset.split(":", 1)[1])
         return rows, lambda texts, row: [bool(task.verify(t, str(row["answer"]))) for t in texts]

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlxf.config import ConfigError, check_choice, option, to_dict
+from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, between, check_choice, option,
+                         to_dict)
 from rlxf.losses import (KL_KINDS, AdaptiveKLController, FixedKLController, aggregate, clip_fraction,
                          clipped_policy_loss, gae, kl_penalty, masked_whiten, value_loss)
-from rlxf.recipes.common import (FAULT_ENV, TrainingError, autocast_context, load_model_for_training,
-                                 lr_multiplier, prepare_output_dir, setup_logging)
+from rlxf.recipes.common import (FAULT_ENV, TrainingError, autocast_context, check_output_dir,
+                                 load_model_for_training, load_split_rows, lr_multiplier, setup_logging,
+                                 start_run_dir)
 from rlxf.recipes.grpo import online_summary
 from rlxf.recipes.online import (OnlineConfig, RewardPipeline, build_engine, evaluate_greedy, load_prompts,
                                  reward_tensor)
@@ -55,24 +57,27 @@ class PPOConfig(OnlineConfig):
     value_model: str = option("reward_model", "critic: a copy of the reward model's body+head, a copy of the "
                               "policy checkpoint with a new head, or a head on the policy's own body",
                               choices=VALUE_MODELS)
-    kl_coef: float = option(0.05, "β of the per-token KL penalty in the reward (initial value if adaptive)")
+    kl_coef: float = option(0.05, "β of the per-token KL penalty in the reward (initial value if adaptive)",
+                            bounds=NON_NEGATIVE)
     kl_kind: str = option("k1", "KL estimator in the reward", choices=KL_KINDS)
-    kl_target: float = option(0.0, "adaptive KL controller target (summed KL per sequence); 0 = fixed β")
-    kl_horizon: float = option(10000.0, "adaptive KL controller horizon (samples)")
-    gamma: float = option(1.0, "discount γ")
-    lam: float = option(0.95, "GAE λ")
-    eps: float = option(0.2, "policy clip range ε")
-    value_clip: float = option(0.2, "value clip range ε_v (0 = unclipped)")
-    vf_coef: float = option(0.1, "value loss coefficient c_v")
+    kl_target: float = option(0.0, "adaptive KL controller target (summed KL per sequence); 0 = fixed β",
+                              bounds=NON_NEGATIVE)
+    kl_horizon: float = option(10000.0, "adaptive KL controller horizon (samples)", bounds=POSITIVE)
+    gamma: float = option(1.0, "discount γ", bounds=UNIT)
+    lam: float = option(0.95, "GAE λ", bounds=UNIT)
+    eps: float = option(0.2, "policy clip range ε", bounds=between(0, 1, low_open=True, high_open=True))
+    value_clip: float = option(0.2, "value clip range ε_v (0 = unclipped)", bounds=NON_NEGATIVE)
+    vf_coef: float = option(0.1, "value loss coefficient c_v", bounds=NON_NEGATIVE)
     whiten_advantages: bool = option(True, "whiten advantages over valid tokens of the batch")
-    missing_eos_penalty: float = option(1.0, "subtract this from the score of completions without EOS (0 = off)")
-    ppo_epochs: int = option(4, "passes over each rollout batch")
-    mini_batches: int = option(4, "optimizer steps per pass")
-    value_lr: float = option(0.0, "critic learning rate (0 = same as --lr)")
+    missing_eos_penalty: float = option(1.0, "subtract this from the score of completions without EOS (0 = off)",
+                                        bounds=NON_NEGATIVE)
+    ppo_epochs: int = option(4, "passes over each rollout batch", bounds=AT_LEAST_ONE)
+    mini_batches: int = option(4, "optimizer steps per pass", bounds=AT_LEAST_ONE)
+    value_lr: float = option(0.0, "critic learning rate (0 = same as --lr)", bounds=NON_NEGATIVE)
     reference: str = option("auto", "reference for the KL: auto (copy, or base without adapters for LoRA), "
                             "copy, lora", choices=("auto", "copy", "lora"))
     lr: float = option(3e-5, "policy learning rate (AdamW); tuned for the tiny model — TRL uses 3e-6")
-    max_steps: int = option(40, "rollout steps")
+    max_steps: int = option(40, "rollout steps", bounds=AT_LEAST_ONE)
     temperature: float = option(0.7, "sampling temperature (TRL's PPO default; log-probs use it too)")
 
     def __post_init__(self):
@@ -82,12 +87,6 @@ class PPOConfig(OnlineConfig):
         if self.value_model == "reward_model" and not self.reward_model:
             raise ConfigError("--value-model reward_model initialises the critic from --reward-model DIR; "
                               "pass it, or use --value-model policy / head")
-        for name in ("kl_coef", "kl_target", "value_clip", "vf_coef", "missing_eos_penalty", "value_lr"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("ppo_epochs", "mini_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if (self.batch_size * self.group_size) % self.mini_batches:
             raise ConfigError(f"--mini-batches {self.mini_batches} must divide batch_size × group_size = "
                               f"{self.batch_size * self.group_size}")
@@ -115,12 +114,14 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
     from rlxf.rollout import SamplingParams
 
     setup_logging()
-    out = prepare_output_dir(cfg, recipe)
+    out = check_output_dir(cfg, recipe)
+    rows = load_split_rows(cfg, "prompt")
+    start_run_dir(cfg, out, recipe)    # only once the inputs are valid
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    prompts, eval_prompts = load_prompts(cfg, tokenizer)
+    prompts, eval_prompts = load_prompts(cfg, tokenizer, rows)
     mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r else "copy")
     reference = Reference.build(model, mode)
     critic = build_value_model(cfg, model, tokenizer, device, dtype)

@@ -1,15 +1,18 @@
 """Offline preference optimisation: ``rlxf dpo`` (DPO, IPO, cDPO, DPO+NLL), ``rlxf rpo`` and ``rlxf orpo``.
 
-One loop serves every loss (SPECS.md §3, §4a, §4b, §6; Appendix C for the naming):
+One loop serves every preference loss of the registry (``rlxf.losses.get_preference_loss``;
+docs/losses.md, docs/methods/dpo.md, rpo.md, orpo.md):
 
-    pairs → [chosen; rejected] log-probs of the completion tokens (policy, and reference unless ORPO)
-          → loss (dpo | ipo | cdpo | rpo | orpo) [+ nll_alpha · length-normalised chosen NLL]
+    pairs → [chosen; rejected] log-probs of the completion tokens (policy, and reference when the loss needs it)
+          → PreferenceInputs → the entry named by ``loss`` (dpo | ipo | cdpo | rpo | orpo)
+            [+ nll_alpha · length-normalised chosen NLL]
           → AdamW step → eval: implicit-reward accuracy / margins (log-odds accuracy for ORPO)
 
 The reference is the initial policy: a frozen copy for full fine-tuning, the base model with
-adapters disabled for LoRA, and absent for ORPO. With ``precompute_ref`` (default) reference
-log-probs are computed once for every train and eval pair, before training, and cached on disk
-(``output_dir/cache``) keyed by model and tokenised data, so the reference never runs again.
+adapters disabled for LoRA, and absent for a loss that needs none (ORPO). With ``precompute_ref``
+(default) reference log-probs are computed once for every train and eval pair, before training,
+and cached on disk (``output_dir/cache``) keyed by model and tokenised data, so the reference
+never runs again.
 
 Deviations (stated here and in docs/methods/): sequence log-probs are sums unless ``length_norm``
 (TRL's IPO length-normalises by default: set ``length_norm true`` to reproduce it); ORPO's NLL is
@@ -28,14 +31,15 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import ConfigError, check_choice, option
-from rlxf.losses import RPO_DISTANCES, dpo_loss, ipo_loss, orpo_loss, preference_metrics, rpo_loss
-from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
-                                 setup_logging, task_eval_metrics, win_rates_by_kind)
+from rlxf.config import NON_NEGATIVE, POSITIVE, ConfigError, between, check_choice, option
+from rlxf.losses import (PREFERENCE_LOSSES, RPO_DISTANCES, PreferenceInputs, get_preference_loss,
+                         preference_metrics)
+from rlxf.recipes.common import (TrainConfig, check_output_dir, fit, load_model_for_training, load_split_rows,
+                                 setup_logging, start_run_dir, task_eval_metrics, win_rates_by_kind)
 from rlxf.reporting import Panel
 
 log = logging.getLogger("rlxf.preference")
-LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo")
+LOSSES = PREFERENCE_LOSSES  # the registered preference losses
 RPO_DEFAULT_SCORES = (1.0, 0.0)  # NeMo-Aligner default_chosen_reward / default_rejected_reward
 
 
@@ -44,12 +48,14 @@ class PreferenceConfig(TrainConfig):
     """Config of the preference recipe (``rlxf dpo``; ``rpo`` and ``orpo`` change the loss default)."""
 
     loss: str = option("dpo", "objective", choices=LOSSES)
-    beta: float = option(0.1, "β: implicit-reward scale (DPO/cDPO/RPO); τ for IPO")
-    label_smoothing: float = option(0.1, "cDPO label-flip probability ε (loss=cdpo only)")
-    nll_alpha: float = option(0.0, "DPO+NLL (Pang et al. 2024): weight of the length-normalised chosen NLL")
-    rpo_eta: float = option(1.0, "RPO η: scale of the reward gap")
+    beta: float = option(0.1, "β: implicit-reward scale (DPO/cDPO/RPO); τ for IPO", bounds=POSITIVE)
+    label_smoothing: float = option(0.1, "cDPO label-flip probability ε (loss=cdpo only)",
+                                    bounds=between(0, 0.5, high_open=True))
+    nll_alpha: float = option(0.0, "DPO+NLL (Pang et al. 2024): weight of the length-normalised chosen NLL",
+                              bounds=NON_NEGATIVE)
+    rpo_eta: float = option(1.0, "RPO η: scale of the reward gap", bounds=POSITIVE)
     rpo_distance: str = option("bwd_kl", "RPO distance between model and target preference", choices=RPO_DISTANCES)
-    orpo_lambda: float = option(0.1, "ORPO λ: weight of the odds-ratio term")
+    orpo_lambda: float = option(0.1, "ORPO λ: weight of the odds-ratio term", bounds=NON_NEGATIVE)
     length_norm: bool = option(False, "use mean instead of summed token log-probs (TRL's IPO; NeMo's average)")
     reference: str = option("auto", "reference model: auto (copy, or base-without-adapters for LoRA), copy, lora",
                             choices=("auto", "copy", "lora"))
@@ -63,13 +69,13 @@ class PreferenceConfig(TrainConfig):
         super().__post_init__()
         for name in ("loss", "rpo_distance", "reference"):
             check_choice(self, name)
-        if self.beta <= 0:
-            raise ConfigError(f"--beta must be > 0, got {self.beta}")
-        if self.loss == "cdpo" and not 0 < self.label_smoothing < 0.5:
+        if self.loss == "cdpo" and self.label_smoothing == 0:
             raise ConfigError(f"--label-smoothing for cdpo must be in (0, 0.5), got {self.label_smoothing}")
-        if self.loss == "orpo" and self.nll_alpha > 0:
-            raise ConfigError("--nll-alpha does not apply to orpo (its NLL term is built in; weight the "
-                              "odds-ratio term with --orpo-lambda)")
+        entry = get_preference_loss(self.loss)
+        if entry.includes_nll and self.nll_alpha > 0:
+            flags = ", ".join(f"--{option.replace('_', '-')}" for _, option in entry.options)
+            raise ConfigError(f"--nll-alpha does not apply to {self.loss} (its NLL term is built in; weight the "
+                              f"other terms with {flags})")
         if self.reference == "lora" and self.lora_r == 0:
             raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
         if self.share_prompt and (self.gradient_checkpointing or self.compile):
@@ -181,21 +187,24 @@ def train(cfg: PreferenceConfig):
 
     setup_logging()
     recipe = cfg.loss
-    out = prepare_output_dir(cfg, recipe)
+    loss_entry = get_preference_loss(cfg.loss)  # chosen once; forward() calls it
+    loss_params = loss_entry.params(cfg)
+    out = check_output_dir(cfg, recipe)
+    train_rows, eval_rows = load_split_rows(cfg, "preference")
+    start_run_dir(cfg, out, recipe)    # only once the inputs are valid
     seed_everything(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
     device = next(model.parameters()).device
-    train_rows, eval_rows = load_split_rows(cfg, "preference")
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
     train_ex, stats = tokenize_preference(train_rows, tokenizer, **tok)
     log.info("train pairs: %s", stats.summary())
     eval_ex, eval_stats = tokenize_preference(eval_rows, tokenizer, **tok) if eval_rows else ([], None)
-    if cfg.loss == "rpo" and not all(e.get("chosen_score") is not None and e.get("rejected_score") is not None
-                                     for e in train_ex):
-        log.warning("rpo: some pairs have no chosen_score/rejected_score; using NeMo defaults %s for them",
-                    RPO_DEFAULT_SCORES)
+    if loss_entry.needs_scores and not all(e.get("chosen_score") is not None and e.get("rejected_score") is not None
+                                           for e in train_ex):
+        log.warning("%s: some pairs have no chosen_score/rejected_score; using NeMo defaults %s for them",
+                    cfg.loss, RPO_DEFAULT_SCORES)
     reference = None
-    if cfg.loss != "orpo":
+    if loss_entry.needs_reference:
         mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r > 0 else "copy")
         reference = Reference.build(model, mode)
         if cfg.precompute_ref:
@@ -220,32 +229,30 @@ def train(cfg: PreferenceConfig):
             chosen, rejected, parts = _shared_pair_logps(partial(shared_prompt_logps, model), batch, cfg.length_norm)
         else:
             chosen, rejected, parts = _pair_logps(policy_logps, batch, cfg.length_norm)
-        if cfg.loss == "orpo":
-            nll = -parts["mean_chosen"]  # [B]
-            losses = orpo_loss(parts["mean_chosen"], parts["mean_rejected"], nll, lam=cfg.orpo_lambda)
-            log_odds = _log_odds(parts["mean_chosen"]) - _log_odds(parts["mean_rejected"])  # [B]
-            return losses, {"log_odds_ratio": log_odds, "nll": nll}, {}
-        if "ref_chosen" in batch:
-            ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
-        else:
-            ref_fn = reference.shared_prompt_logps if cfg.share_prompt else None
-            ref_c, ref_r, _ = (_shared_pair_logps(ref_fn, batch, cfg.length_norm) if ref_fn
-                               else _pair_logps(reference.token_logps, batch, cfg.length_norm))
-        if cfg.loss in ("dpo", "cdpo"):
-            smoothing = cfg.label_smoothing if cfg.loss == "cdpo" else 0.0
-            losses = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, label_smoothing=smoothing)
-        elif cfg.loss == "ipo":
-            losses = ipo_loss(chosen, rejected, ref_c, ref_r, tau=cfg.beta)
-        else:
-            chosen_r, rejected_r = _scores(batch)
-            losses = rpo_loss(chosen, rejected, ref_c, ref_r, chosen_r, rejected_r, beta=cfg.beta, eta=cfg.rpo_eta,
-                              distance=cfg.rpo_distance)
-        extra = {}
+        ref_c = ref_r = chosen_s = rejected_s = None
+        if loss_entry.needs_reference:
+            if "ref_chosen" in batch:
+                ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+            else:
+                ref_fn = reference.shared_prompt_logps if cfg.share_prompt else None
+                ref_c, ref_r, _ = (_shared_pair_logps(ref_fn, batch, cfg.length_norm) if ref_fn
+                                   else _pair_logps(reference.token_logps, batch, cfg.length_norm))
+        if loss_entry.needs_scores:
+            chosen_s, rejected_s = _scores(batch)
+        nll = -parts["mean_chosen"]  # [B] token-mean NLL of the chosen completion
+        inputs = PreferenceInputs(chosen_logps=chosen, rejected_logps=rejected, chosen_mean_logps=parts["mean_chosen"],
+                                  rejected_mean_logps=parts["mean_rejected"], chosen_nll=nll, ref_chosen_logps=ref_c,
+                                  ref_rejected_logps=ref_r, chosen_scores=chosen_s, rejected_scores=rejected_s)
+        losses = loss_entry(inputs, **loss_params)  # [B]
         if cfg.nll_alpha > 0:
-            nll = -parts["mean_chosen"]  # [B]
             losses = losses + cfg.nll_alpha * nll
+        extra = {}
+        if not loss_entry.needs_reference:  # no implicit reward: the policy's own log-odds are the metric
+            extra["log_odds_ratio"] = _log_odds(parts["mean_chosen"]) - _log_odds(parts["mean_rejected"])  # [B]
+        if cfg.nll_alpha > 0 or loss_entry.includes_nll or not loss_entry.needs_reference:
             extra["nll"] = nll
-        return losses, extra, {"pairs": (chosen, rejected, ref_c, ref_r)}
+        pairs = {"pairs": (chosen, rejected, ref_c, ref_r)} if loss_entry.needs_reference else {}
+        return losses, extra, pairs
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
         losses, extra, pairs = forward(batch)
@@ -288,7 +295,7 @@ def train(cfg: PreferenceConfig):
         save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
 
     kind_keys = sorted({f"accuracy/{e['pair_kind']}" for e in eval_ex if e.get("pair_kind")})
-    if cfg.loss == "orpo":
+    if not loss_entry.needs_reference:
         panels = [Panel("log-odds accuracy", ["log_odds_accuracy"], ylabel="fraction"),
                   Panel("log odds ratio (chosen − rejected)", ["log_odds_ratio"]),
                   Panel("chosen NLL (token mean)", ["nll"]), Panel("loss", ["loss"])]
@@ -300,7 +307,7 @@ def train(cfg: PreferenceConfig):
     panels += [Panel("held-out accuracy by pair kind", kind_keys, split="eval", ylabel="fraction"),Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
                Panel("learning rate", ["lr"], split="train")]
     headline = {"accuracy": "max", "loss": "min", "task_accuracy": "max",
-                ("log_odds_ratio" if cfg.loss == "orpo" else "rewards/margin"): "max"}
+                ("rewards/margin" if loss_entry.needs_reference else "log_odds_ratio"): "max"}
     data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
                  "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
     return fit(cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,

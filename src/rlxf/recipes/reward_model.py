@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import check_choice, option
+from rlxf.config import NON_NEGATIVE, POSITIVE, check_choice, option
 from rlxf.losses import bradley_terry_loss, focal_ranking_loss
-from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
-                                 setup_logging, win_rates_by_kind)
+from rlxf.recipes.common import (TrainConfig, check_output_dir, fit, load_model_for_training, load_split_rows,
+                                 setup_logging, start_run_dir, win_rates_by_kind)
 from rlxf.reporting import Panel
 
 
@@ -36,10 +36,10 @@ class RewardModelConfig(TrainConfig):
     soft_labels: bool = option(True, "train on the dataset's per-pair 'chosen_probability' (soft label, e.g. "
                                "from rlxf rlaif) with the soft-label BT loss when present; pairs without one "
                                "count as p = 1")
-    center_coef: float = option(0.0, "reward centering η (Eisenstein et al.; TRL recommends 0.01)")
-    focal_gamma: float = option(2.0, "focal loss γ")
-    barrier_weight: float = option(0.01, "focal loss log-barrier weight λ (xtuner default)")
-    barrier_bound: float = option(5.0, "log-barrier keeps scores inside (−bound, bound)")
+    center_coef: float = option(0.0, "reward centering η (Eisenstein et al.; TRL recommends 0.01)", bounds=NON_NEGATIVE)
+    focal_gamma: float = option(2.0, "focal loss γ", bounds=NON_NEGATIVE)
+    barrier_weight: float = option(0.01, "focal loss log-barrier weight λ (xtuner default)", bounds=NON_NEGATIVE)
+    barrier_bound: float = option(5.0, "log-barrier keeps scores inside (−bound, bound)", bounds=POSITIVE)
     conditions: str | None = option(None, "conditional RM (COOL-RLHF): 'default' (built-in task conditions) or "
                                     "a YAML file of domain: condition text; each prompt becomes condition + "
                                     "prompt (domain: the row's 'domain' field, else the task name)")
@@ -58,16 +58,17 @@ def train(cfg: RewardModelConfig):
     from rlxf.runtime import seed_everything
 
     setup_logging()
-    out = prepare_output_dir(cfg, "rm")
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model_for_training(cfg, reward_model=True)
-    device = next(model.parameters()).device
+    out = check_output_dir(cfg, "rm")
     train_rows, eval_rows = load_split_rows(cfg, "preference")
     conditions = load_conditions(cfg.conditions)
     if conditions is not None:
         train_rows = apply_conditions(train_rows, conditions, default_domain=task_name(cfg.dataset))
         eval_rows = apply_conditions(eval_rows, conditions,
                                      default_domain=task_name(cfg.eval_dataset or cfg.dataset))
+    start_run_dir(cfg, out, "rm")      # only once the inputs are valid
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model_for_training(cfg, reward_model=True)
+    device = next(model.parameters()).device
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
     train_ex, stats = tokenize_preference(train_rows, tokenizer, **tok)
     eval_ex = tokenize_preference(eval_rows, tokenizer, **tok)[0] if eval_rows else []

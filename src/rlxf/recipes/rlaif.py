@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlxf.config import ConfigError, build_config, check_choice, option, save_yaml
+from rlxf.config import AT_LEAST_ONE, ConfigError, between, build_config, check_choice, option, save_yaml
 from rlxf.rewards.lmgt import JUDGE_PROMPT_CHOICES, judge_prompt_set
 from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
                                       prepare_output, train_values, verifier, write_jsonl)
@@ -58,14 +58,15 @@ class RLAIFConfig(SamplingOptions):
                         "OpenAI-compatible base URL http://host:port/v1")
     judge_model: str | None = option(None, "model name sent to an HTTP judge")
     judge_api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the HTTP judge's API key")
-    judge_concurrency: int = option(4, "most judge requests in flight at once (HTTP)")
+    judge_concurrency: int = option(4, "most judge requests in flight at once (HTTP)", bounds=AT_LEAST_ONE)
     judge_both_orders: bool = option(True, "ask the judge in both orders and average (position-bias control)")
     judge_cache: bool = option(False, "cache judge requests on disk in OUTPUT/judge_cache")
     judge_prompts: str = option("auto", "judge prompt set: standard, compact (short-context judges), auto = "
                                 "compact for local:tiny, else standard", choices=JUDGE_PROMPT_CHOICES)
     principle_in_prompt: bool = option(True, "show the sampled principle's comparison question to the judge "
                                        "(false: the prompt set's own question; the principle is still recorded)")
-    threshold: float = option(0.0, "δ: drop pairs with |p − 0.5| < δ (0 keeps every pair; 0.5 keeps none)")
+    threshold: float = option(0.0, "δ: drop pairs with |p − 0.5| < δ (0 keeps every pair; 0.5 keeps none)",
+                              bounds=between(0, 0.5))
     output_dir: str = option("runs/rlaif", "where preferences.jsonl, stats.json, config.yaml and the training run go")
     train: str = option("rm", "train on the labels: rm (soft-label Bradley-Terry), dpo, rpo, or none",
                         choices=("rm", "dpo", "rpo", "none"))
@@ -82,10 +83,6 @@ class RLAIFConfig(SamplingOptions):
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0: the two responses of a pair are sampled, got "
                               f"{self.temperature}")
-        if not (math.isfinite(self.threshold) and 0 <= self.threshold <= 0.5):
-            raise ConfigError(f"--threshold must be in [0, 0.5], got {self.threshold}")
-        if self.judge_concurrency < 1:
-            raise ConfigError(f"--judge-concurrency must be >= 1, got {self.judge_concurrency}")
         if self.train_eval == "task" and not self.dataset.startswith("task:"):
             raise ConfigError("--train-eval task needs a task: dataset (use holdout for files)")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import ConfigError, option
-from rlxf.recipes.common import (TrainConfig, fit, load_model_for_training, load_split_rows, prepare_output_dir,
-                                 setup_logging, task_eval_metrics)
+from rlxf.config import UNIT, option
+from rlxf.recipes.common import (TrainConfig, check_output_dir, fit, load_model_for_training, load_split_rows,
+                                 setup_logging, start_run_dir, task_eval_metrics)
 from rlxf.reporting import Panel
 
 log = logging.getLogger("rlxf.sft")
@@ -29,12 +29,8 @@ class SFTConfig(TrainConfig):
     max_steps: int = option(200, "optimizer steps; 0 = derive from epochs")
     verbose_fraction: float = option(0.0, "built-in task data: share of completions written in the verbose style "
                                      "(e.g. 0.5 makes an SFT policy that PPO against a conciseness-aware RM "
-                                     "can improve)")
+                                     "can improve)", bounds=UNIT)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.verbose_fraction <= 1:
-            raise ConfigError(f"--verbose-fraction must be in [0, 1], got {self.verbose_fraction}")
 
 
 def completion_nll(model, batch: dict) -> torch.Tensor:
@@ -53,11 +49,12 @@ def train(cfg: SFTConfig):
     from rlxf.runtime import seed_everything
 
     setup_logging()
-    out = prepare_output_dir(cfg, "sft")
+    out = check_output_dir(cfg, "sft")
+    train_rows, eval_rows = load_split_rows(cfg, "sft")
+    start_run_dir(cfg, out, "sft")     # only once the inputs are valid
     seed_everything(cfg.seed)
     model, tokenizer = load_model_for_training(cfg)
     device = next(model.parameters()).device
-    train_rows, eval_rows = load_split_rows(cfg, "sft")
     train_ex, stats = tokenize_sft(train_rows, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
     eval_ex = tokenize_sft(eval_rows, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)[0] \
         if eval_rows else []

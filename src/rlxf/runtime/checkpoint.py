@@ -5,6 +5,12 @@ A checkpoint holds the model in Hugging Face format (``save_pretrained``; for Lo
 It is written to ``step-N.tmp-<pid>`` and renamed into place, so a run killed mid-write leaves
 no half checkpoint; ``latest_checkpoint`` only sees complete ones. ``.pt`` files are loaded with
 ``weights_only=True`` (no arbitrary pickle).
+
+The first file written into a temporary directory is :data:`PARTIAL_MARKER`. A run killed
+mid-write leaves its temporary directory behind (gigabytes with a real model);
+:func:`remove_stale_checkpoint_dirs`, called when a run starts or resumes, deletes exactly the
+directories that match the ``step-N.tmp-<pid>`` name *and* hold the marker, whose process is gone,
+and nothing else.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 from rlxf.runtime.seed import get_rng_state, set_rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp-(\d+)$")
+PARTIAL_MARKER = ".rlxf-partial-checkpoint"
 
 
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -51,21 +59,62 @@ def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer,
     tmp = root / f"step-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(get_rng_state(), tmp / "rng.pt")
-    for name, value in (extra or {}).items():
-        torch.save(value, tmp / name)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    try:
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"step": step, "pid": os.getpid()}) + "\n")
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(get_rng_state(), tmp / "rng.pt")
+        for name, value in (extra or {}).items():
+            torch.save(value, tmp / name)
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    except BaseException:  # a failed or interrupted write (disk full, Ctrl-C) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    (final / PARTIAL_MARKER).unlink(missing_ok=True)
     for _, old in _checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint directories under ``root`` that a killed write left behind.
+
+    A directory is removed only when its name is ``step-N.tmp-<pid>``, it holds
+    :data:`PARTIAL_MARKER` (so it is rlxf's own), and process ``pid`` is this one or no longer runs
+    (so no live write is disturbed). Returns the removed paths."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        match = _TMP_DIR.match(child.name)
+        if not match or child.is_symlink() or not child.is_dir() or not (child / PARTIAL_MARKER).is_file():
+            continue
+        if _process_alive(int(match.group(2))):
+            continue
+        shutil.rmtree(child)
+        removed.append(child)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether another running process has id ``pid`` (this process counts as not alive: it writes
+    one checkpoint at a time, so a temporary directory of its own is a failed earlier write)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists under another user, or cannot be asked: leave its directory alone
+    return True
 
 
 def _load_model_weights(model, path: Path) -> None:
