@@ -1,22 +1,32 @@
 """``rlxf serve``: an OpenAI-compatible chat-completions server over any rlxf / transformers model.
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``GET /health``. Generation goes through :class:`rlxf.rollout.HFEngine` (the rollout engine the
-recipes use) with the tokenizer's chat template (:func:`rlxf.judges.local.chat_prompt_ids`); one
-request generates at a time (a lock), other connections wait. Standard library HTTP server only.
+``GET /health``; ``HEAD`` is answered wherever ``GET`` is (headers only) and ``OPTIONS`` on every
+known path (204 with ``Allow``). The HTTP layer is a Starlette (ASGI) app, :func:`build_app`, served by uvicorn
+(:func:`make_server`, accept backlog :data:`BACKLOG`). Generation goes through
+:class:`rlxf.rollout.HFEngine` (the rollout engine the recipes use) with the tokenizer's chat template
+(:func:`rlxf.judges.local.chat_prompt_ids`); it is blocking torch work, so it runs in one worker
+thread off the event loop, one request at a time in arrival order, while the server keeps accepting
+connections, answering the other endpoints and refusing bad requests (validated before they queue).
 
-Request validation (docs/serve.md has the full table): the body must be a JSON object no larger
-than ``max_request_bytes`` (413 otherwise; 411 without a Content-Length); ``messages`` a non-empty
-list of ``{"role": "system"|"user"|"assistant", "content": str}`` (content may also be a list of
+Request validation (docs/serve.md has the full table): ``Content-Type: application/json`` (415
+otherwise); a body no larger than ``max_request_bytes`` (413 otherwise), with a Content-Length or
+chunked (411 with neither), arriving within :data:`BODY_TIMEOUT_S` (408); strict JSON (UTF-8, no
+``NaN``/``Infinity``, every number finite, no key twice in one object, nesting at most
+:data:`MAX_JSON_DEPTH`) holding an object; ``messages`` a non-empty list of
+``{"role": "system"|"user"|"assistant", "content": str}`` (content may also be a list of
 ``{"type": "text", "text": str}`` parts); ``max_tokens`` (or ``max_completion_tokens``) an integer
 in 1..``max_tokens_limit`` that, with the prompt, fits the model's context; ``temperature`` in
 [0, 2] (0 = greedy); ``top_p`` in (0, 1]; ``n`` in 1..``max_n``; ``stop`` a string or up to 4
-strings; ``seed`` an integer >= 0; ``logprobs`` a boolean and ``top_logprobs`` 0..20 (needs
-``logprobs: true``; the 20 is ``max_top_logprobs``, raise it to let a judge read every option of a
-model that ranks them low); ``stream: true`` is refused. A bad request gets 400 with
+strings; ``seed`` an integer in 0..2**63-1; ``logprobs`` a boolean and ``top_logprobs`` 0..20
+(needs ``logprobs: true``; the 20 is ``max_top_logprobs``, raise it to let a judge read every option
+of a model that ranks them low); ``stream: true`` is refused. A bad request gets 400 with
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; an unknown path 404,
-a known path with the wrong method 405, a ``model`` other than the served one 404
-(``model_not_found``). Other OpenAI fields (penalties, tools, ...) are ignored.
+a known path with the wrong method 405 (with ``Allow``), a ``model`` other than the served one 404
+(``model_not_found``). With an API key (``api_key``; ``rlxf serve --api-key`` or ``RLXF_API_KEY``)
+every path but ``/health`` needs ``Authorization: Bearer <key>`` (401 otherwise, compared in constant
+time). Other OpenAI fields (penalties, tools, ...) are ignored. A hostile body gets a 4xx, never a 5xx
+(tests/test_serve_fuzz.py); 500 is kept for failures while generating.
 
 Differences from OpenAI, stated: the reported log-probs (``logprobs.content[].logprob`` and
 ``top_logprobs``) are those of the model's own distribution at temperature 1 — ``log_softmax`` of
@@ -27,17 +37,31 @@ cut from ``content`` (as OpenAI does) and so are the log-prob entries of the tok
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
+import itertools
 import json
 import logging
 import math
+import re
+import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from numbers import Integral, Real
 
+import anyio
 import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from rlxf.judges.local import chat_prompt_ids
 from rlxf.models import load_policy, load_tokenizer, logps_from_logits, top_logps_from_logits
@@ -48,17 +72,28 @@ logger = logging.getLogger("rlxf.serve")
 DEFAULT_MAX_TOP_LOGPROBS = 20  # OpenAI's limit; --max-top-logprobs raises it (as vLLM's --max-logprobs does)
 MAX_STOP_STRINGS = 4
 MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1           # torch generators take a 64-bit seed
+MAX_JSON_DEPTH = 64            # nesting of arrays/objects in a request body (a chat request needs 4)
+BACKLOG = 2048                 # connections the kernel queues while the server is busy accepting
+BODY_TIMEOUT_S = 60.0          # seconds a client may take to send its request body (408 after)
+API_KEY_ENV = "RLXF_API_KEY"   # where `rlxf serve` reads the API key when --api-key is not given
 _DRAIN_LIMIT = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this size before the 413
 _ROLES = ("system", "user", "assistant")
+_METHOD_ORDER = ("GET", "HEAD", "POST", "OPTIONS")
+_API_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
 
 
 class RequestError(Exception):
     """A request rlxf serve refuses: becomes an HTTP error with an OpenAI-shaped JSON body."""
 
     def __init__(self, message: str, *, param: str | None = None, status: int = 400,
-                 code: str | None = None, type_: str = "invalid_request_error"):
+                 code: str | None = None, type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type_
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -81,45 +116,63 @@ class ChatRequest:
 
 def parse_request(body, *, model_name: str, max_tokens_limit: int, max_n: int,
                   max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS) -> ChatRequest:
-    """Validate a decoded JSON body; raise :class:`RequestError` naming the offending field."""
+    """Validate a decoded JSON body; raise :class:`RequestError` (4xx) naming the offending field."""
     if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"model must be a string (this server serves {model_name!r}), got {_show(model)}",
+                           param="model")
     if model is not None and model != model_name:
-        raise RequestError(f"the model {model!r} does not exist; this server serves {model_name!r}",
+        raise RequestError(f"the model {_show(model)} does not exist; this server serves {model_name!r}",
                            param="model", status=404, code="model_not_found")
     if body.get("stream"):
         raise RequestError("streaming is not supported by rlxf serve; send stream: false", param="stream")
     messages = _parse_messages(body.get("messages"))
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit):
-        raise RequestError(f"max_tokens must be an integer in 1..{max_tokens_limit}, got {max_tokens!r}",
-                           param="max_tokens")
+    tokens_field = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = _integer(body, tokens_field, None, low=1, high=max_tokens_limit)
     temperature = _number(body, "temperature", 1.0, low=0.0, high=MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not _is_int(n) or not 1 <= n <= max_n:
-        raise RequestError(f"n must be an integer in 1..{max_n}, got {n!r}", param="n")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise RequestError(f"seed must be an integer >= 0, got {seed!r}", param="seed")
+    n = _integer(body, "n", 1, low=1, high=max_n)
+    seed = _integer(body, "seed", None, low=0, high=MAX_SEED)
     logprobs = body.get("logprobs", False)
     if logprobs is None:
         logprobs = False
     if not isinstance(logprobs, bool):
-        raise RequestError(f"logprobs must be true or false, got {logprobs!r}", param="logprobs")
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None:
-        if not _is_int(top_logprobs) or not 0 <= top_logprobs <= max_top_logprobs:
-            raise RequestError(f"top_logprobs must be an integer in 0..{max_top_logprobs}, got {top_logprobs!r}",
-                               param="top_logprobs")
-        if not logprobs:
-            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        raise RequestError(f"logprobs must be true or false, got {_show(logprobs)}", param="logprobs")
+    top_logprobs = _integer(body, "top_logprobs", None, low=0, high=max_top_logprobs)
+    if top_logprobs is not None and not logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     return ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
                        stop=_parse_stop(body.get("stop")), seed=seed, logprobs=logprobs,
                        top_logprobs=top_logprobs or 0)
+
+
+def decode_json(raw: bytes):
+    """Decode a request body as strict JSON (RFC 8259); raise :class:`RequestError` (400) naming the problem.
+
+    UTF-8 only; no ``NaN``/``Infinity``; every number finite (``1e309`` is refused, not read as
+    infinity); no key twice in one object (parsers disagree on which one wins); arrays/objects
+    nested at most :data:`MAX_JSON_DEPTH` deep.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(f"the request body is not valid UTF-8 (byte {err.start}: {err.reason}); "
+                           "send JSON encoded as UTF-8") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(f"the request body nests arrays/objects {depth} deep; this server accepts at most "
+                           f"{MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise RequestError(f"the request body nests too deep to decode; keep it under {MAX_JSON_DEPTH} levels") from None
+    except RequestError:
+        raise
+    except ValueError as err:  # json.JSONDecodeError, or an integer beyond Python's digit limit
+        raise RequestError(f"the request body is not valid JSON: {err}") from None
 
 
 class ChatService:
@@ -146,8 +199,16 @@ class ChatService:
         return {"object": "list", "data": [self.model_card()]}
 
     def complete(self, body) -> dict:
-        request = parse_request(body, model_name=self.model_name, max_tokens_limit=self.max_tokens_limit,
-                                max_n=self.max_n, max_top_logprobs=self.max_top_logprobs)
+        """A decoded JSON request body in, a ``chat.completion`` dict out (:class:`RequestError` if refused)."""
+        return self.respond(self.parse(body))
+
+    def parse(self, body) -> ChatRequest:
+        """Validate a decoded JSON body against this server's model and limits (no model work)."""
+        return parse_request(body, model_name=self.model_name, max_tokens_limit=self.max_tokens_limit,
+                             max_n=self.max_n, max_top_logprobs=self.max_top_logprobs)
+
+    def respond(self, request: ChatRequest) -> dict:
+        """Generate for a validated request: the blocking torch work, one call at a time (a lock)."""
         try:
             prompt = chat_prompt_ids(self.tokenizer, request.messages)
         except Exception as err:  # the model's chat template refuses this conversation (jinja raise_exception)
@@ -225,158 +286,336 @@ class ChatService:
     def _token_entry(self, token: int, logprob: float) -> dict:
         text = self.tokenizer.decode([token], skip_special_tokens=False)
         return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0,
-                "bytes": list(text.encode("utf-8"))}
+                "bytes": list(text.encode("utf-8", errors="replace"))}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    service: ChatService
-    max_request_bytes: int
-    timeout = 60  # seconds a client may take to send its request
-    server_version = "rlxf-serve"
+# -- HTTP layer (Starlette) ----------------------------------------------------------------------
 
-    def do_GET(self):
-        path = self._path()
-        if path == "/v1/models":
-            return self._send(200, self.service.models())
-        if path == f"/v1/models/{self.service.model_name}":
-            return self._send(200, self.service.model_card())
-        if path.startswith("/v1/models/"):
-            return self._error(RequestError(f"the model {path[len('/v1/models/'):]!r} does not exist; this "
-                                            f"server serves {self.service.model_name!r}", param="model",
-                                            status=404, code="model_not_found"))
-        if path == "/health":
-            return self._send(200, {"status": "ok"})
-        self._not_allowed_or_found(path)
+def build_app(service: ChatService, *, max_request_bytes: int = 1_000_000, api_key: str | None = None) -> Starlette:
+    """The ASGI app of ``rlxf serve`` over ``service``: serve it with uvicorn (:func:`make_server`
+    does), or call it in-process with ``starlette.testclient.TestClient``.
 
-    def do_POST(self):
-        path = self._path()
-        if path != "/v1/chat/completions":
-            return self._not_allowed_or_found(path)
+    ``api_key``: when given, every path but ``/health`` needs ``Authorization: Bearer <api_key>``.
+    """
+    _check_limits(max_request_bytes=max_request_bytes)
+    _check_api_key(api_key)
+    api = _Api(service, max_request_bytes)
+    routes = [Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
+              Route("/v1/chat/completions", api.chat, methods=["POST"]),
+              Route("/health", api.health, methods=["GET"])]
+    app = Starlette(routes=routes, middleware=[Middleware(_Front, api_key=api_key)],
+                    exception_handlers={RequestError: _request_error, HTTPException: _http_error,
+                                        Exception: _internal_error})
+    app.state.service, app.state.generator = service, api.generator
+    return app
+
+
+class _Api:
+    """The endpoints; generation runs in one worker thread, so requests generate one at a time."""
+
+    def __init__(self, service: ChatService, max_request_bytes: int):
+        self.service = service
+        self.max_request_bytes = max_request_bytes
+        self.generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlxf-serve-generate")
+
+    async def models(self, request: Request) -> Response:
+        return _json_response(200, self.service.models())
+
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != self.service.model_name:
+            raise RequestError(f"the model {model_id!r} does not exist; this server serves "
+                               f"{self.service.model_name!r}", param="model", status=404, code="model_not_found")
+        return _json_response(200, self.service.model_card())
+
+    async def health(self, request: Request) -> Response:
+        return _json_response(200, {"status": "ok"})
+
+    async def chat(self, request: Request) -> Response:
+        _check_content_type(request.headers.get("content-type"))
+        raw = await _read_body(request, self.max_request_bytes)
+        body = await anyio.to_thread.run_sync(decode_json, raw)  # off the loop: a pathological 1 MB takes ~0.5 s
+        chat_request = self.service.parse(body)  # refusals answer at once, without waiting for the model
+        loop = asyncio.get_running_loop()
         try:
-            body = self._read_json()
-            response = self.service.complete(body)
-        except RequestError as err:
-            return self._error(err)
+            response = await loop.run_in_executor(self.generator, self.service.respond, chat_request)
+        except RequestError:
+            raise
         except Exception as err:  # a bug or a device error: answer 500, keep serving
             logger.exception("rlxf serve: request failed")
-            return self._error(RequestError(f"internal error: {type(err).__name__}: {err}", status=500,
-                                            type_="server_error"))
-        self._send(200, response)
+            raise RequestError(f"internal error: {type(err).__name__}: {err}", status=500,
+                               type_="server_error") from None
+        return _json_response(200, response)
 
-    def do_PUT(self):
-        self._not_allowed_or_found(self._path())
 
-    do_DELETE = do_PATCH = do_PUT
+class _Front:
+    """Pure ASGI middleware in front of the routes: drops trailing slashes from the path (``/v1/models/``
+    is ``/v1/models``) and, with an API key, answers 401 to a request on any path but ``/health``
+    that lacks ``Authorization: Bearer <key>``."""
 
-    # -- helpers --------------------------------------------------------------------------------
+    def __init__(self, app, api_key: str | None = None):
+        self.app = app
+        self.api_key = None if api_key is None else api_key.encode("ascii")
 
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
+        if self.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
+            err = RequestError("this server needs an API key: send the header 'Authorization: Bearer <key>' "
+                               f"with the key it was started with (rlxf serve --api-key, or {API_KEY_ENV})",
+                               status=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await _error_response(err)(scope, receive, send)
+        await self.app(scope, receive, send)
 
-    def _read_json(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
-            raise RequestError("a Content-Length header is required (chunked bodies are not accepted)", status=411)
-        try:
-            length = int(self.headers["Content-Length"])
-        except ValueError:
-            raise RequestError(f"bad Content-Length {self.headers['Content-Length']!r}") from None
-        if length < 0:
-            raise RequestError(f"bad Content-Length {length}")
-        if length > self.max_request_bytes:
-            self._drain(length)
-            raise RequestError(f"the request body is {length} bytes; this server accepts at most "
-                               f"{self.max_request_bytes} (rlxf serve --max-request-bytes)", status=413)
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise RequestError(f"the request body is not valid JSON: {err}") from None
+    def _authorised(self, scope) -> bool:
+        value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = value.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
-    def _drain(self, length: int) -> None:
-        """Read and drop an oversized body (up to a cap) so the client sees the 413, not a reset."""
-        left = min(length, _DRAIN_LIMIT)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
-        self.close_connection = True
 
-    def _not_allowed_or_found(self, path: str) -> None:
-        allowed = {"/v1/models": "GET", "/health": "GET", "/v1/chat/completions": "POST"}.get(path)
-        if allowed is None and path.startswith("/v1/models/"):
-            allowed = "GET"
-        if allowed is None:
-            return self._error(RequestError(f"unknown path {path!r}; rlxf serve has GET /v1/models and "
-                                            "POST /v1/chat/completions", status=404, code="not_found"))
-        self._error(RequestError(f"{self.command} is not allowed on {path}; use {allowed}", status=405,
-                                 code="method_not_allowed"), headers={"Allow": allowed})
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes, within :data:`BODY_TIMEOUT_S`.
 
-    def _error(self, err: RequestError, headers: dict | None = None) -> None:
-        self._send(err.status, err.body(), headers)
+    411 without a Content-Length or chunked encoding; 413 beyond ``limit`` (the rest of the body is
+    read and dropped, up to 64 MiB, so the client sees the 413 and not a reset); 408 when it does not
+    arrive in time.
+    """
+    length = request.headers.get("content-length")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    if length is None and not chunked:
+        raise RequestError("a request body is required: send it with a Content-Length header (or chunked)",
+                           status=411)
+    if length is not None and not (length.strip().isascii() and length.strip().isdigit()):
+        raise RequestError(f"bad Content-Length {length!r}; send the body's size in bytes")
+    declared = int(length) if length is not None else 0
+    too_large = declared > limit
+    if too_large and (declared > _DRAIN_LIMIT or "100-continue" in request.headers.get("expect", "").lower()):
+        raise _too_large(declared, limit, close=True)  # not worth reading, or not yet sent: close instead
+    chunks, received = [], 0
+    try:
+        with anyio.fail_after(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                received += len(chunk)
+                too_large = too_large or received > limit
+                if too_large and received > _DRAIN_LIMIT:
+                    raise _too_large(received, limit, close=True)
+                if not too_large:
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({received} bytes "
+                           "came); send the whole body at once", status=408,
+                           headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise RequestError("the client closed the connection before the whole body arrived") from None
+    if too_large:
+        raise _too_large(max(declared, received), limit, close=False)
+    return b"".join(chunks)
 
-    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
 
-    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's signature)
-        logger.info("%s %s", self.address_string(), format % args)
+def _too_large(size: int, limit: int, *, close: bool) -> RequestError:
+    return RequestError(f"the request body is {size} bytes; this server accepts at most {limit} "
+                        "(rlxf serve --max-request-bytes)", status=413,
+                        headers={"Connection": "close"} if close else None)
+
+
+def _check_content_type(value: str | None) -> None:
+    media_type, *params = (value or "").split(";")
+    charsets = [p.split("=", 1)[1].strip().strip('"').lower() for p in params
+                if p.split("=", 1)[0].strip().lower() == "charset" and "=" in p]
+    if media_type.strip().lower() != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
+        raise RequestError(f"the request body must be JSON sent with 'Content-Type: application/json' (UTF-8), "
+                           f"got {'no Content-Type' if value is None else repr(value)}; with curl, add "
+                           "-H 'Content-Type: application/json'", status=415,
+                           code="unsupported_media_type")
+
+
+async def _request_error(request: Request, err: RequestError) -> Response:
+    return _error_response(err)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's routing errors (404, 405) as OpenAI errors; ``OPTIONS`` on a known path is a 204."""
+    path = request.url.path.rstrip("/") or "/"
+    if exc.status_code == 405:
+        methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",")} | {"OPTIONS"}
+        allow = ", ".join(m for m in _METHOD_ORDER if m in methods)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allow})
+        use = " or ".join(m for m in _METHOD_ORDER if m in methods and m not in ("HEAD", "OPTIONS"))
+        return _error_response(RequestError(f"{request.method} is not allowed on {path}; use {use}",
+                                            status=405, code="method_not_allowed", headers={"Allow": allow}))
+    if exc.status_code == 404:
+        return _error_response(RequestError(f"unknown path {path!r}; rlxf serve has GET /v1/models, "
+                                            "GET /v1/models/{id}, POST /v1/chat/completions and GET /health",
+                                            status=404, code="not_found"))
+    return _error_response(RequestError(str(exc.detail), status=exc.status_code))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return _error_response(RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                        type_="server_error"))
+
+
+def _error_response(err: RequestError) -> Response:
+    return _json_response(err.status, err.body(), err.headers)
+
+
+def _json_response(status: int, payload: dict, headers: dict | None = None) -> Response:
+    return Response(json.dumps(payload, allow_nan=False), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+# -- running it ----------------------------------------------------------------------------------
+
+class RunningServer:
+    """``rlxf serve`` running in a background thread: what :func:`make_server` returns.
+
+    ``base_url`` (``http://host:port/v1``), ``model_name``, ``server_address`` (``(host, port)`` as
+    bound), ``service`` (:class:`ChatService`) and ``app`` (the Starlette app). Stop with
+    ``shutdown()`` then ``server_close()``.
+    """
+
+    def __init__(self, app: Starlette, sock: socket.socket, server: uvicorn.Server, thread: threading.Thread):
+        self.app, self.service = app, app.state.service
+        self.model_name = self.service.model_name
+        self.server_address = sock.getsockname()[:2]
+        host, port = self.server_address
+        self.base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+        self._socket, self._server, self._thread = sock, server, thread
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in progress finish (up to ``timeout`` seconds), stop the thread."""
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self.app.state.generator.shutdown(wait=False, cancel_futures=True)
+
+    def server_close(self) -> None:
+        """Close the listening socket (after :meth:`shutdown`; closing twice is harmless)."""
+        self._socket.close()
 
 
 def make_server(model_path: str = "tiny", host: str = "127.0.0.1", port: int = 8000, *,
                 max_request_bytes: int = 1_000_000, max_tokens_limit: int = 512, max_n: int = 8,
                 max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS, device: str = "auto",
-                model_name: str | None = None, model=None, tokenizer=None) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Load the model (or use ``model``/``tokenizer`` as given) and start serving in a daemon thread.
+                model_name: str | None = None, model=None, tokenizer=None,
+                api_key: str | None = None) -> tuple[RunningServer, threading.Thread]:
+    """Load the model (or use ``model``/``tokenizer`` as given) and serve it with uvicorn in a daemon thread.
 
-    Returns ``(server, thread)``; ``server.base_url`` is ``http://host:port/v1`` (port 0 picks a free
-    port) and ``server.model_name`` the served id. Stop with ``server.shutdown(); server.server_close()``. ``model_name`` (default
-    ``model_path``) is the id ``/v1/models`` lists and requests must name (or omit).
+    Returns ``(server, thread)`` once the server accepts connections; ``server.base_url`` is
+    ``http://host:port/v1`` (port 0 picks a free port) and ``server.model_name`` the served id. Stop
+    with ``server.shutdown(); server.server_close()``. ``model_name`` (default ``model_path``) is the
+    id ``/v1/models`` lists and requests must name (or omit). ``api_key``: see :func:`build_app`;
+    listening on a non-loopback address without one logs a warning.
     """
-    for name, value in (("max_request_bytes", max_request_bytes), ("max_tokens_limit", max_tokens_limit),
-                        ("max_n", max_n), ("max_top_logprobs", max_top_logprobs)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"rlxf serve: {name} must be an integer >= 1, got {value!r}")
+    _check_limits(max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit, max_n=max_n,
+                  max_top_logprobs=max_top_logprobs)
+    _check_api_key(api_key)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path)
     if model is None:
         model = load_policy(model_path, device=device, resize_to=len(tokenizer))
     service = ChatService(model, tokenizer, model_name=model_name or model_path,
                           max_tokens_limit=max_tokens_limit, max_n=max_n, max_top_logprobs=max_top_logprobs)
-    handler = type("RlxfServeHandler", (_Handler,), {"service": service, "max_request_bytes": max_request_bytes})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    bound_host, bound_port = server.server_address[:2]
-    server.base_url = f"http://{bound_host}:{bound_port}/v1"
-    server.model_name = service.model_name
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="rlxf-serve",
-                              daemon=True)
+    app = build_app(service, max_request_bytes=max_request_bytes, api_key=api_key)
+    sock = _listen(host, port)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        logger.warning(warning)
+    config = uvicorn.Config(app, log_config=None, log_level="error", access_log=False, lifespan="off",
+                            ws="none", proxy_headers=False, server_header=False, backlog=BACKLOG,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="rlxf-serve", daemon=True)
     thread.start()
-    return server, thread
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("rlxf serve: the HTTP server did not start (its error is logged above)")
+        time.sleep(0.01)
+    return RunningServer(app, sock, server, thread), thread
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for listening beyond this machine without an API key (None when loopback or keyed)."""
+    if api_key or _is_loopback(host):
+        return None
+    return (f"rlxf serve: listening on {host or 'every interface'} with no API key: anyone who can reach this "
+            f"address can use the model. Set {API_KEY_ENV}=<key> (or --api-key <key>) so that requests must "
+            "send 'Authorization: Bearer <key>', or listen on 127.0.0.1 (--host 127.0.0.1)")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: loopback when every address it resolves to is
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening with :data:`BACKLOG` (port 0: a free port)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port,
+                                                             type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as err:
+        raise OSError(f"rlxf serve: cannot resolve --host {host!r}: {err}; give an IP address or a known "
+                      "name (127.0.0.1 = this machine only)") from err
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"rlxf serve: cannot listen on {host}:{port}: {err.strerror or err}; choose another "
+                      "--port (0 picks a free one) or --host") from err
+    return sock
 
 
 # -- validation helpers ------------------------------------------------------------------------
 
+def _check_limits(**limits) -> None:
+    for name, value in limits.items():
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"rlxf serve: {name} must be an integer >= 1, got {value!r}")
+
+
+def _check_api_key(api_key) -> None:
+    if api_key is not None and not (isinstance(api_key, str) and _API_KEY_RE.fullmatch(api_key)):
+        raise ValueError(f"rlxf serve: the API key (--api-key or {API_KEY_ENV}) must be a non-empty string of "
+                         "printable ASCII without spaces, as it travels in 'Authorization: Bearer <key>'; "
+                         f"got {'an empty string' if api_key == '' else 'another value'}")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _integer(body: dict, name: str, default: int | None, *, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer in {low}..{high}, got {_show(value)}", param=name)
+    return int(value)
 
 
 def _number(body: dict, name: str, default: float, *, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    # exact comparisons first (a huge integer does not fit a float); NaN fails them
+    ok = ok and (value > low if low_open else value >= low) and value <= high and math.isfinite(value)
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"{name} must be a number in {interval}, got {value!r}", param=name)
+        raise RequestError(f"{name} must be a number in {interval}, got {_show(value)}", param=name)
     return float(value)
 
 
@@ -390,8 +629,9 @@ def _parse_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise RequestError(f"{where} must be an object with role and content", param=where)
         role = message.get("role")
-        if role not in _ROLES:
-            raise RequestError(f"{where}.role must be one of {list(_ROLES)}, got {role!r}", param=f"{where}.role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise RequestError(f"{where}.role must be one of {list(_ROLES)}, got {_show(role)}",
+                               param=f"{where}.role")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: only text parts are accepted
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -400,8 +640,9 @@ def _parse_messages(messages) -> list[dict]:
                                    param=f"{where}.content")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise RequestError(f"{where}.content must be a string, got {type(content).__name__}",
+            raise RequestError(f"{where}.content must be a string, got {_json_type(content)}",
                                param=f"{where}.content")
+        _check_text(content, f"{where}.content")
         out.append({"role": role, "content": content})
     return out
 
@@ -413,10 +654,71 @@ def _parse_stop(stop) -> tuple[str, ...]:
     if (not isinstance(items, list) or len(items) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in items)):
         raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                           f"non-empty strings, got {stop!r}", param="stop")
+                           f"non-empty strings, got {_show(stop)}", param="stop")
+    for item in items:
+        _check_text(item, "stop")
     return tuple(items)
+
+
+def _check_text(text: str, param: str) -> None:
+    """Refuse a string that is not Unicode text (a lone surrogate such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{param} holds a lone surrogate ({text[err.start]!r} at character {err.start}), "
+                           "which is not Unicode text; send the character as a valid surrogate pair or "
+                           "drop it", param=param) from None
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return text[:min(cuts)] if cuts else text
+
+
+def _show(value, limit: int = 60) -> str:
+    """A short ``repr`` of a request value for an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for str(): Python's digit limit
+        return f"an integer of {value.bit_length()} bits"
+    except RecursionError:
+        return f"a {_json_type(value)} nested too deep to print"
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "an integer", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_depth(text: str) -> int:
+    """How deep arrays/objects nest in ``text`` (exact for valid JSON): the brackets outside strings,
+    each opening one +1 and each closing one -1, at their highest running sum."""
+    brackets = text.count("[") + text.count("{")
+    if brackets <= MAX_JSON_DEPTH:
+        return brackets  # cannot nest deeper than it has brackets
+    outside_strings = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP, outside_strings)), default=0)
+
+
+def _refuse_constant(name: str):
+    raise RequestError(f"{name} is not valid JSON (JSON has no NaN or Infinity); send a finite number or null")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else f"{text[:37]}..."
+        raise RequestError(f"the number {shown} is beyond the range of a double (about 1.8e308); "
+                           "send a finite number")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise RequestError(f"the key {_show(duplicate)} appears twice in one JSON object; send each field once")
+    return obj
