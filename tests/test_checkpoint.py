@@ -124,7 +124,7 @@ KILLED_WRITER = textwrap.dedent("""
 
 def test_a_killed_write_is_cleaned_up_when_the_run_resumes(tmp_path):
     from rlxf.cli import _config_class
-    from rlxf.recipes.common import prepare_output_dir
+    from rlxf.train.rundir import prepare_output_dir
 
     out = tmp_path / "run"
     root = out / "checkpoints"

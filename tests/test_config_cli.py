@@ -222,7 +222,7 @@ def test_unknown_flag_is_an_argparse_error(capsys):
 # -- output directory safety ----------------------------------------------------------------------
 
 def test_an_output_dir_holding_a_run_is_refused_without_resume(tmp_path):
-    from rlxf.recipes.common import prepare_output_dir
+    from rlxf.train.rundir import prepare_output_dir
 
     out = tmp_path / "run"
     out.mkdir()
@@ -241,7 +241,7 @@ def test_an_output_dir_holding_a_run_is_refused_without_resume(tmp_path):
 
 
 def test_a_checkpoints_dir_also_marks_a_run(tmp_path):
-    from rlxf.recipes.common import prepare_output_dir
+    from rlxf.train.rundir import prepare_output_dir
 
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -249,7 +249,7 @@ def test_a_checkpoints_dir_also_marks_a_run(tmp_path):
 
 
 def test_a_fresh_or_empty_output_dir_is_accepted(tmp_path):
-    from rlxf.recipes.common import prepare_output_dir
+    from rlxf.train.rundir import prepare_output_dir
 
     for out in (tmp_path, tmp_path / "new" / "run"):  # tmp_path while it is still empty
         cfg = build_config(_config_class("rm"), {"output_dir": str(out)})
@@ -282,7 +282,7 @@ def test_a_directory_of_the_users_own_files_is_never_written(tmp_path, capsys):
 def test_the_run_marker_is_written_first_and_recognises_the_run(tmp_path, monkeypatch):
     import json
 
-    import rlxf.recipes.common as common
+    import rlxf.train.rundir as common
 
     written = []
     real_save = common.save_yaml
@@ -302,7 +302,7 @@ def test_the_run_marker_is_written_first_and_recognises_the_run(tmp_path, monkey
 
 
 def test_a_run_written_before_the_marker_existed_resumes_and_gets_the_marker(tmp_path):
-    from rlxf.recipes.common import RUN_MARKER, prepare_output_dir
+    from rlxf.train.rundir import RUN_MARKER, prepare_output_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
@@ -312,7 +312,7 @@ def test_a_run_written_before_the_marker_existed_resumes_and_gets_the_marker(tmp
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
-    from rlxf.recipes.common import prepare_output_dir
+    from rlxf.train.rundir import prepare_output_dir
 
     path = tmp_path / "out"
     path.write_text("mine\n")
@@ -560,7 +560,7 @@ def test_documented_ranges_match_the_bounds():
 
 
 def test_activation_memory_budget_is_checked_and_needs_compile():
-    from rlxf.recipes.common import ConfigError
+    from rlxf.config import ConfigError
     from rlxf.recipes.preference import PreferenceConfig
 
     with pytest.raises(ConfigError, match=r"activation_memory_budget 0.0 is out of range: it must be a finite "

@@ -68,8 +68,8 @@ def test_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model
 
 def test_errors_stop_every_process_with_one_message(tiny_random_model_dir, tmp_path):
     """An occupied output dir under torchrun: rank 0's error reaches every process, is printed once, and
-    nothing hangs. (PPO's refusal and an indivisible batch are refused earlier, from the environment
-    alone: test_launch_checks_read_the_environment.)"""
+    nothing hangs. (A recipe without data parallel and an indivisible batch are refused earlier, from
+    the environment alone: test_launch_checks_read_the_environment.)"""
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -81,18 +81,22 @@ def test_errors_stop_every_process_with_one_message(tiny_random_model_dir, tmp_p
 
 
 def test_launch_checks_read_the_environment(monkeypatch):
+    from rlxf.configs.registry import recipe_names
+
+    DP = recipe_names(data_parallel=True)  # noqa: N806
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.check_launch("grpo", 3) == 1 and not distributed.active()
+    assert distributed.check_launch("grpo", 3, supported=DP) == 1 and not distributed.active()
     assert distributed.init("cpu") is None
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert distributed.check_launch("dpo", 8) == 4
+    assert distributed.check_launch("dpo", 8, supported=DP) == 4
     with pytest.raises(ValueError, match="multiple of the 4 processes"):
-        distributed.check_launch("orpo", 6)
-    with pytest.raises(ValueError, match="`ppo` does not run data-parallel"):
-        distributed.check_launch("ppo", 8)
+        distributed.check_launch("orpo", 6, supported=DP)
+    assert distributed.check_launch("ppo", 8, supported=DP) == 4 and distributed.check_launch("cooper", 8, supported=DP) == 4
+    with pytest.raises(ValueError, match="`cool-rlhf` does not run data-parallel"):
+        distributed.check_launch("cool-rlhf", 8, supported=DP)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
-        distributed.check_launch("dpo", 8)
+        distributed.check_launch("dpo", 8, supported=DP)
 
 
 def test_gradient_buckets_keep_one_dtype_and_every_tensor(monkeypatch):
@@ -122,7 +126,8 @@ def test_rank_normalisers_make_the_averaged_gradient_the_whole_batch_gradient(lo
     sequence modes by its own row count; the mean of the ranks' gradients is the one-process gradient."""
     from rlxf.config import build_config
     from rlxf.models import load_policy
-    from rlxf.recipes.grpo import GRPOConfig, policy_loss_terms
+    from rlxf.recipes.grpo import GRPOConfig
+    from rlxf.recipes.grpo_step import policy_loss_terms
 
     model = load_policy(str(tiny_random_model_dir), dtype="float32", device="cpu")
     cfg = build_config(GRPOConfig, {"loss_agg": loss_agg, "beta": 0.0, "max_new_tokens": 8})
@@ -166,13 +171,14 @@ def test_grpo_on_two_processes_trains_with_identical_copies(tiny_random_model_di
 
 def test_grpo_settings_that_need_the_whole_batch_are_refused(tiny_random_model_dir, tmp_path, monkeypatch):
     from rlxf.config import build_config
-    from rlxf.recipes.grpo import DAPOConfig, GRPOConfig, combine_rank_metrics, data_parallel_limits
+    from rlxf.recipes.grpo import DAPOConfig, GRPOConfig, data_parallel_limits
+    from rlxf.train.online import combine_rank_metrics
 
     assert data_parallel_limits(build_config(GRPOConfig, {})) is None
-    assert "--dynamic-sampling" in data_parallel_limits(build_config(DAPOConfig, {}))
+    assert data_parallel_limits(build_config(DAPOConfig, {})) is None   # dynamic sampling draws in lockstep
     assert "--sampler aps" in data_parallel_limits(build_config(GRPOConfig, {"sampler": "aps"}))
     monkeypatch.setenv("WORLD_SIZE", "2")                   # refused before any process group is joined
-    assert main(["dapo", f"--model={tiny_random_model_dir}", f"--output-dir={tmp_path / 'd'}"]) == 2
+    assert main(["dapo", "--sampler=aps", f"--model={tiny_random_model_dir}", f"--output-dir={tmp_path / 'd'}"]) == 2
     assert not (tmp_path / "d").exists()
     combined = combine_rank_metrics([
         {"loss": 1.0, "ratio_max": 1.5, "groups_sampled": 2, "_sample_tokens": 10, "_sample_seconds": 1.0,
@@ -182,3 +188,58 @@ def test_grpo_settings_that_need_the_whole_batch_are_refused(tiny_random_model_d
     assert combined["loss"] == 2.0 and combined["ratio_max"] == 1.5 and combined["groups_sampled"] == 4
     assert combined["accuracy"] == 0.5 and combined["sample_tokens_per_s"] == 12.0
     assert combined["train_tokens_per_s"] == 20.0
+
+
+# -- PPO and COOPER: process 0 samples (--dp-rollouts rank0), every process trains on its share ---------
+
+def _metric_rows(run: Path) -> list[dict]:
+    return read_metrics(run / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("ppo", {"reward": "verifiable", "value_model": "policy", "batch_size": 4, "group_size": 2, "mini_batches": 2,
+             "ppo_epochs": 2, "kl_target": 1.0}),
+    ("cooper", {"batch_size": 4, "group_size": 4, "cooper_pretrain_steps": 4, "cooper_pretrain_batch_size": 8,
+                "cooper_eval_size": 8, "beta": 0.01}),
+    ("dapo", {"batch_size": 4, "group_size": 4, "temperature": 1.5}),   # dynamic sampling, decided on process 0
+])
+def test_ppo_cooper_and_dapo_under_two_processes_give_the_one_process_run(recipe, extra, tiny_random_model_dir, tmp_path):
+    """Process 0 samples and scores the whole step exactly as one process would; each process trains on
+    half of its rows with the global token-mean normaliser (PPO: global whitening and KL controller;
+    COOPER: the verifier learns from every process's rollouts), so the eval, the losses and the final
+    weights equal the one-process run's."""
+    common = {**GRPO_FAST, **extra, "model": str(tiny_random_model_dir), "max_steps": 2, "eval_every": 2,
+              "dp_rollouts": "rank0"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([recipe, *_flags({**common, "output_dir": one})]) == 0
+    proc = _torchrun([recipe, *_flags({**common, "output_dir": two})], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exact = ("task_accuracy", "reward", "reward/mean", "score", "kl", "loss/policy", "loss/value", "loss",
+             "kl_coef", "rm/accuracy", "rm/update_loss", "rm/pairs", "accuracy")
+    a, b = _metric_rows(one), _metric_rows(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    compared = 0
+    for ra, rb in zip(a, b):
+        for key in exact:
+            if isinstance(ra.get(key), float):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], ra["split"], key)
+                compared += 1
+    assert compared >= 6
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert json.loads((two / "summary.json").read_text())["data_parallel"]["processes"] == 2
+
+
+def test_dynamic_sampling_draws_in_lockstep_when_each_process_samples(tiny_random_model_dir, tmp_path):
+    """--dp-rollouts shard with DAPO's dynamic sampling: the processes agree after every draw whether
+    each has its share of informative groups, so they draw the same number of batches, their prompt
+    orders stay together and the run ends with identical replicas (checked by the loop)."""
+    args = _flags({**GRPO_FAST, "model": tiny_random_model_dir, "max_steps": 2, "eval_every": 2,
+                   "temperature": 1.5, "max_sample_batches": 2, "output_dir": tmp_path / "dapo"})
+    proc = _torchrun(["dapo", *args], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in read_metrics(tmp_path / "dapo" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train) == 2 and all(r["groups_sampled"] in (4, 8) for r in train)  # 1 or 2 draws of 2 + 2 groups

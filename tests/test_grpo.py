@@ -16,8 +16,9 @@ import torch
 
 from rlxf.cli import main
 from rlxf.config import ConfigError, build_config
-from rlxf.recipes.common import FAULT_ENV
-from rlxf.recipes.grpo import PRESETS, DAPOConfig, GRPOConfig, _merge_rows, policy_loss_terms
+from rlxf.train import FAULT_ENV
+from rlxf.recipes.grpo import PRESETS, DAPOConfig, GRPOConfig
+from rlxf.recipes.grpo_step import _merge_rows, policy_loss_terms
 from rlxf.recipes.online import reward_tensor
 from rlxf.reporting import read_metrics
 from rlxf.rollout import Rollouts

@@ -16,7 +16,7 @@ import torch
 
 from rlxf.cli import main
 from rlxf.config import ConfigError, build_config
-from rlxf.recipes.common import FAULT_ENV
+from rlxf.train import FAULT_ENV
 from rlxf.recipes.ppo import PPOConfig
 from rlxf.reporting import read_metrics
 

@@ -16,7 +16,7 @@ import torch
 
 from rlxf.cli import main
 from rlxf.config import build_config
-from rlxf.recipes.common import FAULT_ENV, TrainingError
+from rlxf.train import FAULT_ENV, TrainingError
 from rlxf.reporting import read_metrics
 
 FAST = {"task_size": 96, "eval_size": 32, "batch_size": 8, "eval_batch_size": 32, "progress": False,

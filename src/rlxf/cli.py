@@ -15,22 +15,7 @@ from pathlib import Path
 
 from rlxf.config import ConfigError, add_arguments, build_config, parse_args
 
-# name -> (module, config class, one-line description); modules import lazily so --help is fast
-RECIPES: dict[str, tuple[str, str, str]] = {
-    "sft": ("rlxf.recipes.sft", "SFTConfig", "supervised fine-tuning on prompt/completion or messages"),
-    "rm": ("rlxf.recipes.reward_model", "RewardModelConfig",
-           "reward model: Bradley-Terry (margin, centering) or focal ranking"),
-    "dpo": ("rlxf.recipes.preference", "PreferenceConfig", "DPO / IPO / cDPO / DPO+NLL on preference pairs"),
-    "rpo": ("rlxf.recipes.preference", "RPOConfig", "NVIDIA reward-aware preference optimisation (scored pairs)"),
-    "orpo": ("rlxf.recipes.preference", "ORPOConfig", "odds-ratio preference optimisation (reference-free)"),
-    "grpo": ("rlxf.recipes.grpo", "GRPOConfig", "GRPO: group-relative policy optimisation with any reward"),
-    "dr_grpo": ("rlxf.recipes.grpo", "DrGRPOConfig", "Dr. GRPO: no std scaling, constant length normaliser"),
-    "dapo": ("rlxf.recipes.grpo", "DAPOConfig",
-             "DAPO: clip-higher, dynamic sampling, token-mean loss, overlong shaping"),
-    "rloo": ("rlxf.recipes.grpo", "RLOOConfig", "RLOO: leave-one-out baseline, no std scaling"),
-    "ppo": ("rlxf.recipes.ppo", "PPOConfig", "PPO-RLHF: reward model, critic, KL-in-reward, GAE"),
-    "cooper": ("rlxf.recipes.cooper", "CooperConfig", "COOPER: GRPO against a verifier RM co-trained on the rollouts"),
-}
+from rlxf.configs.registry import RECIPES, get_recipe
 
 DEMO = {
     "model": "tiny", "dataset": "task:arithmetic", "reward": "verifiable", "beta": 0.0, "batch_size": 32,
@@ -41,13 +26,11 @@ DEMO_RECIPE = "grpo"
 
 
 def _config_class(name: str):
-    module, cls, _ = RECIPES[name]
-    return getattr(importlib.import_module(module), cls)
+    return get_recipe(name).config_class()
 
 
 def _run(name: str, cfg) -> int:
-    module = importlib.import_module(RECIPES[name][0])
-    result = module.train(cfg)
+    result = get_recipe(name).train_fn()(cfg)
     out = result.output_dir
     if _first_process():   # one line under torchrun
         print(f"\nrlxf {name}: done. Report: {out / 'report.html'}  Summary: {out / 'summary.json'}")
@@ -200,12 +183,13 @@ AI_FEEDBACK = {
 }
 
 
-def _add_ai_feedback_parsers(sub) -> None:
+def _add_ai_feedback_parsers(sub, command: str | None) -> None:
     for name, (module, cls, help_text) in AI_FEEDBACK.items():
         p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. Flags override values "
                            "from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
-        add_arguments(p, getattr(importlib.import_module(module), cls))
+        if command in (None, name):
+            add_arguments(p, getattr(importlib.import_module(module), cls))
 
 
 def _ai_feedback(name: str, args) -> int:
@@ -225,13 +209,14 @@ COOL_HELP = ("COOL-RLHF: a conditional reward model (per-domain condition, focal
              "label -> hacking check -> RM patch/refresh -> GRPO/PPO (docs/methods/cool-rlhf.md)")
 
 
-def _add_cool_rlhf_parser(sub) -> None:
-    from rlxf.recipes.cool_rlhf import CoolRLHFConfig
-
+def _add_cool_rlhf_parser(sub, *, full: bool) -> None:
     p = sub.add_parser("cool-rlhf", help=COOL_HELP, description=f"rlxf cool-rlhf: {COOL_HELP}. Re-running the "
                        "same command continues the loop. Flags override values from --config.", allow_abbrev=False)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
-    add_arguments(p, CoolRLHFConfig)
+    if full:
+        from rlxf.recipes.cool_rlhf import CoolRLHFConfig
+
+        add_arguments(p, CoolRLHFConfig)
 
 
 def _cool_rlhf(args) -> int:
@@ -282,15 +267,19 @@ def _text2reward(args) -> int:
     return 0 if result.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s options are built (all of them when None), so
+    ``rlxf --help`` imports no recipe and no torch."""
     parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, _, help_text) in RECIPES.items():
+    for name, recipe in RECIPES.items():
+        help_text = recipe.summary
         p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. "
                            "Flags override values from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
-        add_arguments(p, _config_class(name))
+        if command in (None, name):
+            add_arguments(p, _config_class(name))
     demo = sub.add_parser("demo", help="GRPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its run (default: runs/demo)")
     demo.add_argument("--max-steps", type=int, default=DEMO["max_steps"], help="rollout steps")
@@ -302,15 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, default=None, help="pre-training steps")
     _add_compare_parser(sub)
     _add_long2short_parser(sub)
-    _add_cool_rlhf_parser(sub)
-    _add_ai_feedback_parsers(sub)
+    _add_cool_rlhf_parser(sub, full=command in (None, "cool-rlhf"))
+    _add_ai_feedback_parsers(sub, command)
     _add_serve_parser(sub)
     _add_text2reward_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     try:
         if args.command in RECIPES:
@@ -352,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # user-facing errors from data/models carry their own clear messages
         from rlxf.data import DataError
-        from rlxf.recipes.common import TrainingError
+        from rlxf.train import TrainingError
         from rlxf.rewards import RewardError
 
         if isinstance(exc, (DataError, TrainingError, RewardError, OSError)):

@@ -1,6 +1,7 @@
 """Pure loss functions: tensors in, per-example or per-token losses out (no hidden reduction).
 
-Equations, sources and defaults: docs/losses.md.
+`registry.py` names the policy and preference losses so that a recipe picks one by its config
+value. Equations, sources, defaults and the registries: docs/losses.md.
 """
 
 from rlxf.losses.policy import (
@@ -28,6 +29,19 @@ from rlxf.losses.preference import (
     preference_metrics,
     rpo_loss,
 )
+from rlxf.losses.registry import (
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    PolicyLossFn,
+    PreferenceInputs,
+    PreferenceLoss,
+    get_policy_loss,
+    get_preference_loss,
+    policy_loss_names,
+    preference_loss_names,
+    register_policy_loss,
+    register_preference_loss,
+)
 
 __all__ = [
     # preference.py: one value per preference pair, [B]
@@ -53,4 +67,16 @@ __all__ = [
     "kl_penalty",
     "masked_whiten",
     "value_loss",
+    # registry.py: losses by name, one signature per kind
+    "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
+    "PolicyLossFn",
+    "PreferenceInputs",
+    "PreferenceLoss",
+    "get_policy_loss",
+    "get_preference_loss",
+    "policy_loss_names",
+    "preference_loss_names",
+    "register_policy_loss",
+    "register_preference_loss",
 ]

@@ -2,9 +2,10 @@
 
 Per-token functions take [B, T] tensors (B sequences, T completion positions, right-padded) and
 return [B, T]; `aggregate` is the one place a per-token loss becomes a scalar, and the aggregation
-mode is a named choice (SPECS §0), so GRPO, Dr. GRPO and DAPO differ by a mode, not by a code path.
-Advantage estimators (`group_advantages`, `gae`, `masked_whiten`) produce training targets and run
-without autograd. Masks are 0/1 or bool, 1 = a completion token that counts in the loss.
+mode is a named choice (docs/losses.md, aggregation modes), so GRPO, Dr. GRPO and DAPO differ by a
+mode, not by a code path. Advantage estimators (`group_advantages`, `gae`, `masked_whiten`) produce
+training targets and run without autograd. Masks are 0/1 or bool, 1 = a completion token that
+counts in the loss. The policy-loss registry (`rlxf.losses.registry`) names the per-token losses.
 
 Computations stay in the dtype given; pass float32 (or float64) log-probs. docs/losses.md lists
 every place where rlxf and TRL define the same quantity differently.
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-KL_KINDS = ("k1", "k2", "k3")
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ADVANTAGE_SCALES = ("group", "batch", "none")
+from rlxf.configs.choices import ADVANTAGE_SCALES, AGGREGATION_MODES, KL_KINDS  # noqa: E402,F401 (re-exported)
 
 # verl / OpenRLHF clamp log-ratios before exp so one wild token cannot overflow the loss.
 _LOG_RATIO_CLAMP = 20.0
@@ -79,7 +78,7 @@ def clipped_policy_loss(
 
     Sources: PPO, Schulman et al. (arXiv 1707.06347 Eq. 7), negated; clip-higher (eps_high >
     eps_low, DAPO uses 0.2 / 0.28), Yu et al. DAPO (arXiv 2503.14476 §3.1). The log-ratio clamp is
-    verl's / OpenRLHF's (SPECS §0); TRL's GRPO does not clamp. Where the clipped term is the minimum
+    verl's / OpenRLHF's; TRL's GRPO does not clamp. Where the clipped term is the minimum
     (ρ > 1 + eps_high with Â > 0, or ρ < 1 − eps_low with Â < 0) the token's gradient is zero.
 
     Padded positions are not zeroed here; `aggregate` applies the mask. `old_logps` and `advantages`
@@ -146,7 +145,7 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, kind: str = "k3"
     exp(log r) − 1 − log r cancels. k1 and k2 are not clamped.
 
     KL-in-reward (PPO-RLHF) uses k1 on detached log-probs; KL-in-loss (GRPO) adds β·k3 to the
-    per-token loss, with gradient. SPECS §0.
+    per-token loss, with gradient.
 
     Args:
         logps: [B, T] policy token log-probs.
@@ -174,7 +173,7 @@ def aggregate(
     mode: str = "token-mean",
     max_len: int | None = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar over the valid tokens (SPECS §0 aggregation table).
+    """Reduce a per-token loss [B, T] to a scalar over the valid tokens (docs/losses.md, aggregation modes).
 
         n_i = Σ_t m_it   (valid tokens of sequence i),   S = { i : n_i > 0 }
         "token-mean"               Σ_it m ℓ / Σ_it m                   (DAPO §3.3; verl default)
@@ -248,7 +247,7 @@ def group_advantages(
     Sources: GRPO outcome supervision, DeepSeekMath (arXiv 2402.03300 §4.1.2); Dr. GRPO drops the
     std (arXiv 2503.20783); RLOO baseline, Kool et al. 2019 / Ahmadian et al. (arXiv 2402.14740);
     "batch" is TRL's `scale_rewards="batch"` (centre per group, scale by the batch std). eps = 1e-4
-    is TRL's (verl 1e-6, OpenRLHF 1e-9). SPECS §5.
+    is TRL's (verl 1e-6, OpenRLHF 1e-9).
 
     A group whose rewards are all equal gets Â = 0 exactly (no learning signal; the mean's rounding
     residue, which TRL divides by eps, is not kept). A singleton group
@@ -320,7 +319,7 @@ def gae(
         G_t = Â_t + V_t                       (returns use the values given, i.e. the OLD values)
 
     Source: Schulman et al., GAE (arXiv 1506.02438 Eq. 16); the per-token LLM form follows TRL's
-    former PPO trainer and verl `compute_gae_advantage_return` (SPECS §1).
+    former PPO trainer and verl `compute_gae_advantage_return`.
 
     Written as one reverse loop over T, vectorised over B. "Next" means the next VALID position:
     masked positions are skipped (their reward and value are ignored, and V and Â are carried across
@@ -371,7 +370,7 @@ def value_loss(
         ℓ_t = ½ · (V_t − G_t)²                                       (clip = None)
 
     Source: the PPO value clipping of OpenAI baselines / lm-human-preferences, used by TRL's former
-    PPO trainer, verl and OpenRLHF (SPECS §1; defaults: TRL 0.2, verl/OpenRLHF 0.5). Where the clipped
+    PPO trainer, verl and OpenRLHF (defaults: TRL 0.2, verl/OpenRLHF 0.5). Where the clipped
     term is the larger one the gradient is zero.
 
     Args:
@@ -408,7 +407,8 @@ def masked_whiten(
         shift_mean=True:   x̂ = (x − μ) / sqrt(σ² + eps)
         shift_mean=False:  x̂ = (x − μ) / sqrt(σ² + eps) + μ          (TRL's reward whitening)
 
-    Source: SPECS §1 (TRL's former PPO `masked_whiten`, verl `masked_whiten`). n ≤ 1 valid value
+    Source: Huang et al., "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031);
+    TRL's former PPO `masked_whiten`, verl `masked_whiten`. n ≤ 1 valid value
     has no spread: σ² is taken as 0, so the result is 0 (shift_mean) or μ, never NaN (TRL raises).
     Masked positions are 0 on output and never affect μ or σ². Runs without autograd.
 
@@ -442,6 +442,13 @@ class FixedKLController:
     def update(self, observed_kl: float, n_steps: int) -> None:
         """No-op: β stays fixed."""
 
+    def state_dict(self) -> dict:
+        """β, for checkpoints (a resumed run continues with the same coefficient)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
 
 class AdaptiveKLController:
     """Proportional controller that steers the observed KL towards a target (Ziegler et al.).
@@ -451,7 +458,7 @@ class AdaptiveKLController:
 
     Source: Ziegler et al., "Fine-Tuning Language Models from Human Preferences" (arXiv 1909.08593,
     the log-space proportional controller for β), as coded in openai/lm-human-preferences
-    `train_policy.py` and verl `AdaptiveKLController` (SPECS §1). lm-human-preferences launch
+    `train_policy.py` and verl `AdaptiveKLController`. lm-human-preferences launch
     settings: init 0.15, target 6, horizon 10000.
     """
 
@@ -468,3 +475,10 @@ class AdaptiveKLController:
         """Move β after observing the mean KL of `n_steps` samples (a float or 0-dim tensor)."""
         error = min(max(float(observed_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        """β, for checkpoints (a resumed run continues with the same coefficient)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

@@ -2,8 +2,9 @@
 
 Every loss takes one value per preference pair (tensors of shape [B]) and returns the per-pair loss
 [B]; reducing over the batch (mean, sum, weighting, gradient accumulation) is the caller's choice.
-Sequence log-probs are SUMS of token log-probs over the completion (SPECS §0) unless the docstring
-says otherwise; a recipe that wants length normalisation passes normalised values instead.
+Sequence log-probs are SUMS of token log-probs over the completion (docs/losses.md) unless the
+docstring says otherwise; a recipe that wants length normalisation passes normalised values instead.
+The preference-loss registry (`rlxf.losses.registry`) gives the recipe losses one signature.
 
 Losses compute in the dtype they are given; pass float32 (or float64) log-probs, as
 `rlxf.models.logprobs` produces. docs/losses.md lists each loss with its source and with every
@@ -17,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-RPO_DISTANCES = ("bwd_kl", "fwd_kl", "sq")
+from rlxf.configs.choices import RPO_DISTANCES  # noqa: E402,F401 (re-exported)
 
 # xtuner clamps reward scores this far inside the barrier so log(·) stays finite.
 _BARRIER_EPS = 1e-3
@@ -62,7 +63,7 @@ def bradley_terry_loss(
 
     Sources: pairwise RM loss, InstructGPT (arXiv 2203.02155 Eq. 1) with one pair per element; margin
     as in Llama 2 (arXiv 2307.09288 §3.2.2, Eq. 2); soft labels from an AI labeler, canonical RLAIF (arXiv
-    2309.00267) — SPECS §2 L_soft; centering, Eisenstein et al. (arXiv 2312.09244). With p = 1
+    2309.00267); centering, Eisenstein et al. (arXiv 2312.09244). With p = 1
     the soft form is exactly the hard form. The margin enters Δ in both forms.
 
     Args:
@@ -210,7 +211,7 @@ def rpo_loss(
 
     Source: Nemotron-4 340B Technical Report (arXiv 2406.11704 §3.4, preference fine-tuning; "bwd_kl" is the
     paper's distance D); the three distances and the defaults β = 0.2, η = 1 follow NeMo-Aligner
-    (`preference_loss` = rpo_bwd_kl / rpo_fwd_kl / rpo_sq). SPECS §4a.
+    (`preference_loss` = rpo_bwd_kl / rpo_fwd_kl / rpo_sq).
 
     For "bwd_kl", ∂L/∂a = σ(a) − σ(b): DPO with the soft target σ(ηΔr) in place of 1; L = 0 when
     a = b. Every distance is computed from log σ(·), so large |a| or |b| stay finite.
@@ -273,7 +274,7 @@ def orpo_loss(
         L = NLL(y_w) + λ · (−log σ(log odds(y_w) − log odds(y_l)))
 
     Source: Hong et al., ORPO (arXiv 2403.07691 Eqs. 4–7; λ = 0.1 as in TRL's `beta` default and the
-    Mistral-ORPO-β script). SPECS §6.
+    Mistral-ORPO-β script).
 
     Deliberate deviation: mean log-probs are clamped to ≤ −eps (eps = machine epsilon of the dtype)
     before forming the odds. At log P = 0 the odds are infinite; TRL's `odds_ratio_loss` has no such
@@ -325,7 +326,7 @@ def focal_ranking_loss(
 
     Source: InternLM2 Technical Report (arXiv 2403.17297 §4.3, COOL RLHF reward model);
     matches the official xtuner `RewardModel.focal_loss` + `log_barrier_penalty` (γ = 2, λ = 0.01,
-    bound 5). The paper reports λ = 0.02. SPECS §8. As in xtuner, the focal weight is not detached,
+    bound 5). The paper reports λ = 0.02. As in xtuner, the focal weight is not detached,
     and the clamp gives scores outside the barrier no barrier gradient.
 
     Note: 1 − 2·max(0, P − ½) = min(1, 2σ(r_l − r_w)); the right-hand side is what is computed

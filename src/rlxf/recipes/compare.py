@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rlxf.config import ConfigError, _unknown_key_error, build_config, to_dict
+from rlxf.configs.registry import get_recipe
 from rlxf.reporting.compare import DEFAULT_PANELS, IGNORED_CONFIG_KEYS, check_label, compare_runs
 
 log = logging.getLogger("rlxf.compare")
@@ -81,20 +82,11 @@ def _mapping(value: Any, where: str) -> dict:
 
 
 def _recipe(name: Any, where: str) -> str:
-    from rlxf.cli import RECIPES
-
-    if name not in RECIPES:
-        close = difflib.get_close_matches(str(name), list(RECIPES), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{where}: unknown recipe {name!r}; {hint}choose one of {', '.join(RECIPES)}")
-    return name
+    return get_recipe(name, where=where).name
 
 
 def _config_class(recipe: str) -> type:
-    from rlxf.cli import RECIPES
-
-    module, cls, _ = RECIPES[recipe]
-    return getattr(importlib.import_module(module), cls)
+    return get_recipe(recipe).config_class()
 
 
 def plan_runs(spec: dict, *, output_dir: str | Path, resume: bool = False, source: str = "compare spec"
@@ -241,10 +233,8 @@ def run_comparison(
                 continue
             log.info("compare: run %d/%d '%s' (%s) -> %s", index, len(planned), run.label, run.recipe,
                      run.output_dir)
-            from rlxf.cli import RECIPES
-
             interrupted = (run.output_dir / "metrics.jsonl").exists()
-            importlib.import_module(RECIPES[run.recipe][0]).train(run.config)
+            get_recipe(run.recipe).train_fn()(run.config)
             status[run.label] = "resumed" if interrupted else "trained"
     result = compare_runs({run.label: run.output_dir for run in planned}, output_dir, **options)
     return {**result, "status": status}

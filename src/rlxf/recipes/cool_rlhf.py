@@ -46,11 +46,12 @@ from pathlib import Path
 
 from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ConfigError, between, build_config, check_choice,
                          check_numbers, load_yaml, option, save_yaml, to_dict)
+from rlxf.configs.registry import get_recipe
 
 log = logging.getLogger("rlxf.cool_rlhf")
 
 LABEL_SOURCES = ("verifier", "judge", "file")
-POLICY_RECIPES = {"grpo": ("rlxf.recipes.grpo", "GRPOConfig"), "ppo": ("rlxf.recipes.ppo", "PPOConfig")}
+POLICY_RECIPES = ("grpo", "ppo")  # online recipes of the registry (rlxf.configs.registry) a round can run
 ROUNDS_FILE, ROUND_FILE, CONFIG_FILE = "rounds.jsonl", "round.json", "config.yaml"
 # fields that may change between invocations of the same loop
 RESUMABLE_CHANGES = ("rounds", "threads", "progress", "device")
@@ -77,7 +78,7 @@ class CoolRLHFConfig:
                                      "'round' (default 1) says in which round it is merged")
     fast_path: bool = option(True, "patch the RM each round on pairs rejecting the detected reward-hacking samples")
     slow_path: bool = option(True, "refresh the RM each round on every label collected so far")
-    policy_recipe: str = option("grpo", "policy RL recipe of each round", choices=tuple(POLICY_RECIPES))
+    policy_recipe: str = option("grpo", "policy RL recipe of each round", choices=POLICY_RECIPES)
     policy_steps: int = option(20, "policy RL steps per round", bounds=AT_LEAST_ONE)
     policy_lr: float | None = option(None, "policy learning rate (None = the policy recipe's default)", bounds=POSITIVE)
     policy_batch_size: int = option(16, "prompts per policy RL step", bounds=AT_LEAST_ONE)
@@ -151,7 +152,8 @@ def train(cfg: CoolRLHFConfig):
     """Run (or continue) the loop; returns a :class:`rlxf.recipes.common.FitResult`."""
     import torch
 
-    from rlxf.recipes.common import FitResult, setup_logging
+    from rlxf.recipes.common import setup_logging
+    from rlxf.train import RunResult as FitResult
 
     setup_logging()
     if cfg.threads:
@@ -353,17 +355,16 @@ def _options_file(path: str | None, managed: tuple[str, ...], flag: str) -> dict
     return values
 
 
-def run_recipe(module: str, cls_name: str, values: dict, out_dir: Path) -> dict:
-    """Train one sub-run (skipped when ``out_dir`` holds a finished run) and return its summary."""
-    import importlib
-
+def run_recipe(name: str, values: dict, out_dir: Path) -> dict:
+    """Train one sub-run of registered recipe ``name`` (skipped when ``out_dir`` holds a finished run)
+    and return its summary."""
     if (out_dir / "summary.json").is_file():
         return json.loads((out_dir / "summary.json").read_text())
-    mod = importlib.import_module(module)
+    recipe = get_recipe(name)
     interrupted = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
-    cfg = build_config(getattr(mod, cls_name), {**values, "output_dir": str(out_dir), "resume": interrupted},
+    cfg = build_config(recipe.config_class(), {**values, "output_dir": str(out_dir), "resume": interrupted},
                        where=f"rlxf cool-rlhf: {out_dir}")
-    return mod.train(cfg).summary
+    return recipe.train_fn()(cfg).summary
 
 
 def rm_values(cfg, *, start: str, dataset: Path, eval_dataset: Path, steps: int, data: dict) -> dict:
@@ -391,28 +392,24 @@ def policy_values(cfg, *, start: str, rm_dir: str, data: dict, k: int) -> dict:
 def check_sub_runs(cfg, data: dict) -> None:
     """Build the RM and policy sub-run configs once before anything trains, so a bad combination
     (e.g. PPO's --mini-batches not dividing --policy-batch-size) fails at once."""
-    import importlib
-
-    module, cls_name = POLICY_RECIPES[cfg.policy_recipe]
-    checks = [("rlxf.recipes.reward_model", "RewardModelConfig", "rm", "--rm-options",
-               rm_values(cfg, start=cfg.model, dataset=data["rm_train"], eval_dataset=data["rm_eval"],
-                         steps=cfg.rm_steps, data=data)),
-              (module, cls_name, cfg.policy_recipe, "--policy-options",
+    checks = [("rm", "--rm-options", rm_values(cfg, start=cfg.model, dataset=data["rm_train"],
+                                                eval_dataset=data["rm_eval"], steps=cfg.rm_steps, data=data)),
+              (cfg.policy_recipe, "--policy-options",
                policy_values(cfg, start=cfg.model, rm_dir=cfg.model, data=data, k=1))]
-    for mod, name, recipe, flag, values in checks:
+    for recipe, flag, values in checks:
         try:
-            build_config(getattr(importlib.import_module(mod), name), values, where=f"rlxf {recipe} sub-runs")
+            build_config(get_recipe(recipe).config_class(), values, where=f"rlxf {recipe} sub-runs")
         except ConfigError as exc:
             raise ConfigError(f"the rlxf {recipe} sub-runs would fail: {exc} (their other options go in a YAML "
                               f"file passed as {flag})") from None
 
 
 def _train_rm(cfg, out_dir: Path, **kwargs) -> str:
-    return run_recipe("rlxf.recipes.reward_model", "RewardModelConfig", rm_values(cfg, **kwargs), out_dir)["final_model"]
+    return run_recipe("rm", rm_values(cfg, **kwargs), out_dir)["final_model"]
 
 
 def _train_policy(cfg, out_dir: Path, **kwargs) -> dict:
-    return run_recipe(*POLICY_RECIPES[cfg.policy_recipe], policy_values(cfg, **kwargs), out_dir)
+    return run_recipe(cfg.policy_recipe, policy_values(cfg, **kwargs), out_dir)
 
 
 # -- evaluation ---------------------------------------------------------------------------------

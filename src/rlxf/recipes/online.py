@@ -14,99 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, between, check_choice, option
-from rlxf.recipes.common import RunConfig
+from rlxf.configs.online import OnlineConfig
 
 log = logging.getLogger("rlxf.online")
 
-SAMPLERS = ("uniform", "aps")
-SCORERS = ("reference", "policy")
-LIKELIHOOD_KINDS = ("rlpr", "vr_cli", "verifree")
-
-
-@dataclass(frozen=True)
-class OnlineConfig(RunConfig):
-    """Fields shared by the online recipes: sampling, rewards, prompt sampler."""
-
-    batch_size: int = option(16, "prompts per rollout step (each sampled group_size times)", bounds=AT_LEAST_ONE)
-    group_size: int = option(8, "completions sampled per prompt (G)", bounds=AT_LEAST_ONE)
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)", bounds=POSITIVE)
-    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)", bounds=between(0, 1, low_open=True))
-    top_k: int = option(0, "top-k sampling (0 = off)", bounds=NON_NEGATIVE)
-    max_new_tokens: int = option(48, "most tokens per sampled completion (also the eval generation budget)",
-                                 bounds=AT_LEAST_ONE)
-    reward: str = option("verifiable", "reward: a registered name (verifiable, exact_match, numeric_match, "
-                         "likelihood, reward_model, ...) or module:function / path/file.py:function")
-    reward_model: str | None = option(None, "reward-model directory for --reward reward_model")
-    unsafe_reward_code: bool = option(False, "run model-written reward code (sandbox:FILE.py:fn, files from `rlxf "
-                                      "text2reward`) without the OS boundary where this machine has none; unsafe")
-    # judge-based rewards (docs/methods/lmgt.md): --reward lmgt wraps --lmgt-base; --reward d_rlaif
-    judge: str | None = option(None, "judge for --reward lmgt / d_rlaif: local:PATH (local:tiny) or an "
-                               "OpenAI-compatible base URL http://host:port/v1")
-    judge_model: str | None = option(None, "model name sent to an HTTP --judge")
-    judge_prompts: str = option("auto", "judge prompt set: standard, compact (short-context judges), auto = "
-                                "compact for local:tiny, else standard", choices=("auto", "standard", "compact"))
-    lmgt_base: str = option("verifiable", "--reward lmgt: the base reward the judge's shift is added to "
-                            "(any --reward spec)")
-    lmgt_scale: float = option(1.0, "--reward lmgt: shift scale; reward = base + scale_t·δ, δ in {-1, 0, +1}",
-                               bounds=NON_NEGATIVE)
-    lmgt_decay: float = option(0.0, "--reward lmgt: per-step multiplicative decay, scale_t = scale·(1 - decay)^t",
-                               bounds=between(0, 1, high_open=True))
-    lmgt_call_fraction: float = option(1.0, "--reward lmgt: probability that an uncached sample is sent to the "
-                                       "judge (others get δ = 0)", bounds=between(0, 1, low_open=True))
-    lmgt_knowledge: str | None = option(None, "--reward lmgt: text file of prior knowledge (a wiki/tutorial) "
-                                        "shown to the judge")
-    likelihood_kind: str = option("rlpr", "likelihood reward: RLPR mean-prob gain, VR-CLI perplexity "
-                                  "thresholds, or VeriFree sequence probability", choices=LIKELIHOOD_KINDS)
-    likelihood_scorer: str = option("reference", "model scoring the reference answer for --reward likelihood: "
-                                    "the frozen initial policy or the current policy", choices=SCORERS)
-    format_weight: float = option(0.0, "add this weight × format reward (completion has '#<answer>')",
-                                  bounds=NON_NEGATIVE)
-    length_reward_weight: float = option(0.0, "Kimi length reward weight w (0 = off): reward += w·len_reward",
-                                         bounds=NON_NEGATIVE)
-    length_reward_warmup: int = option(0, "steps without the length reward before it switches on (Kimi warm-up)",
-                                       bounds=NON_NEGATIVE)
-    engine: str = option("auto", "rollout engine: auto (static KV cache + CUDA graphs on CUDA, the transformers "
-                         "engine on CPU), hf, static", choices=("auto", "hf", "static"))
-    sampler: str = option("uniform", "which prompts each step trains on: uniform epochs or adaptive "
-                          "perplexity-aware sampling", choices=SAMPLERS)
-    eval_generate: int = option(200, "greedy held-out evaluation on N eval prompts at each eval", bounds=AT_LEAST_ONE)
-    eval_every: int = option(10, "evaluate every N steps (and at start and end); 0 = start and end only",
-                             bounds=NON_NEGATIVE)
-    warmup_steps: int = option(0, "linear warm-up steps", bounds=NON_NEGATIVE)
-    schedule: str = option("constant", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    log_every: int = option(1, "log train metrics every N steps", bounds=AT_LEAST_ONE)
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts", "engine"):
-            check_choice(self, name)
-        if self.max_steps <= 0:
-            raise ConfigError(f"--max-steps must be > 0 for an online recipe (rollout steps), got {self.max_steps}")
-        base_reward = self.lmgt_base if self.reward == "lmgt" else self.reward
-        _check_sandboxed_reward(base_reward, self.unsafe_reward_code)
-        if base_reward == "reward_model" and not self.reward_model:
-            raise ConfigError("--reward reward_model needs --reward-model DIR (a model trained by `rlxf rm`)")
-        if self.reward in ("lmgt", "d_rlaif") and not self.judge:
-            raise ConfigError(f"--reward {self.reward} needs --judge SPEC (local:tiny, local:PATH or "
-                              "http://host:port/v1)")
-
-
-def _check_sandboxed_reward(spec, unsafe: bool) -> None:
-    """Before any model loads: a model-written reward needs the OS boundary (or --unsafe-reward-code),
-    and a file with a malformed provenance header is refused."""
-    from rlxf.rewards.base import RewardError
-    from rlxf.rewards.sandbox import SANDBOX_PREFIX, is_generated_file
-    from rlxf.sandbox import boundary
-
-    if not isinstance(spec, str):
-        return
-    try:
-        sandboxed = spec.startswith(SANDBOX_PREFIX) or is_generated_file(spec)
-        if sandboxed and not unsafe:
-            boundary.require()
-    except (RewardError, boundary.SandboxUnavailable) as err:
-        raise ConfigError(f"--reward {spec}: {err}") from err
 
 
 def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
@@ -169,6 +80,11 @@ class Scores:
     correct: list[bool | None]    # verifier outcome (None when there is no verifier)
     parts: dict[str, list[float | None]] = field(default_factory=dict)  # components, for logging
     stats: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, start: int, stop: int) -> Scores:
+        """The scores of rows ``start:stop`` (``stats`` are the whole batch's)."""
+        return Scores(self.rewards[start:stop], self.correct[start:stop],
+                      {name: values[start:stop] for name, values in self.parts.items()}, dict(self.stats))
 
 
 class RewardPipeline:

@@ -31,71 +31,16 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import NON_NEGATIVE, POSITIVE, ConfigError, between, check_choice, option
-from rlxf.losses import (PREFERENCE_LOSSES, RPO_DISTANCES, PreferenceInputs, get_preference_loss,
-                         preference_metrics)
-from rlxf.recipes.common import (TrainConfig, check_output_dir, fit, load_model_for_training, load_split_rows,
-                                 setup_logging, start_run_dir, task_eval_metrics, win_rates_by_kind)
+from rlxf.configs.preference import LOSSES, ORPOConfig, PreferenceConfig, RPOConfig
+from rlxf.losses import PreferenceInputs, get_preference_loss, preference_metrics
+from rlxf.recipes.common import (load_model_for_training, load_split_rows, setup_logging, task_eval_metrics,
+                                 win_rates_by_kind)
 from rlxf.reporting import Panel
+from rlxf.train.offline import fit
+from rlxf.train.rundir import check_output_dir, start_run_dir
 
 log = logging.getLogger("rlxf.preference")
-LOSSES = PREFERENCE_LOSSES  # the registered preference losses
 RPO_DEFAULT_SCORES = (1.0, 0.0)  # NeMo-Aligner default_chosen_reward / default_rejected_reward
-
-
-@dataclass(frozen=True)
-class PreferenceConfig(TrainConfig):
-    """Config of the preference recipe (``rlxf dpo``; ``rpo`` and ``orpo`` change the loss default)."""
-
-    loss: str = option("dpo", "objective", choices=LOSSES)
-    beta: float = option(0.1, "β: implicit-reward scale (DPO/cDPO/RPO); τ for IPO", bounds=POSITIVE)
-    label_smoothing: float = option(0.1, "cDPO label-flip probability ε (loss=cdpo only)",
-                                    bounds=between(0, 0.5, high_open=True))
-    nll_alpha: float = option(0.0, "DPO+NLL (Pang et al. 2024): weight of the length-normalised chosen NLL",
-                              bounds=NON_NEGATIVE)
-    rpo_eta: float = option(1.0, "RPO η: scale of the reward gap", bounds=POSITIVE)
-    rpo_distance: str = option("bwd_kl", "RPO distance between model and target preference", choices=RPO_DISTANCES)
-    orpo_lambda: float = option(0.1, "ORPO λ: weight of the odds-ratio term", bounds=NON_NEGATIVE)
-    length_norm: bool = option(False, "use mean instead of summed token log-probs (TRL's IPO; NeMo's average)")
-    reference: str = option("auto", "reference model: auto (copy, or base-without-adapters for LoRA), copy, lora",
-                            choices=("auto", "copy", "lora"))
-    precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them")
-    share_prompt: bool = option(False, "encode each pair's prompt once for chosen and rejected (through a KV "
-                                "cache; same values and gradients); not with --gradient-checkpointing or --compile")
-    lr: float = option(2e-4, "peak learning rate (AdamW); tuned for the tiny model — use ~5e-7 for real LLMs")
-    max_steps: int = option(150, "optimizer steps; 0 = derive from epochs")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("loss", "rpo_distance", "reference"):
-            check_choice(self, name)
-        if self.loss == "cdpo" and self.label_smoothing == 0:
-            raise ConfigError(f"--label-smoothing for cdpo must be in (0, 0.5), got {self.label_smoothing}")
-        entry = get_preference_loss(self.loss)
-        if entry.includes_nll and self.nll_alpha > 0:
-            flags = ", ".join(f"--{option.replace('_', '-')}" for _, option in entry.options)
-            raise ConfigError(f"--nll-alpha does not apply to {self.loss} (its NLL term is built in; weight the "
-                              f"other terms with {flags})")
-        if self.reference == "lora" and self.lora_r == 0:
-            raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
-        if self.share_prompt and (self.gradient_checkpointing or self.compile):
-            raise ConfigError("--share-prompt needs the KV cache, which transformers turns off under "
-                              "--gradient-checkpointing, and is not tested with --compile; drop one of them")
-
-
-@dataclass(frozen=True)
-class RPOConfig(PreferenceConfig):
-    """``rlxf rpo``: NVIDIA's reward-aware preference optimisation (needs chosen/rejected scores)."""
-
-    loss: str = option("rpo", "objective", choices=LOSSES)
-    beta: float = option(0.2, "β: implicit-reward scale (NeMo-Aligner default 0.2)")
-
-
-@dataclass(frozen=True)
-class ORPOConfig(PreferenceConfig):
-    """``rlxf orpo``: odds-ratio preference optimisation, reference-free."""
-
-    loss: str = option("orpo", "objective", choices=LOSSES)
 
 
 def _cache_key(cfg: PreferenceConfig, examples: list[dict]) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlxf.config import AT_LEAST_ONE, ConfigError, between, build_config, check_choice, option, save_yaml
+from rlxf.configs.registry import get_recipe
 from rlxf.rewards.lmgt import JUDGE_PROMPT_CHOICES, judge_prompt_set
 from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
                                       prepare_output, train_values, verifier, write_jsonl)
@@ -44,9 +45,7 @@ from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion
 log = logging.getLogger("rlxf.rlaif")
 
 OUTPUT_FILES = ("preferences.jsonl", "stats.json")
-TRAIN_RECIPES = {"rm": ("rlxf.recipes.reward_model", "RewardModelConfig"),
-                 "dpo": ("rlxf.recipes.preference", "PreferenceConfig"),
-                 "rpo": ("rlxf.recipes.preference", "RPOConfig")}
+TRAIN_RECIPES = ("rm", "dpo", "rpo")  # recipes of the registry (rlxf.configs.registry) that train on the labels
 LABEL_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -216,10 +215,7 @@ def train(cfg: RLAIFConfig) -> dict:
 
 
 def _train_on_pairs(cfg: RLAIFConfig, out: Path) -> dict:
-    import importlib
-
-    module_name, class_name = TRAIN_RECIPES[cfg.train]
-    module = importlib.import_module(module_name)
+    recipe = get_recipe(cfg.train)
     values = train_values(cfg, out / "preferences.jsonl", out / cfg.train, None)
     use_task = cfg.train_eval == "task" or (cfg.train_eval == "auto" and cfg.dataset.startswith("task:"))
     if use_task:  # held-out ground truth: the task's correct-vs-wrong pairs
@@ -228,7 +224,7 @@ def _train_on_pairs(cfg: RLAIFConfig, out: Path) -> dict:
         from rlxf.config import load_yaml
 
         values.update(load_yaml(cfg.train_config))
-    train_cfg = build_config(getattr(module, class_name), values, where=cfg.train_config or "rlxf rlaif")
-    result = module.train(train_cfg)
+    train_cfg = build_config(recipe.config_class(), values, where=cfg.train_config or "rlxf rlaif")
+    result = recipe.train_fn()(train_cfg)
     return {"recipe": cfg.train, "output_dir": str(result.output_dir),
             **{k: v for k, v in result.summary.items() if "/" in k}}

@@ -13,24 +13,13 @@ from pathlib import Path
 
 import torch
 
-from rlxf.config import UNIT, option
-from rlxf.recipes.common import (TrainConfig, check_output_dir, fit, load_model_for_training, load_split_rows,
-                                 setup_logging, start_run_dir, task_eval_metrics)
+from rlxf.configs.sft import SFTConfig
+from rlxf.recipes.common import load_model_for_training, load_split_rows, setup_logging, task_eval_metrics
 from rlxf.reporting import Panel
+from rlxf.train.offline import fit
+from rlxf.train.rundir import check_output_dir, start_run_dir
 
 log = logging.getLogger("rlxf.sft")
-
-
-@dataclass(frozen=True)
-class SFTConfig(TrainConfig):
-    """Config of ``rlxf sft``."""
-
-    lr: float = option(1e-3, "peak learning rate (AdamW); tuned for the tiny model — use ~1e-5 for real LLMs")
-    max_steps: int = option(200, "optimizer steps; 0 = derive from epochs")
-    verbose_fraction: float = option(0.0, "built-in task data: share of completions written in the verbose style "
-                                     "(e.g. 0.5 makes an SFT policy that PPO against a conciseness-aware RM "
-                                     "can improve)", bounds=UNIT)
-
 
 
 def completion_nll(model, batch: dict) -> torch.Tensor:

@@ -234,7 +234,7 @@ def truncate_before_answer(completion: str, rng: random.Random) -> str | None:
     return completion[:rng.randrange(1, marker)]
 
 
-NEGATIVES = ("slip", "mixed")
+from rlxf.configs.cooper import NEGATIVES  # noqa: E402 (the config owns the choices)
 
 
 def contrastive_loss(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
@@ -344,10 +344,15 @@ class CooperReward:
                     break
         return pairs
 
+    data_parallel = True  # after_step merges every process's rollouts: the replicas stay identical
+
     def after_step(self, step: int) -> dict:
-        """Use the rollouts scored since the last call: one contrastive RM step (when ``update``)."""
+        """Use the rollouts scored since the last call: one contrastive RM step (when ``update``).
+
+        Under torchrun every process contributes its rollouts (in rank order, which is the order one
+        process would have seen them in) and every process takes the same RM step."""
         self._ensure_pretrained()
-        stash = self._stash
+        stash = self._stash = _merged_over_processes(self._stash)
         pairs = self.build_pairs(step)
         metrics = {"rm/pairs": len(pairs), "rm/groups": stash["groups"]}
         if stash["n_correct"] + stash["n_wrong"]:
@@ -449,3 +454,15 @@ def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
                         lr=cfg.cooper_rm_lr, seed=cfg.seed, eval_size=cfg.cooper_eval_size, pretrain=pretrain,
                         max_grad_norm=cfg.max_grad_norm, negatives=cfg.cooper_negatives,
                         save_dir=None if cfg.cooper_rm else cfg.resolved_output_dir("cooper") / "verify_rm")
+
+
+def _merged_over_processes(stash: dict) -> dict:
+    """Every process's stash, concatenated in rank order (counts summed); the stash itself outside torchrun."""
+    from rlxf.runtime import distributed
+
+    if not distributed.active():
+        return stash
+    parts = distributed.gather(stash)
+    merged = {key: sum(part[key] for part in parts) for key in stash if key != "positives"}
+    merged["positives"] = [positive for part in parts for positive in part["positives"]]
+    return merged

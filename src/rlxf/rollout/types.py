@@ -139,6 +139,14 @@ class Rollouts:
         attention_mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)   # [N, P + C]
         return input_ids, attention_mask
 
+    def rows(self, start: int, stop: int) -> Rollouts:
+        """Rows ``start:stop`` (whole prompts' groups when both are multiples of ``group_size``);
+        ``prompt_index`` restarts at 0."""
+        picked = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+                  if isinstance(getattr(self, f.name), (Tensor, list))}
+        picked["prompt_index"] = picked["prompt_index"] - (picked["prompt_index"][0] if stop > start else 0)
+        return replace(self, **picked)
+
     def to(self, device: str | torch.device) -> Rollouts:
         """A copy with every tensor on ``device`` (lists are shared)."""
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)

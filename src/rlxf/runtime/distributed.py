@@ -36,7 +36,6 @@ log = logging.getLogger("rlxf")
 T = TypeVar("T")
 
 # recipes whose training loop is rlxf.recipes.common.fit, and the GRPO family (rlxf.recipes.grpo)
-DATA_PARALLEL_RECIPES = ("sft", "rm", "dpo", "ipo", "cdpo", "rpo", "orpo", "grpo", "dr_grpo", "dapo", "rloo")
 _BUCKET_BYTES = 32 << 20
 _TIMEOUT = timedelta(minutes=60)   # rank 0 evaluates and writes while the others wait in a collective
 
@@ -74,17 +73,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_launch(recipe: str, batch_size: int | None) -> int:
-    """Raise ``ValueError`` if this recipe/config cannot run under the torchrun that started it;
-    return the world size. Reads the environment only (no process group needed)."""
+def check_launch(recipe: str, batch_size: int | None, *, supported: tuple[str, ...]) -> int:
+    """Raise ``ValueError`` if this recipe/config cannot run under the torchrun that started it
+    (``supported``: the recipes that run data-parallel); return the world size. Reads the
+    environment only (no process group needed)."""
     world = launched_world_size()
     if world <= 1:
         return world
-    if recipe not in DATA_PARALLEL_RECIPES:
-        raise ValueError(f"`{recipe}` does not run data-parallel yet (torchrun started {world} processes); "
-                         f"data parallel covers sft, rm, dpo (every --loss), rpo, orpo and grpo, dr_grpo, dapo, rloo. "
-                         f"Run `rlxf {recipe}` "
-                         f"as one process (without torchrun)")
+    if recipe not in supported:
+        raise ValueError(f"`{recipe}` does not run data-parallel (torchrun started {world} processes); data parallel "
+                         f"covers {', '.join(supported)}. Run `rlxf {recipe}` as one process (without torchrun)")
     if batch_size is not None and batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} processes torchrun "
                          f"started (each takes batch_size / {world} rows of every micro-batch)")
@@ -171,11 +169,26 @@ def gather(value: T) -> list[T]:
     return out
 
 
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank (pickled; move tensors to the CPU first). ``value`` itself
+    outside torchrun."""
+    if not active():
+        return value
+    box = [value if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (a collective: every rank must call it)."""
     if not active():
         return bool(flag)
     return any(gather(bool(flag)))
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on every rank (a collective: every rank must call it)."""
+    return not any_true(not flag)
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

@@ -1,0 +1,122 @@
+"""Configs of ``rlxf grpo`` and its presets (``dr_grpo``, ``dapo``, ``rloo``): docs/methods/grpo.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, between, check_choice, option
+from rlxf.configs.online import OnlineConfig
+from rlxf.configs.choices import ADVANTAGE_SCALES, AGGREGATION_MODES, KL_KINDS, POLICY_LOSSES
+
+
+PRESETS: dict[str, dict] = {
+    "grpo": dict(advantage_scale="group", leave_one_out=False, loss_agg="seq-mean-token-mean", eps_high=None,
+                 beta=0.04, dynamic_sampling=False, overlong_buffer=0),
+    "dr_grpo": dict(advantage_scale="none", leave_one_out=False, loss_agg="seq-mean-token-sum-norm",
+                    eps_high=None, beta=0.0, dynamic_sampling=False, overlong_buffer=0),
+    "dapo": dict(advantage_scale="group", leave_one_out=False, loss_agg="token-mean", eps_high=0.28, beta=0.0,
+                 dynamic_sampling=True, overlong_buffer=-1),
+    "rloo": dict(advantage_scale="none", leave_one_out=True, loss_agg="seq-mean-token-mean", eps_high=None,
+                 beta=0.0, dynamic_sampling=False, overlong_buffer=0),
+}
+
+
+@dataclass(frozen=True)
+class GRPOConfig(OnlineConfig):
+    """Config of ``rlxf grpo``; fields left as None take the preset's value (see the module docstring)."""
+
+    preset: str = option("grpo", "named variant that fills unset fields", choices=tuple(PRESETS))
+    advantage_scale: str | None = option(None, "divide group-centred rewards by the group std, the batch std, "
+                                         "or nothing (None = preset)", choices=ADVANTAGE_SCALES)
+    leave_one_out: bool | None = option(None, "RLOO baseline: mean of the other G−1 rewards (None = preset)")
+    loss_agg: str | None = option(None, "how per-token losses become one number (None = preset)",
+                                  choices=AGGREGATION_MODES)
+    eps_low: float = option(0.2, "clip range below 1: ρ ≥ 1 − eps_low", bounds=between(0, 1, high_open=True))
+    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = preset; DAPO 0.28)",
+                                    bounds=NON_NEGATIVE)
+    beta: float | None = option(None, "KL-in-loss coefficient β (0 = no reference model; None = preset)",
+                                bounds=NON_NEGATIVE)
+    kl_kind: str = option("k3", "KL estimator in the loss", choices=KL_KINDS)
+    policy_loss: str = option("clipped", "per-token policy loss, by its registered name (docs/losses.md)",
+                              choices=POLICY_LOSSES)
+    dynamic_sampling: bool | None = option(None, "DAPO: keep only groups whose rewards differ and sample more "
+                                           "prompts to refill the batch (None = preset)")
+    max_sample_batches: int = option(3, "dynamic sampling: most rollout batches drawn per step", bounds=AT_LEAST_ONE)
+    overlong_buffer: int | None = option(None, "DAPO overlong shaping: penalise the last N tokens before "
+                                         "max_new_tokens (0 = off, -1 = max_new_tokens // 4; None = preset)",
+                                         bounds=Bounds(low=0, special=(-1,)))
+    overlong_factor: float = option(1.0, "DAPO overlong penalty at max_new_tokens", bounds=NON_NEGATIVE)
+    mask_truncated: bool = option(False, "drop completions that hit max_new_tokens from the loss (overlong filtering)")
+    ppo_epochs: int = option(1, "passes over each rollout batch (μ; > 1 makes ρ ≠ 1 and clipping active)",
+                             bounds=AT_LEAST_ONE)
+    mini_batches: int = option(1, "optimizer steps per pass over a rollout batch", bounds=AT_LEAST_ONE)
+    micro_batch_size: int = option(256, "completions per forward/backward (memory; does not change the maths)",
+                                   bounds=AT_LEAST_ONE)
+    share_prompt: bool = option(False, "encode each group's prompt once for its G completions in the training "
+                                "passes (KV cache; same values and gradients); mini-batches then shuffle whole "
+                                "groups; needs micro-batches of whole groups; not with --gradient-checkpointing "
+                                "or --compile")
+    reference: str = option("auto", "reference for the KL term or the likelihood scorer: auto (copy, or base "
+                            "without adapters for LoRA), copy, lora", choices=("auto", "copy", "lora"))
+    lr: float = option(1e-4, "learning rate (AdamW); tuned for the tiny model — use ~1e-6 for real LLMs")
+    max_steps: int = option(60, "rollout steps", bounds=AT_LEAST_ONE)
+    adam_beta2: float = option(0.99, "AdamW beta2")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("preset", "kl_kind", "reference"):
+            check_choice(self, name)
+        preset = PRESETS[self.preset]
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                if name == "eps_high" and value is None:
+                    value = self.eps_low
+                object.__setattr__(self, name, value)
+        if self.overlong_buffer == -1:
+            object.__setattr__(self, "overlong_buffer", max(1, self.max_new_tokens // 4))
+        for name in ("advantage_scale", "loss_agg"):
+            check_choice(self, name)
+        if self.group_size < 2:
+            raise ConfigError(f"--group-size must be >= 2 for group-relative advantages, got {self.group_size}")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ConfigError(f"--overlong-buffer must be in [0, max_new_tokens={self.max_new_tokens}) "
+                              f"(or -1 for max_new_tokens // 4), got {self.overlong_buffer}")
+        if (self.batch_size * self.group_size) % self.mini_batches:
+            raise ConfigError(f"--mini-batches {self.mini_batches} must divide batch_size × group_size = "
+                              f"{self.batch_size * self.group_size}")
+        if self.reference == "lora" and self.lora_r == 0:
+            raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
+        if self.share_prompt:
+            if self.gradient_checkpointing or self.compile:
+                raise ConfigError("--share-prompt needs the KV cache, which transformers turns off under "
+                                  "--gradient-checkpointing, and is not tested with --compile; drop one of them")
+            mini = self.batch_size * self.group_size // self.mini_batches
+            if self.micro_batch_size % self.group_size or mini % self.group_size:
+                raise ConfigError(f"--share-prompt needs whole groups per micro-batch and mini-batch: "
+                                  f"--micro-batch-size {self.micro_batch_size} and the mini-batch size {mini} must "
+                                  f"be multiples of --group-size {self.group_size}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0 or (self.reward == "likelihood" and self.likelihood_scorer == "reference")
+
+
+@dataclass(frozen=True)
+class DrGRPOConfig(GRPOConfig):
+    """``rlxf dr_grpo``: the ``dr_grpo`` preset."""
+
+    preset: str = option("dr_grpo", "named variant that fills unset fields", choices=tuple(PRESETS))
+
+
+@dataclass(frozen=True)
+class DAPOConfig(GRPOConfig):
+    """``rlxf dapo``: the ``dapo`` preset."""
+
+    preset: str = option("dapo", "named variant that fills unset fields", choices=tuple(PRESETS))
+
+
+@dataclass(frozen=True)
+class RLOOConfig(GRPOConfig):
+    """``rlxf rloo``: the ``rloo`` preset."""
+
+    preset: str = option("rloo", "named variant that fills unset fields", choices=tuple(PRESETS))

@@ -1,0 +1,66 @@
+"""The one engine: the recipe registry, torch-free configs and a fast CLI help, the loss-name tables,
+and the loop's contract (logged lr is the step's own, cost counters, summary)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlxf.config import ConfigError, load_yaml
+from rlxf.configs import choices
+from rlxf.configs.registry import RECIPES, get_recipe, recipe_names
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_every_recipe_resolves_its_config_train_function_and_examples():
+    for name, recipe in RECIPES.items():
+        cls = recipe.config_class()
+        assert cls.__name__.endswith("Config") and callable(recipe.train_fn())
+        assert recipe.kind in ("offline", "online")
+        for example in recipe.examples:  # every example config builds this recipe's config
+            values = load_yaml(ROOT / example)
+            from rlxf.config import build_config
+
+            build_config(cls, values, where=example)
+    examples = {e for r in RECIPES.values() for e in r.examples}
+    tiny = {f"configs/{p.name}" for p in (ROOT / "configs").glob("*_tiny.yaml")}
+    assert tiny <= examples, f"example configs not in the registry: {sorted(tiny - examples)}"
+
+
+def test_unknown_recipes_get_the_closest_name():
+    with pytest.raises(ConfigError, match="did you mean 'grpo'"):
+        get_recipe("gpro", where="spec.yaml")
+    assert set(recipe_names(kind="online")) == {"grpo", "dr_grpo", "dapo", "rloo", "ppo", "cooper"}
+    assert set(recipe_names(data_parallel=True)) == set(RECIPES)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["dpo", "--help"], ["ppo", "--help"]])
+def test_help_imports_no_torch(argv):
+    code = ("import sys\nfrom rlxf.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip().endswith("NO-TORCH"), out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_config_choices_match_the_loss_registries():
+    from rlxf.losses import policy_loss_names, preference_loss_names
+
+    assert choices.POLICY_LOSSES == policy_loss_names()
+    assert choices.PREFERENCE_LOSSES == preference_loss_names()
+
+
+def test_the_logged_lr_is_the_rate_of_its_own_step(tmp_path, tiny_random_model_dir):
+    from rlxf.cli import main
+    from rlxf.reporting import read_metrics
+
+    out = tmp_path / "sft"
+    assert main(["sft", f"--model={tiny_random_model_dir}", "--max-steps=4", "--warmup-steps=0",
+                 "--schedule=linear", "--lr=1e-3", "--log-every=1", "--eval-every=0", "--task-size=64",
+                 "--eval-size=8", "--batch-size=8", "--progress=false", f"--output-dir={out}"]) == 0
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # step 1 uses the peak; none logs 0
