@@ -64,3 +64,26 @@ def test_the_logged_lr_is_the_rate_of_its_own_step(tmp_path, tiny_random_model_d
                  "--eval-size=8", "--batch-size=8", "--progress=false", f"--output-dir={out}"]) == 0
     lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # step 1 uses the peak; none logs 0
+
+
+def test_recipe_help_lists_the_main_options_and_help_all_lists_every_one(capsys):
+    import dataclasses
+
+    from rlxf.cli import main
+
+    def flags(argv):
+        with pytest.raises(SystemExit):
+            main(argv)
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+
+    main_help, every = flags(["grpo", "--help"]), flags(["grpo", "--help-all"])
+    fields = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(get_recipe("grpo").config_class())}
+    assert len(main_help) <= 45 and fields <= set(every)
+    assert "--lr" in main_help and "--lmgt-scale" not in main_help and "--lmgt-scale" in every
+
+
+def test_a_folded_option_still_parses():
+    from rlxf.cli import build_parser
+
+    args = build_parser("grpo", full=False).parse_args(["grpo", "--lora-alpha", "8", "--lmgt-scale", "0.5"])
+    assert args.lora_alpha == "8" and args.lmgt_scale == "0.5"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlxf.config import ConfigError, add_arguments, build_config, parse_args
 
+from rlxf.configs.help_groups import GROUP_OF
 from rlxf.configs.registry import RECIPES, get_recipe
 
 DEMO = {
@@ -188,6 +189,7 @@ def _add_ai_feedback_parsers(sub, command: str | None) -> None:
         p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. Flags override values "
                            "from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+        p.add_argument("--help-all", action="help", help="list every option, grouped")
         if command in (None, name):
             add_arguments(p, getattr(importlib.import_module(module), cls))
 
@@ -267,9 +269,10 @@ def _text2reward(args) -> int:
     return 0 if result.ok else 1
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, full: bool = True) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s options are built (all of them when None), so
-    ``rlxf --help`` imports no recipe and no torch."""
+    ``rlxf --help`` imports no recipe and no torch. ``full`` False folds a recipe's grouped options
+    out of its ``--help`` (:mod:`rlxf.configs.help_groups`); they still parse."""
     parser = argparse.ArgumentParser(prog="rlxf", description="Post-train language models with RL from any feedback.",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -278,8 +281,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=f"rlxf {name}: {help_text}. "
                            "Flags override values from --config.", allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
+        p.add_argument("--help-all", action="help", help="list every option, grouped")
         if command in (None, name):
-            add_arguments(p, _config_class(name))
+            add_arguments(p, _config_class(name), groups=GROUP_OF, full=full)
     demo = sub.add_parser("demo", help="GRPO on the embedded tiny model and the arithmetic task (a few minutes on CPU)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its run (default: runs/demo)")
     demo.add_argument("--max-steps", type=int, default=DEMO["max_steps"], help="rollout steps")
@@ -300,7 +304,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
+    full = "--help-all" in argv
+    argv = ["--help" if a == "--help-all" else a for a in argv]
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""), full=full)
     args = parser.parse_args(argv)
     try:
         if args.command in RECIPES:

@@ -256,10 +256,17 @@ def build_config(cls: type, values: dict, *, where: str = "config",
         raise OptionRangeError(exc.problems, spell=lambda name: written.get(name, name)) from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field, with its help text, default and choices or allowed range."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: dict[str, str] | None = None,
+                  full: bool = True) -> None:
+    """One ``--flag`` per dataclass field, with its help text, default and choices or allowed range.
+
+    groups: field -> group title; with ``full`` False a grouped field is parsed but not listed, and
+    the help ends with the groups ``--help-all`` shows."""
     hints = typing.get_type_hints(cls)
     ranges = {name: (kind, bounds) for name, kind, bounds, _ in numeric_fields(cls) if bounds is not None}
+    groups = groups or {}
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    folded: dict[str, int] = {}
     for f in dataclasses.fields(cls):
         kind, _ = _base_type(hints[f.name])
         meta = f.metadata
@@ -271,9 +278,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text += f"; allowed: {ranges[f.name][1].describe(ranges[f.name][0])})" if f.name in ranges else ")"
         flag = "--" + f.name.replace("_", "-")
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
+        group = groups.get(f.name)
+        target = parser
+        if group and full:
+            target = sections.setdefault(group, parser.add_argument_group(group))
+        elif group:
+            folded[group] = folded.get(group, 0) + 1
         # argparse keeps strings; coerce() converts them so YAML and CLI share one path
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                            help=help_text.replace("%", "%%"), **({"nargs": "?", "const": "true"} if kind is bool else {}))
+        target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                            help=argparse.SUPPRESS if group and not full else help_text.replace("%", "%%"),
+                            **({"nargs": "?", "const": "true"} if kind is bool else {}))
+    if folded:
+        listing = "; ".join(f"{name} ({n})" for name, n in folded.items())
+        parser.epilog = (f"{sum(folded.values())} more options, in groups: {listing}. "
+                         f"--help-all lists every option.")
 
 
 def parse_args(cls: type, args: argparse.Namespace) -> Any:

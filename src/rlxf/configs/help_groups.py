@@ -1,0 +1,23 @@
+"""Which options ``rlxf <recipe> --help`` lists, and which it folds into named groups that
+``--help-all`` shows: the main help keeps what a user of the recipe sets in most runs; options for
+one reward, one memory technique or fine control of the optimiser wait one flag away."""
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("eval_split", "eval_holdout", "task_size", "eval_size", "skip_invalid", "max_prompt_length",
+             "eval_batch_size", "pair_kind", "truncation", "verbose_fraction"),
+    "optimiser": ("weight_decay", "adam_beta1", "adam_beta2"),
+    "logging and checkpoints": ("keep_checkpoints", "tensorboard", "progress"),
+    "memory and speed": ("dtype", "autocast", "gradient_checkpointing", "compile", "activation_memory_budget",
+                         "threads", "engine", "share_prompt", "dp_rollouts", "precompute_ref"),
+    "LoRA": ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora"),
+    "model loading": ("trust_remote_code", "disable_dropout"),
+    "reward: judges (--reward lmgt, d_rlaif)": ("judge", "judge_model", "judge_prompts", "lmgt_base", "lmgt_scale",
+                                                "lmgt_decay", "lmgt_call_fraction", "lmgt_knowledge"),
+    "reward: likelihood (--reward likelihood)": ("likelihood_kind", "likelihood_scorer"),
+    "reward: Kimi length": ("length_reward_weight", "length_reward_warmup"),
+    "reward: model-written code": ("unsafe_reward_code",),
+    "sampling details": ("top_p", "top_k", "max_sample_batches", "overlong_buffer", "overlong_factor",
+                         "mask_truncated"),
+    "objective details": ("leave_one_out", "kl_kind", "reference"),
+}
+GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
