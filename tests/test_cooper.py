@@ -234,13 +234,15 @@ def test_config_defaults_and_validation():
         build_config(CooperConfig, {"cooper_negatives": "llm"})
 
 
-def test_the_registered_reward_needs_the_cooper_config(tokenizer):
-    from rlxf.recipes.grpo import GRPOConfig
-
-    with pytest.raises(RewardError, match="rlxf cooper"):
-        get_reward("cooper", tokenizer=tokenizer, task=get_task("arithmetic"), cfg=build_config(GRPOConfig, {}))
+def test_the_registered_reward_takes_its_own_options(tokenizer):
+    """The factory reads no recipe config: its options come as keywords (``rlxf cooper`` builds them
+    with CooperConfig.reward_options)."""
+    with pytest.raises(RewardError, match="rm_path"):
+        get_reward("cooper", tokenizer=tokenizer, task=get_task("arithmetic"))
     with pytest.raises(RewardError, match="task"):
-        get_reward("cooper", tokenizer=tokenizer, task=None, cfg=build_config(CooperConfig, {}))
+        get_reward("cooper", tokenizer=tokenizer, task=None, **build_config(CooperConfig, {}).reward_options())
+    options = build_config(CooperConfig, {"cooper_rm_lr": 1e-4, "output_dir": "x"}).reward_options()
+    assert options["rm_lr"] == 1e-4 and options["pretrain"]["steps"] == 800 and str(options["save_dir"]) == "x/verify_rm"
 
 
 # -- end to end --------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def test_resume_restores_the_co_trained_rm_exactly(tmp_path):
 def test_the_example_compare_spec_plans_three_cooper_runs(tmp_path):
     from pathlib import Path
 
-    from rlxf.recipes.compare import load_spec, plan_runs
+    from rlxf.workflows.compare import load_spec, plan_runs
 
     spec, source = load_spec(Path(__file__).parents[1] / "examples" / "compare_cooper_static.yaml")
     runs = {run.label: run.config for run in plan_runs(spec, output_dir=tmp_path, source=source)}

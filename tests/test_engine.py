@@ -87,3 +87,22 @@ def test_a_folded_option_still_parses():
 
     args = build_parser("grpo", full=False).parse_args(["grpo", "--lora-alpha", "8", "--lmgt-scale", "0.5"])
     assert args.lora_alpha == "8" and args.lmgt_scale == "0.5"
+
+
+def test_judge_rewards_take_their_own_options(monkeypatch):
+    """LMGT reads no recipe config: the online configs hand it its own options (reward_options)."""
+    import rlxf.judges
+    from rlxf.config import build_config
+    from rlxf.configs.grpo import GRPOConfig
+    from rlxf.rewards import get_reward
+    from rlxf.rewards.lmgt import LMGTReward
+    from rlxf.tasks import get_task
+
+    seen = {}
+    monkeypatch.setattr(rlxf.judges, "build_judge", lambda spec, **kw: seen.update(spec=spec, **kw) or object(),
+                        raising=False)
+    cfg = build_config(GRPOConfig, {"reward": "lmgt", "judge": "local:tiny", "lmgt_scale": 0.5, "device": "cpu"})
+    reward = get_reward("lmgt", task=get_task("arithmetic"), **cfg.reward_options())
+    assert isinstance(reward, LMGTReward) and seen["spec"] == "local:tiny" and seen["device"] == "cpu"
+    with pytest.raises(Exception, match="needs a judge"):
+        get_reward("d_rlaif", **build_config(GRPOConfig, {}).reward_options())

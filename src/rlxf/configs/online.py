@@ -83,6 +83,15 @@ class OnlineConfig(RunConfig):
             raise ConfigError(f"--reward {self.reward} needs --judge SPEC (local:tiny, local:PATH or "
                               "http://host:port/v1)")
 
+    def reward_options(self) -> dict:
+        """The options each reward factory takes as its own (``rlxf.rewards.get_reward`` passes a
+        factory those it names): the judge rewards' and LMGT's, from ``--judge*`` and ``--lmgt-*``."""
+        return {"judge": self.judge, "judge_model": self.judge_model, "judge_prompts": self.judge_prompts,
+                "judge_device": self.device, "base": self.lmgt_base, "scale": self.lmgt_scale,
+                "decay": self.lmgt_decay, "call_fraction": self.lmgt_call_fraction, "knowledge": self.lmgt_knowledge,
+                "seed": self.seed, "trust_remote_code": self.trust_remote_code, "group_size": self.group_size,
+                "unsafe_reward_code": self.unsafe_reward_code}
+
 
 def _check_sandboxed_reward(spec, unsafe: bool) -> None:
     """Before any model loads: a model-written reward needs the OS boundary (or --unsafe-reward-code),

@@ -101,7 +101,7 @@ class RewardPipeline:
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         context = {"tokenizer": tokenizer, "model": policy, "policy": policy, "ref_model": ref_model,
                    "scorer": cfg.likelihood_scorer, "task": task, "kind": cfg.likelihood_kind,
-                   "path": cfg.reward_model, "device": next(policy.parameters()).device, "cfg": cfg,
+                   "path": cfg.reward_model, "device": next(policy.parameters()).device, **cfg.reward_options(),
                    "unsafe_reward_code": cfg.unsafe_reward_code}
         self.base = get_reward(cfg.reward, **context)
         self.format = get_reward("format", pattern=r"#\s*-?\d") if cfg.format_weight else None

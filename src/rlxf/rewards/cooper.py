@@ -425,35 +425,33 @@ class CooperReward:
 
 
 @register_reward("cooper", factory=True)
-def _cooper_factory(tokenizer, task=None, cfg=None, model=None, device=None):
+def _cooper_factory(tokenizer, task=None, model=None, device=None, *, rm_path: str | None = None,
+                    trust_remote_code: bool = False, group_size: int = 8, update: bool = True, rm_lr: float = 3e-4,
+                    seed: int = 0, eval_size: int = 256, pretrain: dict | None = None, max_grad_norm: float = 1.0,
+                    negatives: str = "slip", save_dir=None):
     """COOPER: σ(reference-aware verifier RM), the RM updated contrastively after each step (rlxf cooper).
 
-    Options come from the cooper recipe's config (``cfg``): ``cooper_rm`` (a trained VerifyRM
-    directory, or None to start from ``cfg.model`` with a fresh head and pretrain it),
-    ``cooper_update``, ``cooper_negatives``, ``cooper_rm_lr``, ``cooper_pretrain_steps``,
-    ``cooper_pretrain_lr``, ``cooper_pretrain_batch_size``, ``cooper_eval_size``; plus ``group_size``, ``seed``,
-    ``max_grad_norm``, ``trust_remote_code``. The RM uses the policy's tokenizer and dtype. A
-    freshly pretrained RM is saved to ``<output_dir>/verify_rm``.
+    Its own options (``rlxf cooper`` fills them from ``--cooper-*``): ``rm_path`` (a trained VerifyRM
+    directory, or the policy checkpoint to start a fresh head from), ``pretrain`` (``{steps, lr,
+    batch_size}`` for a fresh head, None for a trained one), ``update``, ``rm_lr``, ``negatives``,
+    ``eval_size``, ``group_size``, ``seed``, ``max_grad_norm``, ``trust_remote_code``, ``save_dir``
+    (where a freshly pretrained RM is saved). The RM uses the policy's tokenizer and dtype.
     """
-    if cfg is None or not hasattr(cfg, "cooper_update"):
-        raise RewardError("reward 'cooper' reads its options from the cooper recipe's config: run "
-                          "`rlxf cooper` (or pass cfg=CooperConfig(...) to get_reward)")
+    if rm_path is None:
+        raise RewardError("reward 'cooper' needs rm_path: a trained VerifyRM directory or the checkpoint to start "
+                          "a fresh verifier head from (rlxf cooper passes --cooper-rm or --model)")
     if task is None:
         raise RewardError("reward 'cooper' needs a built-in task (--dataset task:NAME): its verifier picks "
                           "the positives the RM is updated on")
     dtype = next(model.parameters()).dtype if model is not None else torch.float32
     devices = [device] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the fresh head's init leaves the policy's RNG alone
-        torch.manual_seed(cfg.seed)
-        rm = load_reward_model(cfg.cooper_rm or cfg.model, dtype=dtype, device=device,
-                               trust_remote_code=cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
-                               resize_to=len(tokenizer))
-    pretrain = None if cfg.cooper_rm else {"steps": cfg.cooper_pretrain_steps, "lr": cfg.cooper_pretrain_lr,
-                                           "batch_size": cfg.cooper_pretrain_batch_size}
-    return CooperReward(rm, tokenizer, task, group_size=cfg.group_size, update=cfg.cooper_update,
-                        lr=cfg.cooper_rm_lr, seed=cfg.seed, eval_size=cfg.cooper_eval_size, pretrain=pretrain,
-                        max_grad_norm=cfg.max_grad_norm, negatives=cfg.cooper_negatives,
-                        save_dir=None if cfg.cooper_rm else cfg.resolved_output_dir("cooper") / "verify_rm")
+        torch.manual_seed(seed)
+        rm = load_reward_model(rm_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               pad_token_id=tokenizer.pad_token_id, resize_to=len(tokenizer))
+    return CooperReward(rm, tokenizer, task, group_size=group_size, update=update, lr=rm_lr, seed=seed,
+                        eval_size=eval_size, pretrain=pretrain, max_grad_norm=max_grad_norm, negatives=negatives,
+                        save_dir=save_dir)
 
 
 def _merged_over_processes(stash: dict) -> dict:

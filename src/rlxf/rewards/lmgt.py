@@ -193,10 +193,10 @@ def judge_prompt_set(spec: str, choice: str) -> str:
     return choice
 
 
-def build_judge_from_config(cfg, *, reward: str):
-    """``rlxf.judges.build_judge(cfg.judge, model=cfg.judge_model, device=cfg.device, prompts=…)``,
-    looked up at call time so tests can replace it; a clear error without ``--judge``."""
-    spec = getattr(cfg, "judge", None)
+def build_judge_for(spec: str | None, *, reward: str, judge_model: str | None = None, device: str = "auto",
+                    judge_prompts: str = "auto"):
+    """``rlxf.judges.build_judge(spec, model=judge_model, device=device, prompts=…)``, looked up at
+    call time so tests can replace it; a clear error without a judge."""
     if not spec:
         raise RewardError(f"reward {reward!r} needs a judge: pass --judge SPEC (local:PATH, local:tiny, or an "
                           "OpenAI-compatible base URL http://host:port/v1)")
@@ -205,30 +205,34 @@ def build_judge_from_config(cfg, *, reward: str):
     except (ImportError, AttributeError) as exc:
         raise RewardError(f"reward {reward!r}: rlxf.judges.build_judge is not available ({exc})") from None
     try:
-        return build(spec, model=getattr(cfg, "judge_model", None), device=getattr(cfg, "device", "auto"),
-                     prompts=judge_prompt_set(spec, getattr(cfg, "judge_prompts", "auto")))
+        return build(spec, model=judge_model, device=device, prompts=judge_prompt_set(spec, judge_prompts))
     except ValueError as exc:  # JudgeError: a bad spec or options
         raise RewardError(f"reward {reward!r}: --judge {spec!r}: {exc}") from None
 
 
 @register_reward("lmgt", factory=True)
-def _lmgt_factory(cfg=None, task=None, **context):
-    """LMGT: base reward (--lmgt-base) + scale · judge shift δ ∈ {−1, 0, +1} (needs --judge)."""
-    if cfg is None:
-        raise RewardError("reward 'lmgt' is configured from an online recipe's config (cfg=OnlineConfig); "
-                          "or build rlxf.rewards.lmgt.LMGTReward(base_fn, judge, ...) yourself")
-    if cfg.lmgt_base == "lmgt":
+def _lmgt_factory(task=None, *, base: str = "verifiable", judge: str | None = None, judge_model: str | None = None,
+                  judge_prompts: str = "auto", judge_device: str = "auto", scale: float = 1.0, decay: float = 0.0,
+                  call_fraction: float = 1.0, knowledge: str | None = None, seed: int = 0, **context):
+    """LMGT: base reward (--lmgt-base) + scale · judge shift δ ∈ {−1, 0, +1} (needs --judge).
+
+    Its own options (the online recipes fill them from ``--lmgt-*`` and ``--judge*``): ``base`` (any
+    reward spec, built with the same context), ``judge``/``judge_model``/``judge_prompts``, ``scale``,
+    ``decay``, ``call_fraction``, ``knowledge`` (a text file of prior knowledge), ``seed``;
+    ``judge_device`` is where a local judge runs."""
+    if base == "lmgt":
         raise RewardError("--lmgt-base cannot be lmgt itself; use verifiable, reward_model, likelihood ...")
-    base = get_reward(cfg.lmgt_base, cfg=cfg, task=task, **context)
-    judge = build_judge_from_config(cfg, reward="lmgt")
-    knowledge = None
-    if cfg.lmgt_knowledge:
-        path = Path(cfg.lmgt_knowledge)
+    base_fn = get_reward(base, task=task, seed=seed, **context)
+    judge_obj = build_judge_for(judge, reward="lmgt", judge_model=judge_model, device=judge_device,
+                                judge_prompts=judge_prompts)
+    text = None
+    if knowledge:
+        path = Path(knowledge)
         if not path.is_file():
             raise RewardError(f"--lmgt-knowledge: file not found: {path}")
-        knowledge = path.read_text(encoding="utf-8")
-    return LMGTReward(base, judge, scale=cfg.lmgt_scale, decay=cfg.lmgt_decay, call_fraction=cfg.lmgt_call_fraction,
-                      knowledge=knowledge, seed=cfg.seed, task=task)
+        text = path.read_text(encoding="utf-8")
+    return LMGTReward(base_fn, judge_obj, scale=scale, decay=decay, call_fraction=call_fraction, knowledge=text,
+                      seed=seed, task=task)
 
 
 def d_rlaif_rewards(scores: Sequence[float | None]) -> list[float | None]:
@@ -251,6 +255,8 @@ class DirectJudgeReward:
 
 
 @register_reward("d_rlaif", factory=True)
-def _d_rlaif_factory(cfg=None):
+def _d_rlaif_factory(*, judge: str | None = None, judge_model: str | None = None, judge_prompts: str = "auto",
+                     judge_device: str = "auto"):
     """d-RLAIF: the judge's 1–10 score mapped to [−1, 1] is the reward, no reward model (needs --judge)."""
-    return DirectJudgeReward(build_judge_from_config(cfg, reward="d_rlaif"))
+    return DirectJudgeReward(build_judge_for(judge, reward="d_rlaif", judge_model=judge_model, device=judge_device,
+                                             judge_prompts=judge_prompts))
