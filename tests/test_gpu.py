@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 
-from rlxf.cli import RECIPES, _config_class
 from rlxf.config import build_config
+from rlxf.configs.registry import get_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "orpo", "rm", "sft"])
+@pytest.mark.parametrize("recipe", ["dpo", "orpo", "rm", "sft", "grpo", "ppo"])
 def test_recipe_trains_on_cuda_with_bf16_autocast(recipe, tiny_random_model_dir, tmp_path):
-    cfg = build_config(_config_class(recipe), {
+    online = get_recipe(recipe).kind == "online"
+    extra = ({"reward": "verifiable", "value_model": "policy"} if recipe == "ppo" else {}) if online else {}
+    cfg = build_config(get_recipe(recipe).config_class(), {
         "model": str(tiny_random_model_dir), "output_dir": str(tmp_path / recipe), "device": "cuda",
-        "max_steps": 3, "task_size": 64, "eval_size": 32, "batch_size": 8, "progress": False})
-    summary = importlib.import_module(RECIPES[recipe][0]).train(cfg).summary
+        "max_steps": 3, "task_size": 64, "eval_size": 32, "batch_size": 8, "progress": False, **extra})
+    summary = get_recipe(recipe).train_fn()(cfg).summary
     assert summary["peak_memory_mb"] > 0
-    assert math.isfinite(summary["final/loss"])
+    assert math.isfinite(summary["final/reward"] if online else summary["final/loss"])
 
 
 def test_token_logps_cuda_matches_cpu(tiny_random_model_dir):
