@@ -530,10 +530,10 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
                                 graph_steps=graph_steps, compile_mode=compile_mode,
                                 sampling_kernel=sampling_kernel, linear_kernel=linear_kernel, **kw))
     if plain_batch_decode:  # the engine before the Rust-backend text decoding (session 5)
-        from rlxf.rollout import hf_engine
+        from rlxf.rollout import sampling
 
-        fast_decode = hf_engine.decode_texts
-        hf_engine.decode_texts = lambda tok, lists: tok.batch_decode(lists, skip_special_tokens=True)
+        fast_decode = sampling.decode_texts
+        sampling.decode_texts = lambda tok, lists: tok.batch_decode(lists, skip_special_tokens=True)
     prompts = decode_prompts(b, c["batch"], c["prompt"])
     b.sync()
     t0 = time.perf_counter()
@@ -578,7 +578,7 @@ def rlxf_engine(b: Bench, kind: str, *, compile_: bool = False, fuse: bool | Non
         key = "static_decode_step" + ("_compiled" if compile_ else "") + ("" if attention is None else f"_{attention}")
         b.results["profile"][key] = profile_decode_step(b, engine, prompts)
     if plain_batch_decode:
-        hf_engine.decode_texts = fast_decode
+        sampling.decode_texts = fast_decode
     del engine, model
     return res
 
@@ -598,14 +598,14 @@ def engine_phases(b: Bench, engine, prompts, params) -> dict:
             return out
         return wrapper
 
-    saved = engine._prefill, engine._state, engine._fallback._assemble
+    saved = engine._prefill, engine._state, engine._assemble
     engine._prefill = timed("prefill", engine._prefill)
     engine._state = timed("state", engine._state)
-    engine._fallback._assemble = timed("assemble", engine._fallback._assemble)
+    engine._assemble = timed("assemble", engine._assemble)
     try:
         timed("total", engine.generate)(prompts, params)
     finally:
-        engine._prefill, engine._state, engine._fallback._assemble = saved
+        engine._prefill, engine._state, engine._assemble = saved
     phases["decode loop and the rest"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
     out = {k: round(v, 2) for k, v in phases.items()}
     if b.cuda:
@@ -650,12 +650,12 @@ def call_profile(b: Bench, engine, prompts, params) -> dict:
 
 
 def kernel_sweep(b: Bench) -> dict:
-    """Microseconds per call of rlxf.kernels' decode attention and sampling kernels under several launch
+    """Microseconds per call of rlxf.rollout.kernels' decode attention and sampling kernels under several launch
     settings, against the torch ops they replace, on the decode workload's shapes (each timed as 20
     calls in one CUDA graph, so launch overhead is excluded)."""
     if not b.cuda:
         return {}
-    from rlxf import kernels
+    from rlxf.rollout import kernels
 
     m, c = b.cfg["model"], b.cfg["decode"]
     batch, n_kv, n_heads = c["batch"], m["num_key_value_heads"], m["num_attention_heads"]
@@ -772,7 +772,7 @@ def split_sweep(b: Bench) -> dict:
     together exceed the L2 cache). The engine's rule (``_attention_split``) is set from this table."""
     if not b.cuda:
         return {}
-    from rlxf import kernels
+    from rlxf.rollout import kernels
     from rlxf.rollout.static_engine import _attention_split
 
     m = b.cfg["model"]
@@ -870,7 +870,7 @@ def _graph_us(fn, calls: int = 20) -> float:
 
 def linear_sweep(b: Bench) -> dict:
     """Microseconds per call of the decode step's four projections at the decode batch: cuBLAS
-    (``F.linear``, plus the SiLU·mul for gate/up) against :func:`rlxf.kernels.decode_linear` under
+    (``F.linear``, plus the SiLU·mul for gate/up) against :func:`rlxf.rollout.kernels.decode_linear` under
     launch settings searched in two stages (tiles and K splits, then M block, warps and stages
     around the best). The best setting of each shape goes into ``kernels.LINEAR_CONFIGS`` for the
     rest of the run (and is what rlxf ships; docs/performance.md). Weights are read cold (from HBM,
@@ -881,7 +881,7 @@ def linear_sweep(b: Bench) -> dict:
 
     import torch.nn.functional as F
 
-    from rlxf import kernels
+    from rlxf.rollout import kernels
 
     m, c = b.cfg["model"], b.cfg["decode"]
     rows, hidden, inter = c["batch"], m["hidden_size"], m["intermediate_size"]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before rlxf is imported: rlxf.kernels then run in Triton's CPU interpreter
+if not torch.cuda.is_available():  # before rlxf is imported: rlxf.rollout.kernels then run in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

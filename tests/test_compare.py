@@ -11,7 +11,7 @@ import yaml
 
 from rlxf.cli import main
 from rlxf.config import ConfigError
-from rlxf.recipes.compare import plan_runs, run_comparison
+from rlxf.workflows.compare import plan_runs, run_comparison
 from rlxf.reporting import MetricsLogger, read_metrics, write_summary
 from rlxf.reporting.compare import compare_runs, default_threshold
 

@@ -14,7 +14,7 @@ import pytest
 
 from rlxf.cli import RECIPES, _config_class, build_parser, main
 from rlxf.config import ConfigError, build_config, coerce, load_yaml, numeric_fields, parse_args, save_yaml
-from rlxf.recipes.long2short import Long2ShortDataConfig
+from rlxf.workflows.long2short import Long2ShortDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -328,7 +328,7 @@ def _config_classes() -> list[type]:
     import importlib
 
     from rlxf.cli import AI_FEEDBACK
-    from rlxf.recipes.cool_rlhf import CoolRLHFConfig
+    from rlxf.workflows.cool_rlhf import CoolRLHFConfig
 
     classes = {_config_class(name) for name in RECIPES}
     classes |= {getattr(importlib.import_module(module), cls) for module, cls, _ in AI_FEEDBACK.values()}

@@ -13,7 +13,7 @@ from rlxf.config import ConfigError, build_config
 from rlxf.data.conditions import DEFAULT_CONDITIONS, apply_conditions, condition_prompt, load_conditions
 from rlxf.data.online_labels import (SampleGroup, fast_path_pairs, file_labels, hacking_flags, hacking_stats,
                                      high_scored, judge_pairs, quantile, verifier_pairs)
-from rlxf.recipes.cool_rlhf import CoolRLHFConfig, read_jsonl
+from rlxf.workflows.cool_rlhf import CoolRLHFConfig, read_jsonl
 
 RM_FAST = {"max_steps": 2, "batch_size": 4, "eval_every": 0, "warmup_steps": 0, "progress": False, "threads": 1}
 
@@ -63,7 +63,7 @@ def test_condition_prefix_is_identical_at_rm_training_and_scoring(tiny_random_mo
     exactly the token ids training encoded, and reproduces the recipe's own held-out accuracy."""
     monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: b"")  # not under test
     from rlxf.data import tokenize_preference, validate_rows
-    from rlxf.recipes.cool_rlhf import rm_accuracy
+    from rlxf.workflows.cool_rlhf import rm_accuracy
     from rlxf.recipes.reward_model import RewardModelConfig, train
     from rlxf.rewards import RewardError, RewardModelReward, get_reward
 
@@ -191,7 +191,7 @@ def test_bad_values_are_config_errors(values, match):
 
 
 def test_sub_run_options_are_checked_before_anything_trains(tmp_path):
-    from rlxf.recipes.cool_rlhf import train
+    from rlxf.workflows.cool_rlhf import train
 
     small = {"rm_pairs": 4, "eval_pairs": 2, "rl_prompts": 4, "eval_prompts": 2, "policy_batch_size": 2}
     cfg = build_config(CoolRLHFConfig, {**small, "policy_recipe": "ppo", "output_dir": str(tmp_path / "a")})
@@ -269,7 +269,7 @@ def test_two_rounds_end_to_end_then_rerun_skips_and_resumes(tiny_random_model_di
 
 
 def test_report_plots_the_round_metrics(tmp_path):
-    from rlxf.recipes.cool_rlhf import write_results
+    from rlxf.workflows.cool_rlhf import write_results
 
     cfg = build_config(CoolRLHFConfig, {"output_dir": str(tmp_path), "datasets": "task:arithmetic"})
     base = {"rm_dir": "rm", "policy_dir": "p", "rm_accuracy": 0.8, "rm_accuracy/arithmetic": 0.8,

@@ -1,9 +1,9 @@
-"""rlxf.kernels: the decode-attention and sampling Triton kernels against their torch references,
+"""rlxf.rollout.kernels: the decode-attention and sampling Triton kernels against their torch references,
 and StaticEngine running them (same greedy tokens as HFEngine, exact sampling distribution, seeds).
 
 On a machine without CUDA the kernels run in Triton's interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1`` before rlxf is imported); on a GPU they run compiled. The interpreter's bf16
-``dot`` is wrong, so there the kernel upcasts its dot operands (``rlxf.kernels.INTERPRET``).
+``dot`` is wrong, so there the kernel upcasts its dot operands (``rlxf.rollout.kernels.INTERPRET``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlxf import kernels
+from rlxf.rollout import kernels
 from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
 
 from test_rollout import check_invariants, training_side_logps

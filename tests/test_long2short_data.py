@@ -17,7 +17,7 @@ import torch
 from rlxf.cli import build_parser, main
 from rlxf.config import ConfigError, build_config, load_yaml
 from rlxf.data import DataError, load_rows, validate_rows
-from rlxf.recipes.long2short import Long2ShortDataConfig, build_long2short_data
+from rlxf.workflows.long2short import Long2ShortDataConfig, build_long2short_data
 from rlxf.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,11 +30,9 @@ def _cfg(recipe: str, model_dir: Path, out: Path, **overrides):
 
 
 def _train(recipe: str, cfg):
-    import importlib
+    from rlxf.configs.registry import get_recipe
 
-    from rlxf.cli import RECIPES
-
-    return importlib.import_module(RECIPES[recipe][0]).train(cfg)
+    return get_recipe(recipe).train_fn()(cfg)
 
 
 def _flags(values: dict) -> list[str]:

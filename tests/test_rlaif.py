@@ -22,7 +22,7 @@ from rlxf.judges.constitution import DEFAULT_PATH, load_principles, select_princ
 from rlxf.losses import bradley_terry_loss
 from rlxf.reporting import read_metrics
 from rlxf.rewards import RewardError, call_reward
-from rlxf.recipes.rlaif import RLAIFConfig, build_preference_rows, label_pairs, label_stats
+from rlxf.workflows.rlaif import RLAIFConfig, build_preference_rows, label_pairs, label_stats
 from rlxf.rewards.lmgt import LMGTReward, d_rlaif_rewards, judge_prompt_set, sample_key
 from rlxf.tasks import get_task
 
@@ -444,8 +444,8 @@ def _check_table(rows: dict[str, str], cls, expected: set[str]) -> None:
 
 
 def test_option_tables_match_the_config_defaults():
-    from rlxf.recipes.ai_feedback import SamplingOptions
-    from rlxf.recipes.cai import CAISFTConfig
+    from rlxf.workflows.ai_feedback import SamplingOptions
+    from rlxf.workflows.cai import CAISFTConfig
     from rlxf.recipes.grpo import GRPOConfig
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "methods"

@@ -324,7 +324,7 @@ def test_decode_texts_equals_batch_decode_and_falls_back(tokenizer, monkeypatch)
     and tokenizers it does not cover (space clean-up on, no backend) go through batch_decode."""
     import copy
 
-    from rlxf.rollout.hf_engine import decode_texts
+    from rlxf.rollout.sampling import decode_texts
 
     rng = torch.Generator().manual_seed(0)
     vocab = len(tokenizer)

@@ -73,7 +73,7 @@ def _add_compare_parser(sub) -> None:
 
 
 def _compare(args) -> int:
-    from rlxf.recipes.compare import run_comparison
+    from rlxf.workflows.compare import run_comparison
     from rlxf.reporting.compare import compare_runs, parse_run_dirs
 
     if (args.spec is None) == (args.runs is None):
@@ -98,7 +98,7 @@ L2S_HELP = ("sample a model n times per prompt; write Kimi long2short SFT data a
 
 
 def _add_long2short_parser(sub) -> None:
-    from rlxf.recipes.long2short import Long2ShortDataConfig
+    from rlxf.workflows.long2short import Long2ShortDataConfig
 
     p = sub.add_parser("long2short-data", help=L2S_HELP, description=f"rlxf long2short-data: {L2S_HELP}. "
                        "Flags override values from --config.", allow_abbrev=False)
@@ -107,7 +107,7 @@ def _add_long2short_parser(sub) -> None:
 
 
 def _long2short_data(args) -> int:
-    from rlxf.recipes.long2short import Long2ShortDataConfig, build_long2short_data
+    from rlxf.workflows.long2short import Long2ShortDataConfig, build_long2short_data
 
     cfg = parse_args(Long2ShortDataConfig, args)
     stats = build_long2short_data(cfg)
@@ -177,9 +177,9 @@ def _serve(args) -> int:
 
 # data-generating commands that may train afterwards: name -> (module, config class, help)
 AI_FEEDBACK = {
-    "cai-sft": ("rlxf.recipes.cai", "CAISFTConfig", "Constitutional AI SL stage: the policy critiques and revises "
+    "cai-sft": ("rlxf.workflows.cai", "CAISFTConfig", "Constitutional AI SL stage: the policy critiques and revises "
                 "its answers under principles, then SFT on the revisions (docs/methods/rlaif.md)"),
-    "rlaif": ("rlxf.recipes.rlaif", "RLAIFConfig", "sample response pairs, label them with an AI judge (soft "
+    "rlaif": ("rlxf.workflows.rlaif", "RLAIFConfig", "sample response pairs, label them with an AI judge (soft "
               "labels, both orders), then train an RM or DPO/RPO on them (docs/methods/rlaif.md)"),
 }
 
@@ -216,13 +216,13 @@ def _add_cool_rlhf_parser(sub, *, full: bool) -> None:
                        "same command continues the loop. Flags override values from --config.", allow_abbrev=False)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value (flags override it)")
     if full:
-        from rlxf.recipes.cool_rlhf import CoolRLHFConfig
+        from rlxf.workflows.cool_rlhf import CoolRLHFConfig
 
         add_arguments(p, CoolRLHFConfig)
 
 
 def _cool_rlhf(args) -> int:
-    from rlxf.recipes.cool_rlhf import CoolRLHFConfig, train
+    from rlxf.workflows.cool_rlhf import CoolRLHFConfig, train
 
     out = train(parse_args(CoolRLHFConfig, args)).output_dir
     print(f"\nrlxf cool-rlhf: done. Rounds: {out / 'rounds.jsonl'}  Report: {out / 'report.html'}  "

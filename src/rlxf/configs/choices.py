@@ -9,3 +9,4 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 RPO_DISTANCES = ("bwd_kl", "fwd_kl", "sq")
 POLICY_LOSSES = ("clipped",)
 PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo")
+COOPER_NEGATIVES = ("slip", "mixed")  # negatives of the VerifyRM update: rlxf.rewards.cooper

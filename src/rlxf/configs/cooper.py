@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlxf.config import NON_NEGATIVE, POSITIVE, Bounds, ConfigError, check_choice, option
+from rlxf.configs.choices import COOPER_NEGATIVES as NEGATIVES
 from rlxf.configs.grpo import GRPOConfig
-
-NEGATIVES = ("slip", "mixed")  # negatives of the VerifyRM update: rlxf.rewards.cooper
 
 
 @dataclass(frozen=True)
@@ -16,6 +15,8 @@ class CooperConfig(GRPOConfig):
 
     reward: str = option("cooper", "reward: 'cooper' (the co-trained VerifyRM); use rlxf grpo for others")
     beta: float | None = option(0.001, "KL-in-loss coefficient β (COOPER's script: 0.001, k3)")
+    lr: float = option(1e-4, "learning rate (AdamW); the tiny-model rate docs/methods/cooper.md measured — the "
+                       "paper uses 1e-6")
     cooper_rm: str | None = option(None, "a trained VerifyRM directory, e.g. an earlier cooper run's "
                                    "<output_dir>/verify_rm; None = start from --model with a fresh head, pretrain "
                                    "it on the task and save it to <output_dir>/verify_rm")

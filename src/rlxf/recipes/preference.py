@@ -126,8 +126,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
 
 def train(cfg: PreferenceConfig):
     """Run the preference recipe; returns the ``FitResult`` (summary + output dir)."""
-    from rlxf.data import collate_preference, tokenize_preference
-    from rlxf.models import Reference, save_pretrained, shared_prompt_logps, token_logps
+    from rlxf.data import tokenize_preference
     from rlxf.runtime import seed_everything
 
     setup_logging()
@@ -148,32 +147,68 @@ def train(cfg: PreferenceConfig):
                                            for e in train_ex):
         log.warning("%s: some pairs have no chosen_score/rejected_score; using NeMo defaults %s for them",
                     cfg.loss, RPO_DEFAULT_SCORES)
-    reference = None
-    if loss_entry.needs_reference:
-        mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r > 0 else "copy")
-        reference = Reference.build(model, mode)
-        if cfg.precompute_ref:
-            precompute_reference(cfg, reference, train_ex + eval_ex, tokenizer.pad_token_id, out / "cache", device)
-            if mode == "copy":
-                reference = None  # the cached values are all we need: free the copy
-    pad_id = tokenizer.pad_token_id
+    reference = _reference(cfg, loss_entry, model, train_ex + eval_ex, tokenizer.pad_token_id, out / "cache", device)
+    step = PreferenceStep(cfg, loss_entry, loss_params, model, tokenizer, reference, eval_ex, device)
+    data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
+                 "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
+    return fit(cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
+               collate=step.collate, loss_fn=step.loss_fn, evaluate=step.evaluate, panels=_panels(loss_entry, eval_ex),
+               headline=_headline(loss_entry), save_final=step.save_final, extra_summary=lambda: {"data": data_info})
 
-    def policy_logps(input_ids, attention_mask, label_mask=None):
-        return token_logps(model, input_ids, attention_mask, label_mask=label_mask)
 
-    def collate(examples: list[dict]) -> dict:
-        batch = collate_preference(examples, pad_id)
+def _reference(cfg: PreferenceConfig, loss_entry, model, examples: list[dict], pad_id: int, cache_dir: Path,
+               device: torch.device):
+    """The frozen reference the loss needs (None for a loss without one). With ``precompute_ref`` its
+    log-probs are stored in ``examples`` first, and a full copy is then dropped: the cached values
+    are all the run needs."""
+    from rlxf.models import Reference
+
+    if not loss_entry.needs_reference:
+        return None
+    mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r > 0 else "copy")
+    reference = Reference.build(model, mode)
+    if cfg.precompute_ref:
+        precompute_reference(cfg, reference, examples, pad_id, cache_dir, device)
+        if mode == "copy":
+            reference = None  # the cached values are all we need: free the copy
+    return reference
+
+
+class PreferenceStep:
+    """The pieces of a preference run that :func:`rlxf.train.offline.fit` calls: ``collate``,
+    ``loss_fn``, ``evaluate`` and ``save_final``, over one loss of the registry (``loss_entry``)."""
+
+    def __init__(self, cfg: PreferenceConfig, loss_entry, loss_params: dict, model, tokenizer, reference,
+                 eval_ex: list[dict], device: torch.device):
+        self.cfg, self.loss_entry, self.loss_params = cfg, loss_entry, loss_params
+        self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.eval_ex, self.device = eval_ex, device
+        self.pad_id = tokenizer.pad_token_id
+
+    def policy_logps(self, input_ids, attention_mask, label_mask=None):
+        from rlxf.models import token_logps
+
+        return token_logps(self.model, input_ids, attention_mask, label_mask=label_mask)
+
+    def collate(self, examples: list[dict]) -> dict:
+        from rlxf.data import collate_preference
+
+        batch = collate_preference(examples, self.pad_id)
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # [B]
             batch["ref_rejected"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # [B]
         return batch
 
-    def forward(batch: dict) -> tuple[torch.Tensor, dict, dict]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict, dict]:
         """Per-pair loss [B], metric tensors, and the pair log-probs."""
+        from rlxf.models import shared_prompt_logps
+
+        cfg, loss_entry, reference = self.cfg, self.loss_entry, self.reference
         if cfg.share_prompt:
-            chosen, rejected, parts = _shared_pair_logps(partial(shared_prompt_logps, model), batch, cfg.length_norm)
+            chosen, rejected, parts = _shared_pair_logps(partial(shared_prompt_logps, self.model), batch,
+                                                         cfg.length_norm)
         else:
-            chosen, rejected, parts = _pair_logps(policy_logps, batch, cfg.length_norm)
+            chosen, rejected, parts = _pair_logps(self.policy_logps, batch, cfg.length_norm)
         ref_c = ref_r = chosen_s = rejected_s = None
         if loss_entry.needs_reference:
             if "ref_chosen" in batch:
@@ -188,7 +223,7 @@ def train(cfg: PreferenceConfig):
         inputs = PreferenceInputs(chosen_logps=chosen, rejected_logps=rejected, chosen_mean_logps=parts["mean_chosen"],
                                   rejected_mean_logps=parts["mean_rejected"], chosen_nll=nll, ref_chosen_logps=ref_c,
                                   ref_rejected_logps=ref_r, chosen_scores=chosen_s, rejected_scores=rejected_s)
-        losses = loss_entry(inputs, **loss_params)  # [B]
+        losses = loss_entry(inputs, **self.loss_params)  # [B]
         if cfg.nll_alpha > 0:
             losses = losses + cfg.nll_alpha * nll
         extra = {}
@@ -199,23 +234,24 @@ def train(cfg: PreferenceConfig):
         pairs = {"pairs": (chosen, rejected, ref_c, ref_r)} if loss_entry.needs_reference else {}
         return losses, extra, pairs
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        losses, extra, pairs = forward(batch)
+    def loss_fn(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        losses, extra, pairs = self.forward(batch)
         metrics = {k: v.mean().item() for k, v in extra.items()}
         if pairs:
-            metrics.update(preference_metrics(*(t.detach() for t in pairs["pairs"]), beta=cfg.beta))
+            metrics.update(preference_metrics(*(t.detach() for t in pairs["pairs"]), beta=self.cfg.beta))
         else:
             metrics["log_odds_accuracy"] = _win_rate(extra["log_odds_ratio"])
         return losses.mean(), metrics
 
-    def evaluate() -> dict:
+    def evaluate(self) -> dict:
+        eval_ex, cfg = self.eval_ex, self.cfg
         if not eval_ex:
             return {}
         losses, extras, pairs = [], {}, []
         for start in range(0, len(eval_ex), cfg.eval_batch_size):
-            batch = collate(eval_ex[start:start + cfg.eval_batch_size])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            l, extra, p = forward(batch)
+            batch = self.collate(eval_ex[start:start + cfg.eval_batch_size])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            l, extra, p = self.forward(batch)
             losses.append(l.float().cpu())
             for k, v in extra.items():
                 extras.setdefault(k, []).append(v.float().cpu())
@@ -233,12 +269,17 @@ def train(cfg: PreferenceConfig):
             log_odds = torch.cat(extras["log_odds_ratio"])  # [N]
             metrics["log_odds_accuracy"] = metrics["accuracy"] = _win_rate(log_odds)
             metrics.update(win_rates_by_kind(log_odds, kinds))
-        metrics.update(task_eval_metrics(cfg, model, tokenizer))
+        metrics.update(task_eval_metrics(cfg, self.model, self.tokenizer))
         return metrics
 
-    def save_final(path: Path) -> None:
-        save_pretrained(model, tokenizer, path, merge_lora=cfg.merge_lora and cfg.lora_r > 0)
+    def save_final(self, path: Path) -> None:
+        from rlxf.models import save_pretrained
 
+        save_pretrained(self.model, self.tokenizer, path, merge_lora=self.cfg.merge_lora and self.cfg.lora_r > 0)
+
+
+def _panels(loss_entry, eval_ex: list[dict]) -> list[Panel]:
+    """The report's panels: implicit-reward curves for a loss with a reference, log-odds for one without."""
     kind_keys = sorted({f"accuracy/{e['pair_kind']}" for e in eval_ex if e.get("pair_kind")})
     if not loss_entry.needs_reference:
         panels = [Panel("log-odds accuracy", ["log_odds_accuracy"], ylabel="fraction"),
@@ -249,15 +290,15 @@ def train(cfg: PreferenceConfig):
                   Panel("reward margin", ["rewards/margin"]),
                   Panel("implicit rewards", ["rewards/chosen", "rewards/rejected"]),
                   Panel("log-probs", ["logps/chosen", "logps/rejected"]), Panel("loss", ["loss"])]
-    panels += [Panel("held-out accuracy by pair kind", kind_keys, split="eval", ylabel="fraction"),Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
+    panels += [Panel("held-out accuracy by pair kind", kind_keys, split="eval", ylabel="fraction"),
+               Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
                Panel("learning rate", ["lr"], split="train")]
-    headline = {"accuracy": "max", "loss": "min", "task_accuracy": "max",
-                ("rewards/margin" if loss_entry.needs_reference else "log_odds_ratio"): "max"}
-    data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
-                 "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
-    return fit(cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
-               collate=collate, loss_fn=loss_fn, evaluate=evaluate, panels=panels, headline=headline,
-               save_final=save_final, extra_summary=lambda: {"data": data_info})
+    return panels
+
+
+def _headline(loss_entry) -> dict[str, str]:
+    return {"accuracy": "max", "loss": "min", "task_accuracy": "max",
+            ("rewards/margin" if loss_entry.needs_reference else "log_odds_ratio"): "max"}
 
 
 def _scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

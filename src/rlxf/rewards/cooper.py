@@ -54,7 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlxf.configs.choices import COOPER_NEGATIVES as NEGATIVES
 from rlxf.models import load_reward_model, reward_scores, save_pretrained
+from rlxf.reporting.progress import PhaseProgress
 from rlxf.rewards.base import RewardError
 from rlxf.rewards.registry import register_reward
 from rlxf.rewards.scoring import eval_mode, length_sorted_batches, model_device, pad_id_of, right_pad
@@ -162,6 +164,8 @@ def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_s
     warmup = max(1, int(steps * PRETRAIN_WARMUP))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     losses = []
+    progress = PhaseProgress("VerifyRM pretraining", steps, logger=log, detail=(
+        f"of {per_step} rows (a fresh verifier head; --cooper-rm DIR reuses a pretrained one)"))
     for step in range(steps):
         batch = rows[step * per_step:(step + 1) * per_step]
         labels = torch.tensor([float(e.label) for e in batch], device=model_device(model))     # [B]
@@ -173,6 +177,8 @@ def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_s
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        progress.update(loss=losses[-1])
+    progress.close()
     tail = losses[-max(1, steps // 10):]
     return {"rm/pretrain_loss": sum(tail) / len(tail), "rm/pretrain_steps": steps,
             "rm/pretrain_seconds": round(time.time() - t0, 2)}
@@ -232,9 +238,6 @@ def truncate_before_answer(completion: str, rng: random.Random) -> str | None:
     if marker < 2:
         return None
     return completion[:rng.randrange(1, marker)]
-
-
-from rlxf.configs.cooper import NEGATIVES  # noqa: E402 (the config owns the choices)
 
 
 def contrastive_loss(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:

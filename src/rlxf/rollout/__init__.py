@@ -4,6 +4,8 @@ fast engine (static KV cache, CUDA-graph decode) for Llama/Qwen2/Qwen3/Mistral s
 
 Recipes sample only through ``engine.generate(prompt_ids, params) -> Rollouts``, so a faster
 engine drops in without touching them. Shapes and the log-prob convention: docs/rollout.md.
+Both engines check prompts, sample on the host, stop and assemble through :mod:`rlxf.rollout.sampling`;
+:mod:`rlxf.rollout.kernels` holds ``StaticEngine``'s Triton decode kernels.
 """
 
 from rlxf.rollout.hf_engine import HFEngine

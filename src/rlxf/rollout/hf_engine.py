@@ -11,7 +11,7 @@ Per micro-batch of at most ``max_batch_size`` rows (each prompt repeated ``n`` t
    receive the pad id and record nothing; the loop ends when every row has finished or after
    ``max_new_tokens`` steps.
 
-Log-prob convention (SPECS.md §0). The recorded log-prob of a sampled token is
+Log-prob convention (docs/rollout.md). The recorded log-prob of a sampled token is
 ``logps_from_logits(logits, token, temperature=τ)`` on the *unfiltered* logits: its log-prob under
 the temperature-scaled policy ``softmax(logits / τ)``, which is what
 :func:`rlxf.models.token_logps` recomputes on the training side (old, reference and current
@@ -21,7 +21,7 @@ recorded value is *not* that sampling probability (the same choice as TRL and ve
 distribution is not differentiable in the policy's own terms). Greedy decoding (τ = 0) records
 log-probs at τ = 1.
 
-Not done here (the fast engine's job, DESIGN.md "Performance architecture"): a static KV cache
+Not done here (the fast engine's job, docs/performance.md): a static KV cache
 and CUDA graphs, dropping finished rows from the batch, encoding a prompt once for its ``n``
 samples. The policy is used in place (no copy), in eval mode under ``torch.no_grad()``; its
 previous train/eval mode is restored afterwards.
@@ -31,20 +31,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
 from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
+from rlxf.rollout.sampling import (DecodedBatch, StopChecker, assemble_rollouts, check_prompts, left_padded,
+                                   sample_next_tokens)
 from rlxf.rollout.types import Rollouts, SamplingParams
-
-# A stop string of L characters spans at most 4·L tokens even with byte-level fallback tokens
-# (UTF-8 is at most 4 bytes a character); the slack covers a token that starts before it.
-_BYTES_PER_CHAR = 4
-_STOP_WINDOW_SLACK = 2
 
 
 class HFEngine:
@@ -79,7 +74,7 @@ class HFEngine:
         """Sample ``params.n`` completions for each prompt; see :class:`Rollouts` for the result."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompts = _check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
+        prompts = check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
         device = self.model.get_input_embeddings().weight.device
         generator = None
         if params.seed is not None:
@@ -93,7 +88,7 @@ class HFEngine:
     # -- one micro-batch ----------------------------------------------------------------------
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
-                        generator: torch.Generator | None, device: torch.device) -> _Batch:
+                        generator: torch.Generator | None, device: torch.device) -> DecodedBatch:
         batch = len(rows)
         steps = params.max_new_tokens
         input_ids, prompt_mask = left_padded(rows, self.pad_token_id, device)  # [B, P]
@@ -108,10 +103,10 @@ class HFEngine:
         completion_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         eos_ids = torch.tensor(self.eos_token_ids, device=device)
-        stop_checker = _StopChecker(self.tokenizer, params.stop, batch) if params.stop else None
+        stop_checker = StopChecker(self.tokenizer, params.stop, batch) if params.stop else None
         used = steps
         for step in range(steps):
-            tokens = _sample(logits, params, generator)                        # [B]
+            tokens = sample_next_tokens(logits, params, generator)             # [B]
             token_logps = logps_from_logits(logits, tokens, temperature=params.logp_temperature)
             active = ~finished
             completion_ids[:, step] = torch.where(active, tokens, self.pad_token_id)
@@ -132,9 +127,9 @@ class HFEngine:
         completion_ids, logps = completion_ids[:, :used], logps[:, :used]
         completion_mask = completion_mask[:, :used]
         hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()  # [B, C]
-        return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
-                      ends_with_eos=hit_eos.any(-1).tolist())
+        return DecodedBatch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                            completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
+                            ends_with_eos=hit_eos.any(-1).tolist())
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache):
         """One forward; returns the last position's logits ``[B, V]`` and the KV cache."""
@@ -156,134 +151,9 @@ class HFEngine:
                                "HFEngine needs a causal LM that supports incremental decoding")
         return out.logits[:, -1], cache
 
-    # -- output ---------------------------------------------------------------------------------
-
-    def _assemble(self, rows: list[list[int]], batches: list[_Batch], params: SamplingParams,
+    def _assemble(self, rows: list[list[int]], batches: list[DecodedBatch], params: SamplingParams,
                   device: torch.device) -> Rollouts:
-        prompt_width = max(b.prompt_ids.shape[1] for b in batches)
-        completion_width = max(b.completion_ids.shape[1] for b in batches)
-        pad = self.pad_token_id
-        prompt_ids = torch.cat([_pad_left(b.prompt_ids, prompt_width, pad) for b in batches])      # [N, P]
-        prompt_mask = torch.cat([_pad_left(b.prompt_mask, prompt_width, 0) for b in batches])     # [N, P]
-        completion_ids = torch.cat([_pad_right(b.completion_ids, completion_width, pad) for b in batches])
-        completion_mask = torch.cat([_pad_right(b.completion_mask, completion_width, 0) for b in batches])
-        logps = torch.cat([_pad_right(b.logps, completion_width, 0.0) for b in batches])           # [N, C]
-        finished = [f for b in batches for f in b.finished]
-        ends_with_eos = [e for b in batches for e in b.ends_with_eos]
-        lengths = completion_mask.sum(-1).tolist()
-        token_lists = [ids[:length - 1] if eos else ids[:length]
-                       for ids, length, eos in zip(completion_ids.tolist(), lengths, ends_with_eos)]
-        text = decode_texts(self.tokenizer, token_lists)
-        prompt_index = torch.arange(len(rows) // params.n, device=device).repeat_interleave(params.n)
-        return Rollouts(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                        completion_mask=completion_mask, logps=logps,
-                        finish_reason=["stop" if f else "length" for f in finished], text=text,
-                        prompt_index=prompt_index, group_size=params.n)
-
-
-_LIBRARY_DECODERS = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
-
-
-def decode_texts(tokenizer, token_lists: list[list[int]]) -> list[str]:
-    """``tokenizer.batch_decode(token_lists, skip_special_tokens=True)``, through the Rust backend's
-    parallel ``decode_batch`` where that is what ``batch_decode`` computes: a fast tokenizer whose
-    decode is the library's own (no model-specific override) and that does not clean up spaces
-    afterwards (the clean-up rules differ between transformers versions). About 3× faster for 128
-    completions of 256 tokens; otherwise the plain ``batch_decode``."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decode = getattr(type(tokenizer), "_decode", None)
-    if (backend is not None and decode is not None and decode.__module__ in _LIBRARY_DECODERS
-            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)):
-        return backend.decode_batch(token_lists, skip_special_tokens=True)
-    return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-
-
-@dataclass
-class _Batch:
-    prompt_ids: Tensor        # [B, P_b] left-padded
-    prompt_mask: Tensor       # [B, P_b]
-    completion_ids: Tensor    # [B, C_b] right-padded
-    completion_mask: Tensor   # [B, C_b]
-    logps: Tensor             # [B, C_b] float32
-    finished: list[bool]      # ended on EOS or a stop string
-    ends_with_eos: list[bool]  # last kept token is an EOS id (left out of the text)
-
-
-class _StopChecker:
-    """Finds stop strings in the decoded tail of each row (the last few tokens, not the whole text).
-
-    The check runs after every token, so a stop string is found with the token that completes it;
-    only the completion is searched, never the prompt. Tokens are decoded with special tokens kept,
-    so a stop string may name one (it is then absent from ``Rollouts.text``, which skips them).
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...], batch: int):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.window = _BYTES_PER_CHAR * max(map(len, stop)) + _STOP_WINDOW_SLACK
-        self.history: list[list[int]] = [[] for _ in range(batch)]
-
-    def update(self, tokens: Tensor, active: Tensor, device: torch.device) -> Tensor:
-        """Append this step's tokens; return ``[B]`` bool, True where a row just hit a stop string."""
-        rows = active.nonzero().flatten().tolist()
-        token_list = tokens.tolist()
-        for i in rows:
-            self.history[i].append(token_list[i])
-        tails = self.tokenizer.batch_decode([self.history[i][-self.window:] for i in rows],
-                                            skip_special_tokens=False)
-        hit = torch.zeros(len(self.history), dtype=torch.bool)
-        for i, tail in zip(rows, tails):
-            hit[i] = any(s in tail for s in self.stop)
-        return hit.to(device)
-
-
-def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """One token per row from ``[B, V]`` logits: argmax, or a draw after temperature, top-k, top-p."""
-    if params.greedy:
-        return logits.argmax(-1)
-    scaled = logits.float() / params.temperature                               # [B, V]
-    if 0 < params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]           # [B, 1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)           # [B, V]
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-        drop_sorted = mass_before >= params.top_p                             # never the first token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token-id lists → left-padded ``input_ids`` and ``prompt_mask`` ``[B, P]`` on ``device`` (one tensor build)."""
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
-    lengths = torch.tensor([len(row) for row in rows])
-    prompt_mask = (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
-    return input_ids.to(device), prompt_mask.to(device)
-
-
-def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompt_ids, Tensor) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
-        raise ValueError("prompt_ids must be a non-empty list of token-id lists (one per prompt, no padding)")
-    prompts = []
-    for i, prompt in enumerate(prompt_ids):
-        ids = prompt.tolist() if isinstance(prompt, Tensor) else prompt
-        if isinstance(ids, (int, str)) or not isinstance(ids, Sequence):
-            raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}; "
-                             "pass a list of prompts, e.g. [[1, 5, 7]]")
-        if not ids:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab_size:  # fast path
-            prompts.append(list(ids))
-            continue
-        bad = [t for t in ids
-               if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}) or not integers: {bad[:5]}")
-        prompts.append([int(t) for t in ids])
-    return prompts
+        return assemble_rollouts(self.tokenizer, self.pad_token_id, rows, batches, params, device)
 
 
 def _default_eos_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
@@ -305,11 +175,3 @@ def _forward_parameters(model: nn.Module) -> frozenset[str] | None:
     names = frozenset(name for name, p in params.items() if name != "self" and p.kind not in (
         inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
     return names or None
-
-
-def _pad_left(tensor: Tensor, width: int, value) -> Tensor:
-    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0), value=value)
-
-
-def _pad_right(tensor: Tensor, width: int, value) -> Tensor:
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)

@@ -14,7 +14,7 @@ decode loop does not go through the transformers forward:
   model's own rotary module → write slot ``P + t`` → attention with the mask (grouped-query
   attention without repeating the KV heads: the ``H_q / H_kv`` query heads of one KV head are laid
   out as ``G`` query rows): on CUDA by default one Triton kernel does the RoPE, the cache write and
-  the attention over the filled slots (:func:`rlxf.kernels.rope_decode_attention`), otherwise
+  the attention over the filled slots (:func:`rlxf.rollout.kernels.rope_decode_attention`), otherwise
   ``scaled_dot_product_attention`` or two matmuls over the whole static cache → o-projection → RMSNorm → MLP; final norm and output head. The step reads the policy's
   parameters in place, so after an optimizer step the next ``generate`` samples from the new
   weights; the only copies are the optional fused q/k/v and gate/up weights, refreshed in place at
@@ -29,11 +29,11 @@ With ``device_sampling`` (the default with a CUDA graph; see the class) sampling
 same distribution, not the same draws as ``HFEngine``), the log-prob, the output writes and the EOS
 test run inside the captured step, several steps per graph. Otherwise — CPU, top-k, top-p, stop
 strings — sampling, log-probs, EOS and stop strings are handled exactly as in ``HFEngine`` (the
-same functions), outside the graph. Finished rows keep feeding the pad token (their outputs are not
-read); whether every row has finished is checked every ``sync_every`` steps (on CUDA without a
-host sync: the answer of an earlier check, copied behind an event), and the completion is trimmed
-to the last step any row was active, so the result equals a loop that stops at the first
-all-finished step.
+same functions, :mod:`rlxf.rollout.sampling`), outside the graph. Finished rows keep feeding the pad
+token (their outputs are not read); whether every row has finished is checked every ``sync_every``
+steps (on CUDA without a host sync: the answer of an earlier check, copied behind an event), and the
+completion is trimmed to the last step any row was active, so the result equals a loop that stops at
+the first all-finished step.
 
 Falls back to ``HFEngine`` (same arguments) for other architectures, PEFT models, sliding-window
 attention shorter than the sequence, and rope types whose frequencies depend on the length.
@@ -51,10 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlxf import kernels
+from rlxf.rollout import kernels
 from rlxf.models.loading import eval_mode, is_peft_model
 from rlxf.models.logprobs import logps_from_logits
-from rlxf.rollout.hf_engine import (HFEngine, _Batch, _check_prompts, _sample, _StopChecker, left_padded)
+from rlxf.rollout.hf_engine import HFEngine
+from rlxf.rollout.sampling import (DecodedBatch, StopChecker, assemble_rollouts, check_prompts, left_padded,
+                                   sample_next_tokens)
 from rlxf.rollout.types import Rollouts, SamplingParams
 
 log = logging.getLogger("rlxf.rollout")
@@ -86,7 +88,7 @@ def _attention_split(batch: int, n_kv: int, length: int) -> int:
     return 0
 
 
-# the decode projections rlxf.kernels.decode_linear can run, and those it runs by default on CUDA
+# the decode projections rlxf.rollout.kernels.decode_linear can run, and those it runs by default on CUDA
 LINEAR_PROJECTIONS = ("qkv", "o", "gate_up", "down")
 _LINEAR_DEFAULT: tuple = ()
 
@@ -128,16 +130,16 @@ class StaticEngine:
     weight copies, refreshed from the parameters at every ``generate``; None = on CUDA only) and
     ``device_sampling`` (sample, record and test for EOS inside the captured step; None = on when a
     CUDA graph is used and the call has no top-k, top-p or stop strings) and ``decode_attention``
-    (``"triton"``: the :func:`rlxf.kernels.rope_decode_attention` kernel, RoPE + cache write +
+    (``"triton"``: the :func:`rlxf.rollout.kernels.rope_decode_attention` kernel, RoPE + cache write +
     attention over the filled slots only; ``"sdpa"``: ``scaled_dot_product_attention`` over the
     whole static cache; ``"matmul"``: two matmuls and a softmax, which ``compile`` fuses; None =
     ``"triton"`` on CUDA where Triton runs, the head shape allows, the kernels pass
-    :func:`rlxf.kernels.probe`, else ``"matmul"`` with ``compile``, else ``"sdpa"``; the kernel
+    :func:`rlxf.rollout.kernels.probe`, else ``"matmul"`` with ``compile``, else ``"sdpa"``; the kernel
     splits the cache for few rows over a long one, see :func:`_attention_split` and
     docs/performance.md) and ``linear_kernel`` (projections run through
-    :func:`rlxf.kernels.decode_linear` instead of cuBLAS: True for all, or a subset of
+    :func:`rlxf.rollout.kernels.decode_linear` instead of cuBLAS: True for all, or a subset of
     :data:`LINEAR_PROJECTIONS`; None = none, which measured fastest) and ``sampling_kernel`` (device
-    sampling draws the token and its log-prob with the one-pass :func:`rlxf.kernels.sample_tokens`
+    sampling draws the token and its log-prob with the one-pass :func:`rlxf.rollout.kernels.sample_tokens`
     kernel; None = on CUDA where Triton runs and the probe passes) and ``graph_steps`` (decode steps
     unrolled into one captured graph with device sampling: fewer replays and host round trips) and
     ``compile_mode`` (``torch.compile``'s ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` to autotune
@@ -200,7 +202,7 @@ class StaticEngine:
         if reason:
             self.stats["fallback_calls"] += 1
             return self._fallback.generate(prompt_ids, params)
-        prompts = _check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
+        prompts = check_prompts(prompt_ids, self.model.get_input_embeddings().num_embeddings)
         device = self.model.get_input_embeddings().weight.device
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         on_device = self._device_sampling(params, device)
@@ -224,7 +226,11 @@ class StaticEngine:
                            for i in starts]
         if on_device:
             self.stats["device_sampling_calls"] += 1
-        return self._fallback._assemble(rows, batches, params, device)
+        return self._assemble(rows, batches, params, device)
+
+    def _assemble(self, rows: list[list[int]], batches: list[DecodedBatch], params: SamplingParams,
+                  device: torch.device) -> Rollouts:
+        return assemble_rollouts(self.tokenizer, self.pad_token_id, rows, batches, params, device)
 
     def release(self) -> None:
         """Drop the captured graphs and their KV caches (frees their GPU memory)."""
@@ -237,7 +243,7 @@ class StaticEngine:
         try:
             longest = max(len(p) for p in prompt_ids) + params.max_new_tokens
         except TypeError:
-            return None  # let _check_prompts raise its message
+            return None  # let check_prompts raise its message
         for layer in self.model.model.layers:
             window = getattr(layer.self_attn, "sliding_window", None)
             if window is not None and window < longest:
@@ -255,7 +261,7 @@ class StaticEngine:
         return left_padded(rows, self.pad_token_id, device)                    # [B, P]
 
     def _generate_batch_on_device(self, rows: list[list[int]], params: SamplingParams,
-                                  device: torch.device, batch_index: int = 0) -> _Batch:
+                                  device: torch.device, batch_index: int = 0) -> DecodedBatch:
         """Sampling, log-probs, outputs and EOS tests run inside the step (``graph_steps`` tokens a replay).
 
         The draw is Gumbel-max, ``argmax(z/τ − log E)`` with ``E ~ Exp(1)`` from the device's default
@@ -321,7 +327,7 @@ class StaticEngine:
         return self._compiled[key]
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
-                        generator: torch.Generator | None, device: torch.device) -> _Batch:
+                        generator: torch.Generator | None, device: torch.device) -> DecodedBatch:
         input_ids, prompt_mask = self._left_padded(rows, device)
         batch, width = input_ids.shape
         steps = params.max_new_tokens
@@ -339,9 +345,9 @@ class StaticEngine:
         logps = torch.zeros(batch, steps, dtype=torch.float32, device=device)
         completion_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        stop_checker = _StopChecker(self.tokenizer, params.stop, batch) if params.stop else None
+        stop_checker = StopChecker(self.tokenizer, params.stop, batch) if params.stop else None
         for step in range(steps):
-            tokens = _sample(logits, params, generator)                          # [B]
+            tokens = sample_next_tokens(logits, params, generator)                # [B]
             token_logps = logps_from_logits(logits, tokens, temperature=params.logp_temperature)
             active = ~finished
             fed = torch.where(active, tokens, pad)
@@ -389,7 +395,7 @@ class StaticEngine:
         return "matmul" if self.compile else "sdpa"
 
     def _linear_kind(self, device: torch.device, attention: str, fuse: bool) -> frozenset:
-        """The decode step's projections that run through :func:`rlxf.kernels.decode_linear`."""
+        """The decode step's projections that run through :func:`rlxf.rollout.kernels.decode_linear`."""
         wanted = self.linear_kernel if self.linear_kernel is not None else frozenset(_LINEAR_DEFAULT)
         if not wanted:
             return frozenset()
@@ -681,7 +687,7 @@ def _sample_and_record(state: _DecodeState, greedy: bool, logits: Tensor) -> Ten
 
     Greedy: argmax. Otherwise Gumbel-max: ``argmax(z/τ − log E)``, ``E ~ Exp(1)``, which samples
     ``softmax(z/τ)`` exactly: from the device generator in torch, or from Philox counters keyed by
-    ``state.seed + step_index`` in the :func:`rlxf.kernels.sample_tokens` kernel (one pass over the
+    ``state.seed + step_index`` in the :func:`rlxf.rollout.kernels.sample_tokens` kernel (one pass over the
     logits). Returns the token fed next (pad for rows that already finished).
     """
     if state.spec["sampling_kernel"]:
@@ -776,14 +782,14 @@ def _capture(fn, state: _DecodeState, unroll: int = 1):
 
 
 def _trimmed_batch(input_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                   logps: Tensor, finished: Tensor, eos_ids: Tensor) -> _Batch:
+                   logps: Tensor, finished: Tensor, eos_ids: Tensor) -> DecodedBatch:
     """Cut ``[B, steps]`` outputs to the last step any row was active (step 0 always is)."""
     used = int(completion_mask.any(0).nonzero().max()) + 1
     completion_ids, logps, completion_mask = completion_ids[:, :used], logps[:, :used], completion_mask[:, :used]
     hit_eos = torch.isin(completion_ids, eos_ids) & completion_mask.bool()      # [B, C]
-    return _Batch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                  completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
-                  ends_with_eos=hit_eos.any(-1).tolist())
+    return DecodedBatch(prompt_ids=input_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                        completion_mask=completion_mask, logps=logps, finished=finished.tolist(),
+                        ends_with_eos=hit_eos.any(-1).tolist())
 
 
 def _seed_device(device: torch.device, seed: int) -> None:
@@ -857,19 +863,19 @@ def _heads(layer, qkv: Tensor, spec: dict) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` [M, N] through :func:`rlxf.kernels.decode_linear` (sums its split partials)."""
+    """``x @ weight.T + bias`` [M, N] through :func:`rlxf.rollout.kernels.decode_linear` (sums its split partials)."""
     return kernels.linear_result(kernels.decode_linear(x, weight, bias), x.dtype)
 
 
 def _projection(linear: nn.Linear, x: Tensor, kernel: bool) -> Tensor:
-    """``linear(x)`` for ``x`` [B, 1, K]: through :func:`rlxf.kernels.decode_linear` when ``kernel``."""
+    """``linear(x)`` for ``x`` [B, 1, K]: through :func:`rlxf.rollout.kernels.decode_linear` when ``kernel``."""
     if not kernel:
         return linear(x)
     return _linear(x[:, 0], linear.weight, linear.bias)[:, None]
 
 
 def _linear_kernel_support(model) -> str | None:
-    """None when the decode step can run every projection through :func:`rlxf.kernels.decode_linear`."""
+    """None when the decode step can run every projection through :func:`rlxf.rollout.kernels.decode_linear`."""
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
         if not _fusable(layer) or type(layer.self_attn.o_proj) is not nn.Linear:
@@ -896,7 +902,7 @@ def _qkv(layer, x: Tensor, spec: dict, cos: Tensor, sin: Tensor, fused=None) -> 
 
 def _mlp(layer, x: Tensor, fused=None, linear: frozenset = frozenset()) -> Tensor:
     """The layer's MLP, through the fused gate/up copy when there is one; ``linear`` names the
-    projections (``"gate_up"``, ``"down"``) that run through :func:`rlxf.kernels.decode_linear`
+    projections (``"gate_up"``, ``"down"``) that run through :func:`rlxf.rollout.kernels.decode_linear`
     (rows ``x`` [B, 1, H]; the gate/up kernel applies silu(gate)·up in its epilogue)."""
     if fused is None:
         return layer.mlp(x)

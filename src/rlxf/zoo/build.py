@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlxf.recipes.evaluation import task_accuracy
+from rlxf.tasks.accuracy import task_accuracy
 from rlxf.tasks import get_task
 from rlxf.zoo.tokenizer import build_tokenizer
 

@@ -76,12 +76,8 @@ class Long2ShortDataConfig:
 
 def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
     """Sample, verify and write the long2short files; return the stats written to ``stats.json``."""
-    import torch
-
-    from rlxf.data import DataError, long_short_pairs, shortest_correct_rows, tokenize_prompts
-    from rlxf.models import ensure_pad_token, load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from rlxf.data import long_short_pairs, shortest_correct_rows
     from rlxf.recipes.common import setup_logging
-    from rlxf.rollout import HFEngine, SamplingParams
 
     setup_logging()
     started = time.perf_counter()
@@ -91,6 +87,38 @@ def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
         raise ConfigError(f"output dir {out} already holds {', '.join(existing)}; pass --overwrite to replace "
                           f"them, or choose another --output-dir (nothing was overwritten)")
     rows, verify = _load_prompt_rows(cfg)
+    model, tokenizer = _load_model(cfg)
+    examples, token_stats = _tokenize(cfg, rows, tokenizer)
+    texts, lengths, truncated, generation_seconds = _sample(cfg, model, tokenizer, examples)
+
+    prompts = [e["prompt"] for e in examples]
+    correct = [verify(group, e) for group, e in zip(texts, examples)]
+    completions = [[_as_completion(text, prompt) for text in group] for group, prompt in zip(texts, prompts)]
+    extra = {"answer": [e["answer"] for e in examples]}
+    sft_rows, sft_stats = shortest_correct_rows(prompts, completions, correct, lengths, **extra)
+    pair_rows, pair_stats = long_short_pairs(prompts, completions, correct, lengths, ratio=cfg.ratio,
+                                             max_pairs_per_prompt=cfg.max_pairs_per_prompt or None, **extra)
+
+    stats = _stats(cfg, examples, token_stats, lengths, correct, truncated, sft_rows, sft_stats, pair_rows, pair_stats)
+    stats["generation_seconds"] = round(generation_seconds, 3)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "sft.jsonl", sft_rows)
+    _write_jsonl(out / "pairs.jsonl", pair_rows)
+    save_yaml(cfg, out / "config.yaml")
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    log.info("correct %.1f%% of %d samples; mean length %.1f all, %.1f shortest correct; %d SFT rows, "
+             "%d pairs (%s); %.1f s", 100 * stats["correct_rate"], stats["samples"], stats["mean_length_all"],
+             stats["mean_length_chosen"] or math.nan, stats["sft_rows"], stats["pairs"], stats["pairs_by_kind"],
+             stats["seconds"])
+    return stats
+
+
+def _load_model(cfg: Long2ShortDataConfig):
+    """(policy, tokenizer) on ``cfg.device`` in ``cfg.dtype``, the tokenizer given a pad token."""
+    import torch
+
+    from rlxf.models import ensure_pad_token, load_policy, load_tokenizer, resolve_device, resolve_dtype
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -103,10 +131,27 @@ def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
     resize = len(tokenizer) if ensure_pad_token(tokenizer) else None
     model = load_policy(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                         resize_to=resize)
+    return model, tokenizer
+
+
+def _tokenize(cfg: Long2ShortDataConfig, rows: list[dict], tokenizer):
+    """The prompts as token ids (longer than ``max_prompt_length``: dropped and counted); a DataError
+    when none is left."""
+    from rlxf.data import DataError, tokenize_prompts
+
     examples, token_stats = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length)
     if not examples:
         raise DataError(f"every prompt of {cfg.dataset} is longer than --max-prompt-length {cfg.max_prompt_length}")
     log.info("sampling %d completions for each of %d prompts from %s", cfg.samples, len(examples), cfg.model)
+    return examples, token_stats
+
+
+def _sample(cfg: Long2ShortDataConfig, model, tokenizer, examples: list[dict]):
+    """``cfg.samples`` completions of every prompt: (texts [P][n], lengths [P][n], count of truncated
+    completions, sampling seconds)."""
+    import torch
+
+    from rlxf.rollout import HFEngine, SamplingParams
 
     # one RNG stream over fixed chunks: reproducible, and progress is logged per chunk
     torch.manual_seed(cfg.seed)
@@ -125,19 +170,16 @@ def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
             lengths.append(flat_lengths[group])
         truncated += sum(reason == "length" for reason in rollouts.finish_reason)
         log.info("sampled %d/%d prompts", min(start + chunk, len(examples)), len(examples))
-    generation_seconds = time.perf_counter() - sampling_started
+    return texts, lengths, truncated, time.perf_counter() - sampling_started
 
-    prompts = [e["prompt"] for e in examples]
-    correct = [verify(group, e) for group, e in zip(texts, examples)]
-    completions = [[_as_completion(text, prompt) for text in group] for group, prompt in zip(texts, prompts)]
-    extra = {"answer": [e["answer"] for e in examples]}
-    sft_rows, sft_stats = shortest_correct_rows(prompts, completions, correct, lengths, **extra)
-    pair_rows, pair_stats = long_short_pairs(prompts, completions, correct, lengths, ratio=cfg.ratio,
-                                             max_pairs_per_prompt=cfg.max_pairs_per_prompt or None, **extra)
 
+def _stats(cfg: Long2ShortDataConfig, examples: list[dict], token_stats, lengths: list[list[int]],
+           correct: list[list[bool]], truncated: int, sft_rows: list[dict], sft_stats: dict, pair_rows: list[dict],
+           pair_stats: dict) -> dict:
+    """The counts and mean lengths of ``stats.json`` (the timings are added by the caller)."""
     all_lengths = [n for group in lengths for n in group]
     correct_flat = [ok for group in correct for ok in group]
-    stats = {
+    return {
         "model": cfg.model, "dataset": cfg.dataset, "split": cfg.split,
         "prompts": len(examples), "prompts_dropped_too_long": token_stats.dropped,
         "samples_per_prompt": cfg.samples, "samples": len(all_lengths),
@@ -157,19 +199,7 @@ def build_long2short_data(cfg: Long2ShortDataConfig) -> dict:
         "pairs_by_kind": {"wrong_longer": pair_stats["wrong_longer"], "correct_long": pair_stats["correct_long"]},
         "prompts_without_rejected": pair_stats["no_rejected"],
         "duplicates_dropped": pair_stats["duplicates_dropped"], "pairs_capped": pair_stats["capped"],
-        "generation_seconds": round(generation_seconds, 3),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "sft.jsonl", sft_rows)
-    _write_jsonl(out / "pairs.jsonl", pair_rows)
-    save_yaml(cfg, out / "config.yaml")
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("correct %.1f%% of %d samples; mean length %.1f all, %.1f shortest correct; %d SFT rows, "
-             "%d pairs (%s); %.1f s", 100 * stats["correct_rate"], stats["samples"], stats["mean_length_all"],
-             stats["mean_length_chosen"] or math.nan, stats["sft_rows"], stats["pairs"], stats["pairs_by_kind"],
-             stats["seconds"])
-    return stats
 
 
 def _load_prompt_rows(cfg: Long2ShortDataConfig):

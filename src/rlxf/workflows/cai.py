@@ -10,7 +10,7 @@ SL-CAI (Bai et al., arXiv 2212.08073; SPECS §7a), one prompt at a time, batched
     → unless --generate-only: ``rlxf sft`` on cai_sft.jsonl (rlxf.recipes.sft.train)
 
 The policy writes its own critiques and revisions (the paper's setting) through
-:class:`rlxf.recipes.ai_feedback.PolicyChat`; with ``--critic SPEC`` a judge's chat model writes
+:class:`rlxf.workflows.ai_feedback.PolicyChat`; with ``--critic SPEC`` a judge's chat model writes
 them instead (distillation from a stronger model; ``rlxf.judges.build_judge(SPEC).backend.chat``).
 
 Deviations, stated: no few-shot critique/revision examples in the context (the paper uses 5); each
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlxf.config import AT_LEAST_ONE, ConfigError, build_config, option, save_yaml
-from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
+from rlxf.workflows.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
                                       prepare_output, train_values, user_turn, verifier, write_jsonl)
 
 log = logging.getLogger("rlxf.cai")

@@ -39,7 +39,7 @@ from pathlib import Path
 from rlxf.config import AT_LEAST_ONE, ConfigError, between, build_config, check_choice, option, save_yaml
 from rlxf.configs.registry import get_recipe
 from rlxf.rewards.lmgt import JUDGE_PROMPT_CHOICES, judge_prompt_set
-from rlxf.recipes.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
+from rlxf.workflows.ai_feedback import (PolicyChat, SamplingOptions, as_completion, build_judge, load_prompt_rows,
                                       prepare_output, train_values, verifier, write_jsonl)
 
 log = logging.getLogger("rlxf.rlaif")
