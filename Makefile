@@ -32,7 +32,7 @@ demo: $(STAMP) sysdeps
 	$(BIN)/rlxf demo --output-dir runs/demo
 
 test: $(STAMP) sysdeps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,6 +11,43 @@ if not torch.cuda.is_available():  # before rlxf is imported: rlxf.rollout.kerne
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# `slow` for tests in files that carry no marks of their own. Entries are test names, or one case
+# of a parametrized test ("name[id]"). Elsewhere `@pytest.mark.slow` sits on the test itself;
+# docs/testing.md says what counts as slow.
+SLOW_BY_FILE = {
+    # torchrun subprocesses, 10-30 s apiece on a 2-core CPU
+    "test_distributed.py": {
+        "test_two_processes_give_the_one_process_run",
+        "test_errors_stop_every_process_with_one_message",
+        "test_grpo_on_two_processes_trains_with_identical_copies",
+        "test_ppo_cooper_and_dapo_under_two_processes_give_the_one_process_run",
+        "test_dynamic_sampling_draws_in_lockstep_when_each_process_samples",
+    },
+    # a run killed in a subprocess and resumed; end-to-end runs of 2-5 s each (the plain GRPO and DAPO
+    # presets stay in the quick subset)
+    "test_grpo.py": {
+        "test_resume_after_kill_equals_uninterrupted_run",
+        "test_every_preset_runs_and_writes_the_run_files[dr_grpo-extra1]",
+        "test_every_preset_runs_and_writes_the_run_files[rloo-extra3]",
+        "test_every_preset_runs_and_writes_the_run_files[grpo-extra4]",
+        "test_every_preset_runs_and_writes_the_run_files[grpo-extra5]",
+        "test_every_preset_runs_and_writes_the_run_files[grpo-extra6]",
+        "test_a_failing_user_reward_gives_none_that_is_counted",
+        "test_dapo_dynamic_sampling_keeps_only_informative_groups",
+        "test_share_prompt_trains_like_the_unshared_step",
+        "test_share_prompt_runs_with_mini_batches_of_whole_groups",
+    },
+    "test_ppo.py": {"test_resume_after_kill_equals_uninterrupted_run"},
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = SLOW_BY_FILE.get(item.path.name, ())
+        if item.name in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_random_model_dir(tmp_path_factory):
     """Random-init Llama (hidden 64, 2 layers, vocab 103, tied) + the char tokenizer, in HF format."""

@@ -7,11 +7,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py"
 
 
+@pytest.mark.slow
 def test_vs_trl_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("vs_trl", SCRIPT)
     module = importlib.util.module_from_spec(spec)

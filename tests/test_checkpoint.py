@@ -122,6 +122,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_write_is_cleaned_up_when_the_run_resumes(tmp_path):
     from rlxf.cli import _config_class
     from rlxf.train.rundir import prepare_output_dir

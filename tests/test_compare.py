@@ -197,6 +197,7 @@ FAST = {"task_size": 32, "eval_size": 16, "batch_size": 8, "eval_batch_size": 16
         "log_every": 1, "warmup_steps": 1, "threads": 1, "max_steps": 2, "eval_every": 1, "seed": 0}
 
 
+@pytest.mark.slow
 def test_two_sft_runs_end_to_end_then_skipped(tiny_random_model_dir, tmp_path, capsys):
     spec = {"recipe": "sft", "common": {"model": str(tiny_random_model_dir), **FAST}, "metric": "loss", "goal": "min",
             "runs": {"lr_low": {"lr": 1e-4}, "lr_high": {"lr": 1e-2}}}

@@ -216,6 +216,7 @@ def _mtimes(out: Path, pattern: str) -> dict[str, float]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
 
 
+@pytest.mark.slow
 def test_two_rounds_end_to_end_then_rerun_skips_and_resumes(tiny_random_model_dir, tmp_path, monkeypatch):
     from rlxf.cli import main
 

@@ -150,6 +150,7 @@ def test_contrastive_loss_matches_the_spec_formula():
     torch.testing.assert_close(contrastive_loss(pos, neg), want)
 
 
+@pytest.mark.slow
 def test_the_contrastive_step_lowers_the_loss_on_a_fixed_batch(rm_factory, tokenizer):
     """Measured: 0.693 → 0.448 after 20 steps at lr 3e-4 (random 2-layer model, 8 pairs; 1 thread)."""
     task, rng = get_task("arithmetic"), random.Random(0)
@@ -166,6 +167,7 @@ def test_the_contrastive_step_lowers_the_loss_on_a_fixed_batch(rm_factory, token
 
 # -- state, pretraining, evaluation ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_state_round_trip_restores_scores_optimizer_and_skips_pretraining(rm_factory, tokenizer):
     prompts, answers = ["2+3=?"] * 4, ["5"] * 4
     completions = [" 2+3=6. #6", " 2+3=5. #5", " #5", " #4"]
@@ -184,6 +186,7 @@ def test_state_round_trip_restores_scores_optimizer_and_skips_pretraining(rm_fac
     assert "rm/pretrain_steps" not in second.evaluate()  # loading state replaced pretraining
 
 
+@pytest.mark.slow
 def test_pretraining_runs_once_on_first_use_and_leaves_the_global_rng_alone(rm_factory, tokenizer):
     reward = _reward(rm_factory(), tokenizer, pretrain={"steps": 3, "lr": 1e-3, "batch_size": 8})
     torch.manual_seed(123)
@@ -209,6 +212,7 @@ def test_evaluation_metrics_on_hand_made_scores(monkeypatch, tokenizer):
     assert metrics["rm/auc"] == pytest.approx(float((pos[:, None] > neg[None, :]).float().mean()))
 
 
+@pytest.mark.slow
 def test_pretraining_trains_the_model_and_reports_its_metrics(rm_factory, tokenizer):
     model = rm_factory()
     before = [p.clone() for p in model.parameters()]
@@ -251,6 +255,7 @@ def _rows(out, split):
     return [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == split]
 
 
+@pytest.mark.slow
 def test_a_cooper_run_logs_rm_metrics_and_checkpoints_the_rm(tiny_random_model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["cooper", *_flags({**FAST, "model": tiny_random_model_dir, "output_dir": out, "max_steps": 2})]) == 0
@@ -265,6 +270,7 @@ def test_a_cooper_run_logs_rm_metrics_and_checkpoints_the_rm(tiny_random_model_d
     assert json.loads((out / "summary.json").read_text())["recipe"] == "cooper"
 
 
+@pytest.mark.slow
 def test_cooper_updates_the_rm_and_the_static_baseline_does_not(tmp_path):
     """On the embedded tiny model (≈30% correct), rollouts give positives, hence pairs."""
     common = {**FAST, "model": "tiny", "max_new_tokens": 32, "max_steps": 2, "eval_generate": 8}
@@ -280,6 +286,7 @@ def test_cooper_updates_the_rm_and_the_static_baseline_does_not(tmp_path):
     assert _rows(static, "eval")[0]["rm/accuracy"] == _rows(cooper, "eval")[0]["rm/accuracy"]
 
 
+@pytest.mark.slow
 def test_resume_restores_the_co_trained_rm_exactly(tmp_path):
     common = {**FAST, "model": "tiny", "max_new_tokens": 32, "eval_generate": 8, "save_every": 1, "eval_every": 1}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

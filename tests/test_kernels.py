@@ -60,7 +60,11 @@ def split_slots(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bfloat16 cases in the CPU interpreter: slow (2-4 s each); float32 covers the same shapes in the quick subset
+BF16_SLOW = pytest.param(torch.bfloat16, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_SLOW])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (4, 1, 16), (1, 2, 32)])
 @pytest.mark.parametrize("slot", [0, 127, 191])
 def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot, split_slots):
@@ -75,7 +79,7 @@ def test_decode_attention_matches_reference(dtype, n_kv, groups, head_dim, slot,
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_SLOW])
 @pytest.mark.parametrize("n_kv,groups,head_dim", [(2, 7, 64), (1, 2, 32)])
 @pytest.mark.parametrize("slot", [0, 128, 191])
 def test_rope_decode_attention_rotates_writes_the_cache_and_attends(dtype, n_kv, groups, head_dim, slot,
@@ -156,6 +160,7 @@ def test_sample_tokens_uses_philox_uniforms_keyed_by_seed_plus_step():
     assert again.tolist() != tokens.tolist()
 
 
+@pytest.mark.slow
 def test_sample_tokens_draws_from_the_tempered_softmax():
     """1500 rows of the same logits are 1500 independent draws: frequencies match softmax(z/τ)."""
     torch.manual_seed(3)
@@ -269,6 +274,7 @@ def test_engine_refuses_the_linear_kernel_it_cannot_run(tokenizer):
 
 # -- the engine with the kernels ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,linear", [
     ("tiny", False), ("qwen2", False), ("qwen3", False),
     # the matmul kernel on the random models only (the tiny model's 6 layers cost 20-30 s here)
@@ -297,6 +303,7 @@ def test_engine_with_kernels_greedy_equals_hf_engine(kind, linear, tokenizer):
     torch.testing.assert_close(out.logps, ref.logps, rtol=LOGP_TOL, atol=LOGP_TOL)
 
 
+@pytest.mark.slow
 def test_engine_sampling_kernel_is_seeded_and_logps_match_training_side(tokenizer):
     model = _random("qwen2").to(DEVICE)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
@@ -356,6 +363,7 @@ def test_engine_falls_back_to_torch_when_the_kernels_fail_their_check(tokenizer,
         StaticEngine(model, tokenizer, sampling_kernel=True).generate(prompts, params)
 
 
+@pytest.mark.slow
 def test_engine_splits_the_cache_for_few_rows_and_keeps_hf_greedy_tokens(tokenizer, monkeypatch):
     """Few rows × KV heads over a long cache: the attention kernel splits the cache (flash-decoding);
     many rows, or a short cache, keep one program per (row, KV head). Split or not, the engine's

@@ -1,33 +1,44 @@
 """Acceptance: each objective learns the built-in preference task on the embedded tiny model.
 
-The demo budget (150 steps of 16 pairs, task:arithmetic with mixed pairs: correct vs wrong,
-concise vs verbose, or both) on held-out pairs. Implicit-reward accuracy for DPO/RPO, log-odds
-accuracy for ORPO, pairwise accuracy for the reward model. Each run takes about a minute on a
-2-core CPU.
+task:arithmetic with mixed pairs (correct vs wrong, concise vs verbose, or both), 16 pairs a step,
+scored on 512 held-out pairs: implicit-reward accuracy for DPO/RPO, log-odds accuracy for ORPO,
+pairwise accuracy for the reward model. Each run draws only the training pairs its steps use
+(``task_size`` = steps × 16), since DPO/RPO precompute reference log-probs for every training pair.
+
+Budgets and values measured 2026-12-07 on a 2-core CPU (torch 2.13.0), final held-out accuracy:
+
+    DPO   150 steps  0.912   (120 steps: 0.902)
+    RPO   150 steps  0.918   (120 steps: 0.896, below the 0.90 bound: both keep the demo's 150)
+    ORPO  100 steps  0.951   (start 0.918; 0.953 at 150 steps)
+    RM    100 steps  0.846   (start 0.525; 0.832 at 150 steps from 4000 pairs)
+
+A run takes under a minute on a 2-core CPU.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
-from rlxf.cli import RECIPES, _config_class
 from rlxf.config import build_config
+from rlxf.configs.registry import get_recipe
 
 pytestmark = pytest.mark.slow
 
-BUDGET = {"model": "tiny", "dataset": "task:arithmetic", "batch_size": 16, "max_steps": 150, "eval_every": 0,
-          "progress": False}
+BUDGET = {"model": "tiny", "dataset": "task:arithmetic", "batch_size": 16, "max_steps": 150, "task_size": 2400,
+          "eval_every": 0, "progress": False}
+SHORT = {"max_steps": 100, "task_size": 1600}   # ORPO and the RM clear their bounds with margin at 100 steps
 
 
 def _run(recipe: str, tmp_path, **overrides) -> dict:
-    cfg = build_config(_config_class(recipe), {**BUDGET, "output_dir": str(tmp_path / recipe), **overrides})
-    return importlib.import_module(RECIPES[recipe][0]).train(cfg).summary
+    entry = get_recipe(recipe)
+    cfg = build_config(entry.config_class(), {**BUDGET, "output_dir": str(tmp_path / recipe), **overrides})
+    return entry.train_fn()(cfg).summary
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "rpo"])
 def test_dpo_and_rpo_reach_90_percent_implicit_reward_accuracy(recipe, tmp_path):
+    # measured: DPO 0.912, margin 0 → 5.20, conciseness 1.00, correctness 0.74;
+    #           RPO 0.918, margin 0 → 0.67, conciseness 0.97, correctness 0.80
     summary = _run(recipe, tmp_path)
     assert summary["start/accuracy"] == pytest.approx(0.5, abs=0.02)  # policy == reference at step 0
     assert summary["final/accuracy"] >= 0.90, summary["eval_final"]
@@ -37,7 +48,8 @@ def test_dpo_and_rpo_reach_90_percent_implicit_reward_accuracy(recipe, tmp_path)
 
 
 def test_orpo_raises_log_odds_accuracy_above_90_percent(tmp_path):
-    summary = _run("orpo", tmp_path)
+    # measured at 100 steps: accuracy 0.918 → 0.951, log-odds ratio 1.26 → 1.65
+    summary = _run("orpo", tmp_path, **SHORT)
     # the tiny model's own likelihood already prefers most chosen answers; ORPO widens the odds ratio
     assert summary["final/accuracy"] >= 0.90
     assert summary["final/accuracy"] >= summary["start/accuracy"] + 0.02
@@ -47,8 +59,9 @@ def test_orpo_raises_log_odds_accuracy_above_90_percent(tmp_path):
 def test_reward_model_learns_style_pairs_but_not_yet_arithmetic_correctness(tmp_path):
     """Measured limitation, kept visible: in this budget the RM separates concise from verbose
     answers perfectly, but judging arithmetic correctness from the last token stays near chance
-    (docs/methods/reward-model.md), so overall held-out accuracy is ~0.83, below the 0.90 target."""
-    summary = _run("rm", tmp_path)
+    (0.55; docs/methods/reward-model.md), so overall held-out accuracy is 0.846 at 100 steps, below
+    the 0.90 target."""
+    summary = _run("rm", tmp_path, **SHORT)
     final = summary["eval_final"]
     assert summary["final/accuracy"] >= summary["start/accuracy"] + 0.2
     assert final["accuracy/conciseness"] >= 0.95 and final["accuracy/both"] >= 0.95

@@ -1,31 +1,44 @@
 """Acceptance: the online recipes learn on the embedded tiny model (greedy held-out accuracy on
-200 arithmetic problems, which starts at 0.30). Each run takes about a minute on a 2-core CPU.
+200 arithmetic problems, which starts at 0.30).
 
-The measured curves behind these bounds are in docs/index.md ("Measured results").
+20 steps of 32 prompts at a constant lr 3e-4: each run takes well under a minute on a 2-core CPU.
+Held-out accuracy by step, measured 2026-12-07 on a 2-core CPU (torch 2.13.0), evaluating every
+5 steps (evaluation does not change the training run; a run's numbers are the same with 1 or 2
+threads):
+
+    step     0     5     10     15     20     25     30
+    grpo     0.300 0.315 0.320 0.375 0.385 0.410 0.400
+    dr_grpo  0.300 0.310 0.315 0.340 0.390 0.390 0.385
+    dapo     0.300 0.330 0.375 0.400 0.405
+    rloo     0.300 0.305 0.305 0.375 0.390 0.410 0.400
+
+At step 20 every variant is 8.5-10.5 points up; the test asserts +6 points (above the ±3.5-point
+noise of a 200-problem eval). At step 15 Dr. GRPO is only 4 points up, so 20 steps is the shortest
+budget that keeps a margin. The longer curves are in docs/index.md ("Measured results").
 """
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
-from rlxf.cli import RECIPES, _config_class
 from rlxf.config import build_config
+from rlxf.configs.registry import get_recipe
 
 pytestmark = pytest.mark.slow
 
-BUDGET = {"model": "tiny", "dataset": "task:arithmetic", "batch_size": 32, "lr": 3e-4, "max_steps": 30,
+BUDGET = {"model": "tiny", "dataset": "task:arithmetic", "batch_size": 32, "lr": 3e-4, "max_steps": 20,
           "eval_every": 0, "progress": False}
 
 
 def _run(recipe: str, tmp_path, **overrides) -> dict:
-    cfg = build_config(_config_class(recipe), {**BUDGET, "output_dir": str(tmp_path / recipe), **overrides})
-    return importlib.import_module(RECIPES[recipe][0]).train(cfg).summary
+    entry = get_recipe(recipe)
+    cfg = build_config(entry.config_class(), {**BUDGET, "output_dir": str(tmp_path / recipe), **overrides})
+    return entry.train_fn()(cfg).summary
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "dr_grpo", "dapo", "rloo"])
 def test_every_grpo_variant_improves_held_out_accuracy(recipe, tmp_path):
     summary = _run(recipe, tmp_path)
     assert summary["start/task_accuracy"] == pytest.approx(0.30, abs=0.01)
+    # measured at step 20: grpo 0.385, dr_grpo 0.390, dapo 0.405, rloo 0.390; asserts ≥ start + 0.06
     assert summary["final/task_accuracy"] >= summary["start/task_accuracy"] + 0.06, summary["eval_final"]

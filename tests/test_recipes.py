@@ -60,6 +60,7 @@ def test_every_recipe_writes_the_run_files(recipe, extra, tiny_random_model_dir,
     assert (out / "final" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tiny_random_model_dir, tmp_path):
     common = {**FAST, "model": str(tiny_random_model_dir), "max_steps": 12, "save_every": 4, "eval_every": 4}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -87,6 +88,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_random_model_dir, tmp_p
         assert sb[key] == pytest.approx(sa[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_lora_dpo_saves_adapter_and_a_merged_model_transformers_can_load(tiny_random_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -155,6 +157,7 @@ def test_a_latin1_file_is_a_clear_error_and_writes_nothing(tiny_random_model_dir
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_removes_the_temporary_directory_of_a_killed_checkpoint_write(tiny_random_model_dir, tmp_path):
     from rlxf.runtime.checkpoint import PARTIAL_MARKER
 
@@ -232,6 +235,7 @@ def test_rpo_without_scores_uses_nemo_defaults(tiny_random_model_dir, tmp_path, 
     assert "NeMo defaults" in caplog.text
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_keeps_its_summary_and_best_loss_is_the_lowest(tiny_random_model_dir, tmp_path):
     out = tmp_path / "run"
     first = _train("dpo", _cfg("dpo", tiny_random_model_dir, out, max_steps=4, eval_every=2, lr=1e-2)).summary
@@ -254,6 +258,7 @@ def test_demo_moves_a_finished_previous_demo_aside(tmp_path):
     assert not demo.exists() and len(kept) == 1 and (kept[0] / "summary.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,extra", [("dpo", {}), ("orpo", {}), ("dpo", {"lora_r": 4})])
 def test_share_prompt_trains_like_the_unshared_step(recipe, extra, tiny_random_model_dir, tmp_path):
     """--share-prompt encodes each prompt once; the losses and eval metrics match the plain run."""

@@ -297,6 +297,7 @@ def slow_answer_logps(model, tokenizer, prompt, reasoning, answer_text):
     return [logprobs[len(context) - 1 + k, tok].item() for k, tok in enumerate(target)]
 
 
+@pytest.mark.slow
 def test_likelihood_matches_slow_reference(tiny):
     from rlxf.models import Reference
 

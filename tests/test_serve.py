@@ -306,6 +306,7 @@ def test_wrong_content_type_gets_415(server, content_type):
     assert status == 415 and "application/json" in json.loads(data)["error"]["message"]
 
 
+@pytest.mark.slow
 def test_256_concurrent_clients_all_get_200(server):
     n, host, port = 256, *server.server_address[:2]
     body = json.dumps({"messages": [{"role": "user", "content": "3+4=?"}], "max_tokens": 2,
@@ -464,6 +465,7 @@ def test_cli_api_key_from_flag_or_environment(monkeypatch):
     assert _serve_api_key(parser.parse_args(["serve"])) is None
 
 
+@pytest.mark.slow
 def test_cli_serve_end_to_end():
     """`rlxf serve` in a process of its own: the exposure warning on stderr, a request, Ctrl-C stops it."""
     import os

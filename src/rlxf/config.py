@@ -85,9 +85,14 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
     return Bounds(low=low, high=high, low_open=low_open, high_open=high_open)
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, bounds: Bounds | None = None) -> Any:
-    """A dataclass field with its ``--help`` text (and optional allowed values or numeric bounds)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+def option(default: Any, help: str, *, choices: tuple | None = None, bounds: Bounds | None = None,
+           python_callable: bool = False) -> Any:
+    """A dataclass field with its ``--help`` text (and optional allowed values or numeric bounds).
+
+    ``python_callable``: a string option that the Python API may also set to a function (``reward``);
+    :func:`to_dict` records such a function as ``module:name``."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds,
+                                                        "python_callable": python_callable})
 
 
 class OptionRangeError(ConfigError):
@@ -183,6 +188,9 @@ def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
     """
     hints = typing.get_type_hints(cls)
     kind, optional = _base_type(hints[name])
+    if callable(value) and not isinstance(value, type) and cls.__dataclass_fields__[name].metadata.get(
+            "python_callable"):
+        return value   # a Python function given in the API, e.g. reward=my_reward
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -313,7 +321,15 @@ def parse_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config's fields as plain data; a Python function in a field becomes ``module:name``."""
+    return {k: callable_spec(v) if callable(v) and not isinstance(v, type) else v
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def callable_spec(fn: Any) -> str:
+    """``module:qualified_name`` of a function (of its class for another callable object)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}:{target.__qualname__}"
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

@@ -13,7 +13,9 @@ from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ConfigError
 class RunConfig:
     """Fields shared by every recipe, offline (sft, rm, dpo, rpo, orpo) and online (grpo, ppo)."""
 
-    model: str = option("tiny", "model: 'tiny' (embedded), a local HF directory, or a hub id")
+    model: str = option("tiny", "model: 'tiny' (the embedded 0.9M-parameter model: every default is tuned for "
+                        "it; for a real model start from the values in the option's help and docs/cli.md#defaults), "
+                        "a local HF directory, or a hub id")
     dataset: str = option("task:arithmetic", "training data: task:NAME, a .jsonl/.json/.parquet/.csv file, "
                           "a saved HF dataset directory or a hub dataset name")
     eval_dataset: str | None = option(None, "held-out data (default: the task's eval split, or a holdout "
@@ -25,7 +27,10 @@ class RunConfig:
     eval_size: int = option(512, "eval rows drawn from a built-in task (also caps file eval sets)", bounds=AT_LEAST_ONE)
     skip_invalid: bool = option(False, "drop malformed rows (counted in the log) instead of stopping")
     output_dir: str | None = option(None, "where the run writes its files (None = runs/<recipe>)")
-    seed: int = option(0, "random seed (data order, init of new heads)", bounds=SEED)
+    seed: int = option(0, "random seed (training rows, data order, sampling, init of new heads); the held-out "
+                       "rows follow --eval-seed", bounds=SEED)
+    eval_seed: int = option(0, "seed of the held-out rows (a task's eval problems, a file's holdout), fixed "
+                            "so that runs with different --seed evaluate on the same rows", bounds=SEED)
     max_steps: int = option(0, "optimizer steps; 0 = derive from epochs", bounds=NON_NEGATIVE)
     lr: float = option(1e-4, "peak learning rate (AdamW)", bounds=POSITIVE)
     weight_decay: float = option(0.0, "AdamW weight decay", bounds=NON_NEGATIVE)

@@ -58,7 +58,8 @@ class GRPOConfig(OnlineConfig):
                                 "or --compile")
     reference: str = option("auto", "reference for the KL term or the likelihood scorer: auto (copy, or base "
                             "without adapters for LoRA), copy, lora", choices=("auto", "copy", "lora"))
-    lr: float = option(1e-4, "learning rate (AdamW); tuned for the tiny model — use ~1e-6 for real LLMs")
+    lr: float = option(5e-4, "learning rate (AdamW); tuned for the tiny model, as `rlxf demo` — use ~1e-6 for "
+                       "real LLMs")
     max_steps: int = option(60, "rollout steps", bounds=AT_LEAST_ONE)
     adam_beta2: float = option(0.99, "AdamW beta2")
 

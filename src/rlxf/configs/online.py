@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, between, check_choice, option
+from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, between, callable_spec, check_choice,
+                         option)
 from rlxf.configs.base import RunConfig
 
 SAMPLERS = ("uniform", "aps")
@@ -24,7 +25,14 @@ class OnlineConfig(RunConfig):
     max_new_tokens: int = option(48, "most tokens per sampled completion (also the eval generation budget)",
                                  bounds=AT_LEAST_ONE)
     reward: str = option("verifiable", "reward: a registered name (verifiable, exact_match, numeric_match, "
-                         "likelihood, reward_model, ...) or module:function / path/file.py:function")
+                         "likelihood, reward_model, ...) or module:function / path/file.py:function (in Python, "
+                         "also the function itself)", python_callable=True)
+    max_reward_failure_share: float = option(0.5, "stop the run when the reward function fails (raises, or returns "
+                                             "a non-number, NaN or inf) on more than this share of a step's samples "
+                                             "for --reward-failure-patience steps in a row; a step on which every "
+                                             "sample fails always stops it (1 = only that)", bounds=UNIT)
+    reward_failure_patience: int = option(3, "consecutive steps over --max-reward-failure-share that stop the run",
+                                          bounds=AT_LEAST_ONE)
     reward_model: str | None = option(None, "reward-model directory for --reward reward_model")
     dp_rollouts: str = option("shard", "under torchrun: shard = every process samples and scores its share of "
                               "each step's prompts (faster); rank0 = process 0 samples and scores the whole step "
@@ -75,6 +83,9 @@ class OnlineConfig(RunConfig):
             check_choice(self, name)
         if self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be > 0 for an online recipe (rollout steps), got {self.max_steps}")
+        if not (isinstance(self.reward, str) or callable(self.reward)):
+            raise ConfigError(f"--reward must be a reward name or module:function (in Python, also a function "
+                              f"fn(prompts, completions, **fields) -> list[float | None]), got {self.reward!r}")
         base_reward = self.lmgt_base if self.reward == "lmgt" else self.reward
         _check_sandboxed_reward(base_reward, self.unsafe_reward_code)
         if base_reward == "reward_model" and not self.reward_model:
@@ -82,6 +93,11 @@ class OnlineConfig(RunConfig):
         if self.reward in ("lmgt", "d_rlaif") and not self.judge:
             raise ConfigError(f"--reward {self.reward} needs --judge SPEC (local:tiny, local:PATH or "
                               "http://host:port/v1)")
+
+    @property
+    def reward_label(self) -> str:
+        """``--reward`` as text: the spec, or ``module:name`` of a Python function."""
+        return self.reward if isinstance(self.reward, str) else callable_spec(self.reward)
 
     def reward_options(self) -> dict:
         """The options each reward factory takes as its own (``rlxf.rewards.get_reward`` passes a

@@ -17,7 +17,8 @@ class PPOConfig(OnlineConfig):
     """Config of ``rlxf ppo`` (defaults: TRL's PPO where it has one, scaled for the tiny model)."""
 
     reward: str = option("reward_model", "reward: reward_model (needs --reward-model) or any reward spec "
-                         "(verifiable, likelihood, module:function, ...)")
+                         "(verifiable, likelihood, module:function, ...; in Python, also the function itself)",
+                         python_callable=True)
     group_size: int = option(1, "completions sampled per prompt")
     batch_size: int = option(64, "prompts per rollout step")
     value_model: str = option("reward_model", "critic: a copy of the reward model's body+head, a copy of the "

@@ -1,6 +1,6 @@
 """Conditional reward-model input: a per-domain condition (system prompt) before the prompt.
 
-COOL-RLHF (InternLM2, arXiv 2403.17297; SPECS §8) trains one reward model for several preference
+COOL-RLHF (InternLM2, arXiv 2403.17297) trains one reward model for several preference
 domains and resolves their conflicts by conditioning: the RM reads a domain-specific system
 prompt before the conversation. rlxf implements that as data:
 

@@ -32,7 +32,7 @@ log = logging.getLogger("rlxf.data")
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SCORE_FIELDS = ("chosen_score", "rejected_score", "margin")
-PROBABILITY_FIELD = "chosen_probability"  # soft label P(chosen ≻ rejected), RLAIF (SPECS §2 L_soft, §7b)
+PROBABILITY_FIELD = "chosen_probability"  # soft label P(chosen ≻ rejected), RLAIF (Lee et al., arXiv 2309.00267)
 MAX_REPORTED = 10   # problems listed in full in one error; the rest are counted
 UNREADABLE = "_unreadable"  # key of a placeholder row: why its line/item could not be read as a row
 SKIP_HINT = "--skip-invalid (skip_invalid=True in Python)"

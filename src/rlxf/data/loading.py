@@ -355,6 +355,14 @@ def _saved_dataset_rows(path: str, *, split: str, limit: int | None) -> list[dic
 
 
 def _hub_rows(name: str, *, split: str, limit: int | None) -> list[dict]:
+    from rlxf.runtime.hub import hub_problem, is_hub_id
+
+    problem = is_hub_id(name) and hub_problem(name, "dataset", option="dataset", fix=(
+        f"Pass a local {'/'.join(FILE_SUFFIXES)} file or a built-in task (task:arithmetic), or download the "
+        f"dataset's files on a machine with network access (`hf download {name} --repo-type dataset "
+        f"--local-dir DIR`) and pass one of them."))
+    if problem:   # before `datasets` retries the network for tens of seconds
+        raise DataError(problem)
     import datasets
 
     try:

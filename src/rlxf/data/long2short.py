@@ -1,4 +1,4 @@
-"""Long2short data builders (Kimi k1.5, arXiv 2501.12599; SPECS §9): shorter reasoning from samples.
+"""Long2short data builders (Kimi k1.5, arXiv 2501.12599): shorter reasoning from samples.
 
 Both builders take, for each prompt, the ``n`` sampled completions of a (long-reasoning) model,
 whether each is correct, and optionally each one's length in tokens::

@@ -1,4 +1,4 @@
-"""New preference labels for online RLHF rounds, and the reward-hacking check (COOL-RLHF, SPECS §8).
+"""New preference labels for online RLHF rounds, and the reward-hacking check (COOL-RLHF, arXiv 2403.17297).
 
 Each round of ``rlxf cool-rlhf`` samples the current policy on fresh prompts and turns the samples
 into preference rows (``prompt``, ``chosen``, ``rejected``, ``domain``, ``pair_kind``):

@@ -12,8 +12,8 @@ feeds back what it saw::
 Two samplers share that interface (:class:`PromptSampler`):
 
 - :class:`UniformSampler` — epochs of shuffled order, each prompt once per epoch;
-- :class:`APSSampler` — adaptive, difficulty-aware sampling (rlxf's design of APS, SPECS §13 and
-  Appendix C; the formula and every parameter are in the class docstring and docs/samplers.md).
+- :class:`APSSampler` — adaptive, difficulty-aware sampling (rlxf's design of APS, arXiv 2507.01327;
+  the formula and every parameter are in the class docstring and docs/samplers.md).
 
 ``state_dict()`` is plain JSON data (numbers, lists, ``None``), RNG state included, so it can go
 into a checkpoint's ``state.json``; a run resumed from it draws exactly the batches an
@@ -121,11 +121,11 @@ class UniformSampler:
 class APSSampler:
     """Adaptive perplexity-aware sampling: draw prompts near a difficulty that follows the model.
 
-    **This is rlxf's own design, not the paper's formula.** The APS paper (arXiv 2507.01327,
-    SPECS §13) describes the mechanism — Monte-Carlo rollouts measure the model's current
+    **This is rlxf's own design, not the paper's formula.** The APS paper (arXiv 2507.01327)
+    describes the mechanism — Monte-Carlo rollouts measure the model's current
     capability, and per-sample sampling probabilities are re-weighted from the model's average
     proficiency so that it meets progressively harder samples — but its exact weighting formula
-    was not available. rlxf implements that mechanism as decided in SPECS Appendix C; it has not
+    was not available. rlxf implements that mechanism as docs/samplers.md describes; it has not
     been validated against the paper's numbers.
 
     Per prompt ``i`` (``N`` prompts):

@@ -6,12 +6,13 @@ option strings). The :class:`Judge` builds the multiple-choice prompts (:mod:`rl
 asks the backend for the options' log-probs and normalises them over the options:
 
 - :meth:`Judge.prefer` — P(a ≻ b) = softmax(log P("A"), log P("B"))[0] (CAI / RLAIF soft label,
-  SPECS §7). With ``both_orders`` the pair is asked again as (b, a) and
+  Bai et al., arXiv 2212.08073; Lee et al., arXiv 2309.00267). With ``both_orders`` the pair is
+  asked again as (b, a) and
   ``P(a ≻ b) = ½ [P_(a,b)("A") + P_(b,a)("B")]`` (RLAIF position-bias control, Lee et al.);
 - :meth:`Judge.score` — d-RLAIF rating on 1–10, ``Σ_d (d+1)·P(d)`` over the digit options 0–9
   (see :mod:`rlxf.judges.prompts` for why digits 0–9 and not "1".."10");
 - :meth:`Judge.shift` — LMGT reward shift ∈ {+1, 0, −1} = argmax over the options
-  approve / neutral / disapprove (SPECS §11, Appendix C).
+  approve / neutral / disapprove (LMGT, arXiv 2409.04744; docs/methods/lmgt.md).
 
 A failed judgement (network error, prompt too long for the judge, no option in the reply's top
 log-probs) is ``None`` and counted in :attr:`Judge.stats`; nothing is ever made up.

@@ -1,4 +1,4 @@
-"""Principles ("the constitution") for Constitutional AI and RLAIF (SPECS §7, Appendix C).
+"""Principles ("the constitution") for Constitutional AI and RLAIF (arXiv 2212.08073, 2309.00267).
 
 A principle is four texts: a ``critique`` request and a ``revision`` request (CAI's supervised
 stage, ``rlxf cai-sft``) and a ``comparison`` question (what the judge is asked about a pair of

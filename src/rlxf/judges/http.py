@@ -15,7 +15,7 @@ absent the judgement is extreme (probability 0 for those), an approximation: ask
 token in the server's tokenizer — the built-in prompts use capital letters and digits 0–9 for this
 reason (:mod:`rlxf.judges.prompts`). The local backend has no such limit.
 
-Reliability (DESIGN.md): every request has a ``timeout``; connection errors, timeouts, HTTP 429 and
+Reliability (docs/judges.md): every request has a ``timeout``; connection errors, timeouts, HTTP 429 and
 5xx are retried up to ``max_retries`` times with exponential backoff (``backoff · 2^k`` seconds,
 at most ``max_backoff``, or the server's numeric ``Retry-After`` if it is shorter than that cap);
 any other 4xx is not retried (the request itself is wrong). A call that still fails returns None

@@ -1,13 +1,15 @@
 """Judge prompts: pairwise preference (CAI / RLAIF), 1–10 rating (d-RLAIF) and the LMGT reward shift.
 
 Each judgement is one user message; the judge's answer is read from the log-probabilities of a few
-*option strings* at the start of the assistant's reply (SPECS.md §7: "compute log-probs of (A)/(B),
-normalise → soft label"), never from sampled text. So every template ends by asking for exactly
+*option strings* at the start of the assistant's reply (RLAIF, Lee et al., arXiv 2309.00267:
+log-probs of "(A)"/"(B)", normalised to a soft label), never from sampled text. So every template
+ends by asking for exactly
 one of its options, and the options are chosen to be **one token in common tokenizers** (a capital
 letter, a digit): the HTTP backend can read an option only from the first generated token's
 ``top_logprobs`` (docs/judges.md, "Single-token options").
 
-Deliberate deviation (d-RLAIF, SPECS §7b): the paper's rater answers 1–10 and the score is
+Deliberate deviation (d-RLAIF, Lee et al., arXiv 2309.00267): the paper's rater answers 1–10 and
+the score is
 ``Σ_{i=1..10} i·P(i)``. "10" is two tokens in many tokenizers (and in the tiny model's), so the
 rating prompt asks for a digit 0–9 and :meth:`rlxf.judges.Judge.score` returns
 ``Σ_{d=0..9} (d+1)·P(d)`` — the same 1–10 scale with ten single-token options. Not validated
@@ -15,7 +17,7 @@ against the paper's numbers.
 
 Two prompt sets ship (``PROMPT_SETS``):
 
-- ``"standard"`` — the SPECS §7 multiple-choice style ("Consider the following conversation …
+- ``"standard"`` — the RLAIF paper's multiple-choice style ("Consider the following conversation …
   Options: (A) … (B) … The answer is:") for instruction-following judges;
 - ``"compact"`` — the same questions in a few characters, for judges with a short context such as
   the embedded tiny model (256 positions: the longest arithmetic pair already takes ~230). Its

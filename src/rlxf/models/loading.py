@@ -1,6 +1,6 @@
 """Load and save models and tokenizers in Hugging Face format; pick devices and dtypes.
 
-Safety rules (DESIGN.md, "Reliability and safety rules"): weights load from safetensors only
+Safety rules (docs/security.md): weights load from safetensors only
 (``use_safetensors=True``, never pickle), ``trust_remote_code`` is off unless the caller turns it on,
 and :func:`save_pretrained` writes to a temporary directory that is renamed into place, so a crash
 mid-save never leaves a half-written model where a complete one is expected.
@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import copy
 import logging
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlxf.runtime.hub import HUB_ID, HubUnavailable, hub_problem, model_fix
 from rlxf.zoo import resolve_model_name
 
 logger = logging.getLogger("rlxf.models")
@@ -31,8 +31,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# "org/name" or "name" on the Hub; anything with "./", "~", "..", a leading "/" or a backslash is a path
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+_HUB_ID = HUB_ID   # "org/name" or "name" on the Hub; anything else is a path
 _OFFLINE_HINTS = ("couldn't connect", "could not connect", "offline", "connection", "network",
                   "name or service not known", "temporary failure in name resolution")
 
@@ -289,6 +288,9 @@ def _check_source(name_or_path: str) -> str:
         raise FileNotFoundError(
             f"model {name_or_path!r} not found: no such local directory, and it is not a "
             "Hugging Face Hub id ('org/name'); pass an existing directory, a Hub id, or 'tiny'")
+    problem = hub_problem(source, "model", option="model", fix=model_fix(source))
+    if problem:   # fail now rather than after transformers' network retries
+        raise HubUnavailable(problem)
     return source
 
 

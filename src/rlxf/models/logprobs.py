@@ -3,11 +3,11 @@
 Every log-prob in rlxf — sampling (rollout engines call :func:`logps_from_logits`; the static
 engine's in-graph sampler writes the same float32 formula inline), old-policy, reference and
 current-policy (:func:`token_logps`, :func:`shared_prompt_logps`) — follows this module, so
-temperature and precision are applied the same way everywhere (SPECS.md §0: with sampling
+temperature and precision are applied the same way everywhere (docs/rollout.md: with sampling
 temperature τ, logits are divided by τ for policy *and* reference log-probs; otherwise ratios and
 KL are biased).
 
-Memory (DESIGN.md, "Performance architecture"): :func:`token_logps` runs the model body once to get
+Memory (docs/performance.md): :func:`token_logps` runs the model body once to get
 the final hidden states, then applies the output head only to the scored positions (``label_mask``;
 padding is always skipped), ``chunk_size`` rows at a time, so the full-vocabulary float32 logits of
 the batch ``[B, T, V]`` never exist. A plain ``nn.Linear`` head goes through the fused

@@ -1,6 +1,6 @@
 """The frozen reference policy π_ref, in the cheapest form the run allows.
 
-Modes (DESIGN.md, "Performance architecture"):
+Modes (docs/performance.md):
 
 - ``"none"``: reference-free losses (ORPO, SimPO-style, GRPO with β = 0) skip it entirely; asking it
   for log-probs is a bug in the recipe and raises.

@@ -1,6 +1,6 @@
 """Per-token value models for PPO: V(s_t) = head(body(x)_t).
 
-Two forms (SPECS §1): a **separate** critic — a transformer body with a scalar head, initialised
+Two forms (docs/methods/ppo.md): a **separate** critic — a transformer body with a scalar head, initialised
 from a reward model as InstructGPT and TRL do (or from the policy's checkpoint with a fresh head) —
 or a **value head** on the policy's own body (shared weights; the value loss then also trains the
 policy's body, weighted by the value coefficient).

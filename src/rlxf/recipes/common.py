@@ -48,6 +48,10 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
         dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
     except ValueError as exc:
         raise ConfigError(f"--device/--dtype: {exc}") from None
+    t0 = time.time()
+    log.info("loading model %s onto %s (%s)%s", cfg.model, device, str(dtype).removeprefix("torch."),
+             "" if cfg.model == "tiny" or Path(cfg.model).expanduser().exists() else
+             " from the Hugging Face Hub cache, downloading it first if it is not there")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     added_pad = ensure_pad_token(tokenizer)
     resize = len(tokenizer) if added_pad else None
@@ -57,6 +61,8 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     else:
         model = load_policy(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                             resize_to=resize)
+    log.info("model %s loaded in %.1f s: %.2fM parameters", cfg.model, time.time() - t0,
+             sum(p.numel() for p in model.parameters()) / 1e6)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -95,23 +101,32 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+MIN_EVAL_ROWS = 32   # below this a held-out metric is noisy: one row moves an accuracy by > 3 points
+
+
 def load_split_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), validated. Tasks use their eval split; files a holdout or eval_dataset.
 
     Every invalid row of the training and eval data, unreadable lines included, is reported in one
-    :class:`~rlxf.data.DataError`; with ``--skip-invalid`` they are dropped, counted and logged. A
-    file's holdout is drawn after validation, from its valid rows."""
+    :class:`~rlxf.data.DataError`; with ``--skip-invalid`` they are dropped, counted and logged.
+    Training rows follow ``--seed``. The held-out rows follow ``--eval-seed`` alone, so runs with
+    different ``--seed`` evaluate on the same rows: a task's eval split (whose problems never occur
+    in its train split), ``--eval-dataset``, or a holdout of a file's valid rows. An eval set of
+    fewer than :data:`MIN_EVAL_ROWS` rows is a warning and an empty one an error
+    (:func:`check_eval_size`); ``--eval-holdout 0`` without ``--eval-dataset`` asks for none."""
     from rlxf.data import DataError, load_rows
 
-    opts = dict(kind=kind, seed=cfg.seed, pair_kind=getattr(cfg, "pair_kind", "mixed"),
+    opts = dict(kind=kind, pair_kind=getattr(cfg, "pair_kind", "mixed"),
                 verbose_fraction=getattr(cfg, "verbose_fraction", 0.0), keep_invalid=True)
-    sources = {"training": (cfg.dataset, load_rows(cfg.dataset, split="train", task_size=cfg.task_size, **opts))}
+    sources = {"training": (cfg.dataset, load_rows(cfg.dataset, split="train", task_size=cfg.task_size,
+                                                   seed=cfg.seed, **opts))}
     if cfg.eval_dataset:
         split = "eval" if cfg.eval_dataset.startswith("task:") else cfg.eval_split
         sources["eval"] = (cfg.eval_dataset, load_rows(cfg.eval_dataset, split=split, task_size=cfg.eval_size,
-                                                       limit=cfg.eval_size, **opts))
+                                                       limit=cfg.eval_size, seed=cfg.eval_seed, **opts))
     elif cfg.dataset.startswith("task:"):
-        sources["eval"] = (cfg.dataset, load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size, **opts))
+        sources["eval"] = (cfg.dataset, load_rows(cfg.dataset, split="eval", task_size=cfg.eval_size,
+                                                  seed=cfg.eval_seed, **opts))
     validated, errors = {}, []
     for name, (spec, rows) in sources.items():
         try:
@@ -121,11 +136,46 @@ def load_split_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict]]:
     if errors:
         raise DataError("\n".join(errors))
     train = validated["training"]
-    if "eval" in validated:
-        return train, validated["eval"]
+    if "eval" not in validated:
+        return _holdout(cfg, train, skipped=len(sources["training"][1]) - len(train))
+    spec, evals = sources["eval"][0], validated["eval"]
+    if cfg.eval_dataset:
+        check_eval_size(len(evals), f"--eval-dataset {spec}", f"Use an eval set of at least {MIN_EVAL_ROWS} rows"
+                        + (f" and raise --eval-size (it caps the eval set at {cfg.eval_size})"
+                           if cfg.eval_size < MIN_EVAL_ROWS else "") + ".")
+    else:
+        check_eval_size(len(evals), f"the eval split of {spec}, --eval-size {cfg.eval_size}",
+                        f"Raise --eval-size to at least {MIN_EVAL_ROWS}.")
+    return train, evals
+
+
+def _holdout(cfg: RunConfig, train: list[dict], *, skipped: int) -> tuple[list[dict], list[dict]]:
+    """A file dataset's (train rows, eval rows): ``--eval-holdout`` of its valid rows, drawn with
+    ``--eval-seed``; ``--eval-holdout 0`` keeps every row for training and evaluates nothing."""
+    if cfg.eval_holdout == 0:
+        log.warning("no held-out evaluation: --eval-holdout 0 and no --eval-dataset, so every row of %s trains "
+                    "and summary.json holds no held-out metric", cfg.dataset)
+        return train, []
     n_eval = min(cfg.eval_size, int(len(train) * cfg.eval_holdout))
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    source = (f"--eval-holdout {cfg.eval_holdout:g} of the {len(train)} valid training rows of {cfg.dataset}"
+              + (f" ({skipped} skipped by --skip-invalid)" if skipped else ""))
+    check_eval_size(n_eval, source, f"Pass --eval-dataset FILE with at least {MIN_EVAL_ROWS} rows, raise "
+                    f"--eval-holdout or add rows (--eval-holdout 0 trains on every row without held-out metrics).")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.eval_seed)).tolist()
     return [train[i] for i in sorted(order[n_eval:])], [train[i] for i in order[:n_eval]]
+
+
+def check_eval_size(n: int, source: str, fix: str) -> None:
+    """Raise :class:`~rlxf.data.DataError` when the eval set (``n`` rows from ``source``) is empty;
+    warn when it has fewer than :data:`MIN_EVAL_ROWS` rows. ``fix`` says what to do."""
+    from rlxf.data import DataError
+
+    if n == 0:
+        raise DataError(f"the eval set is empty: {source} gives no rows, so no held-out metric could be "
+                        f"measured. {fix}")
+    if n < MIN_EVAL_ROWS:
+        log.warning("the eval set has %d row%s (%s), fewer than %d: the held-out metrics will be noisy (one row "
+                    "is %.0f%% of an accuracy). %s", n, "" if n == 1 else "s", source, MIN_EVAL_ROWS, 100 / n, fix)
 
 
 def _validated(rows: list[dict], kind: str, cfg: RunConfig, what: str) -> list[dict]:
@@ -157,7 +207,7 @@ def task_eval_metrics(cfg: TrainConfig, model, tokenizer) -> dict:
     """``{"task_accuracy": …}`` for task datasets when ``eval_generate`` > 0, else ``{}``."""
     if cfg.eval_generate <= 0 or not cfg.dataset.startswith("task:"):
         return {}
-    from rlxf.recipes.evaluation import task_accuracy
+    from rlxf.tasks.accuracy import task_accuracy
 
     name = cfg.dataset.split(":", 1)[1]
     return {"task_accuracy": task_accuracy(model, tokenizer, name, n=cfg.eval_generate,

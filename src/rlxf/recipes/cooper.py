@@ -1,4 +1,4 @@
-"""``rlxf cooper``: GRPO with a co-trained verifier reward model (COOPER, SPECS.md §10, Appendix C).
+"""``rlxf cooper``: GRPO with a co-trained verifier reward model (COOPER, arXiv 2508.05613).
 
 Each step is the GRPO step of :mod:`rlxf.recipes.grpo` with the reward ``cooper``
 (:mod:`rlxf.rewards.cooper`): rollouts are scored by σ(VerifyRM(question, reference answer,

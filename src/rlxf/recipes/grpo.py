@@ -82,7 +82,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
     pipeline = RewardPipeline(cfg, tokenizer=tokenizer, task=prompts.task, policy=model, ref_model=reference)
     if distributed.active() and hasattr(pipeline.base, "after_step") and not getattr(pipeline.base, "data_parallel",
                                                                                        False):
-        raise ConfigError(f"--reward {cfg.reward} keeps per-process state after each step, which data parallel "
+        raise ConfigError(f"--reward {cfg.reward_label} keeps per-process state after each step, which data parallel "
                           f"does not support; run it as one process (without torchrun)")
     distributed.broadcast_parameters(model)
     engine = build_engine(cfg, model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
@@ -118,7 +118,7 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
                     save_final=lambda path: save_pretrained(model, tokenizer, path,
                                                             merge_lora=cfg.merge_lora and cfg.lora_r > 0),
                     components={"sampler": sampler}, files=files, progress_metric="reward/mean",
-                    summary=lambda start, last: online_summary(cfg, start, last)))
+                    summary=lambda start, last: online_summary(cfg, start, last), reward_health=pipeline.health))
 
 
 def data_parallel_limits(cfg: GRPOConfig) -> str | None:
@@ -149,7 +149,7 @@ PANELS = [
 
 def online_summary(cfg, start: dict, last: dict) -> dict:
     """summary.json fields of an online run beyond the loop's: the preset, reward and lengths."""
-    summary = {"preset": getattr(cfg, "preset", None), "reward": cfg.reward,
+    summary = {"preset": getattr(cfg, "preset", None), "reward": cfg.reward_label,
                "start/completion_length": start.get("completion_length"),
                "final/completion_length": last.get("completion_length")}
     if distributed.active():

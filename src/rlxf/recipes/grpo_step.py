@@ -159,7 +159,7 @@ def _metrics(ctx: StepContext, batch: dict, rollouts, info: dict, correct, parts
     N = batch["input_ids"].shape[0]
     if N == 0:  # this process holds none of the step's groups (an uneven split under --dp-rollouts rank0)
         # loss: a share of the global normaliser's sum, so this process's share is 0 (not missing)
-        return {"loss": 0.0, "groups_sampled": info["groups_sampled"], "reward_none": info["reward_none"], "_rows": 0,
+        return {"loss": 0.0, "groups_sampled": info["groups_sampled"], **_reward_counts(info), "_rows": 0,
                 "_sample_seconds": info["sample_seconds"], "_train_seconds": train_seconds,
                 "_sample_tokens": info["sample_tokens"], "_train_tokens": 0, **ctx.sampler.stats()}
     rewards, valid = batch["rewards"], batch["valid"]
@@ -174,8 +174,7 @@ def _metrics(ctx: StepContext, batch: dict, rollouts, info: dict, correct, parts
         "truncated_fraction": sum(r == "length" for r in rollouts.finish_reason) / N,
         "sample_tokens_per_s": info["sample_tokens"] / max(info["sample_seconds"], 1e-9),
         "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
-        "groups_sampled": info["groups_sampled"],
-        "reward_none": info["reward_none"], "_rows": N,
+        "groups_sampled": info["groups_sampled"], **_reward_counts(info), "_rows": N,
         "_sample_seconds": info["sample_seconds"], "_train_seconds": train_seconds,
         "_sample_tokens": info["sample_tokens"], "_train_tokens": train_tokens,
     }
@@ -192,6 +191,15 @@ def _metrics(ctx: StepContext, batch: dict, rollouts, info: dict, correct, parts
         metrics[k] = max(vals) if k == "ratio_max" else sum(vals) / len(vals)
     metrics.update(ctx.sampler.stats())
     return metrics
+
+
+def _reward_counts(info: dict) -> dict:
+    """This process's reward counts of the step: failed, None and scored samples (every draw)."""
+    return {"reward_errors": info["reward_errors"], "reward_none": info["reward_none"],
+            "_reward_samples": info["reward_samples"]}
+
+
+REWARD_COUNTS = ("reward_none", "reward_errors", "reward_samples")
 
 
 def sample_groups(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int, params):
@@ -218,7 +226,7 @@ def sample_groups(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
     groups = len(rows) // G
     start, stop = (groups * rank // world) * G, (groups * (rank + 1) // world) * G
     if rank:  # process 0 reports the sampling; every process applies the sampler feedback
-        info = {**dict.fromkeys(("sample_seconds", "sample_tokens", "groups_sampled", "reward_none"), 0),
+        info = {**dict.fromkeys(("sample_seconds", "sample_tokens", "groups_sampled", *REWARD_COUNTS), 0),
                 "sampler_feedback": info["sampler_feedback"]}
     return (rollouts.rows(start, stop), rows[start:stop], rewards[start:stop], correct[start:stop],
             {name: values[start:stop] for name, values in parts.items()}, info)
@@ -231,7 +239,7 @@ def _sample_share(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
     G = cfg.group_size
     overlong = (cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_factor) if cfg.overlong_buffer else None
     kept: list[tuple] = []   # (rollouts, row slice, scores, rows) per kept group
-    info = {"sample_seconds": 0.0, "sample_tokens": 0, "groups_sampled": 0, "reward_none": 0,
+    info = {"sample_seconds": 0.0, "sample_tokens": 0, "groups_sampled": 0, **dict.fromkeys(REWARD_COUNTS, 0),
             "sampler_feedback": []}
     for _ in range(cfg.max_sample_batches if cfg.dynamic_sampling else 1):
         indices = sampler.sample(cfg.batch_size)[first:first + share]
@@ -242,7 +250,8 @@ def _sample_share(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
         rows = [prompts.rows[i] for i in indices for _ in range(G)]
         scores = pipeline(rows, out.text, out.completion_lengths().tolist(), step=step, group_size=G,
                           overlong=overlong)
-        info["reward_none"] += scores.stats.get("none", 0)
+        for key, stat in zip(REWARD_COUNTS, ("none", "failed", "samples")):
+            info[key] += scores.stats.get(stat, 0)
         info["groups_sampled"] += len(indices)
         rewards, _ = reward_tensor(scores.rewards, G)
         last = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlxf.config import ConfigError
 from rlxf.configs.online import OnlineConfig
 
 log = logging.getLogger("rlxf.online")
@@ -57,13 +58,18 @@ def load_prompts(cfg: OnlineConfig, tokenizer, rows: tuple[list[dict], list[dict
     ``rows``: the validated ``(train rows, eval rows)`` when the recipe loaded them before writing
     anything (:func:`rlxf.recipes.common.load_split_rows`); None loads them here."""
     from rlxf.data import tokenize_prompts
-    from rlxf.recipes.common import load_split_rows
+    from rlxf.recipes.common import MIN_EVAL_ROWS, check_eval_size, load_split_rows
     from rlxf.tasks import get_task
 
     train_rows, eval_rows = rows if rows is not None else load_split_rows(cfg, "prompt")
     task = get_task(cfg.dataset.split(":", 1)[1]) if cfg.dataset.startswith("task:") else None
     train, _ = tokenize_prompts(train_rows, tokenizer, max_prompt_length=cfg.max_prompt_length)
-    evals, _ = tokenize_prompts(eval_rows[:cfg.eval_generate], tokenizer, max_prompt_length=cfg.max_prompt_length)
+    evals = tokenize_prompts(eval_rows[:cfg.eval_generate], tokenizer,
+                             max_prompt_length=cfg.max_prompt_length)[0] if eval_rows else []
+    if len(eval_rows) >= MIN_EVAL_ROWS > len(evals):  # the rows were enough; what is evaluated is not
+        check_eval_size(len(evals), f"--eval-generate {cfg.eval_generate} of the {len(eval_rows)} eval rows, "
+                        f"the prompts within --max-prompt-length {cfg.max_prompt_length}",
+                        f"Raise --eval-generate to at least {MIN_EVAL_ROWS}.")
     if len(train) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train)} usable training prompts; "
                           f"lower it or add data")
@@ -88,7 +94,9 @@ class Scores:
 
 
 class RewardPipeline:
-    """Base reward (+ format, Kimi length and overlong terms) with failures isolated per sample.
+    """Base reward (+ format, Kimi length and overlong terms) with failures isolated per sample and
+    counted (``health``: :class:`~rlxf.train.reward_health.RewardHealth`; ``Scores.stats`` adds
+    ``samples`` and ``failed`` to :func:`~rlxf.rewards.call_reward`'s counts).
 
     ``correct`` comes from the task's verifier for ``task:`` datasets, else from exact match
     against an ``answer`` field when rows have one; it feeds accuracy, the length reward and the
@@ -96,7 +104,8 @@ class RewardPipeline:
     """
 
     def __init__(self, cfg: OnlineConfig, *, tokenizer, task, policy, ref_model=None):
-        from rlxf.rewards import get_reward
+        from rlxf.rewards import get_reward, reward_name
+        from rlxf.train.reward_health import RewardHealth
 
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         context = {"tokenizer": tokenizer, "model": policy, "policy": policy, "ref_model": ref_model,
@@ -105,6 +114,9 @@ class RewardPipeline:
                    "unsafe_reward_code": cfg.unsafe_reward_code}
         self.base = get_reward(cfg.reward, **context)
         self.format = get_reward("format", pattern=r"#\s*-?\d") if cfg.format_weight else None
+        self.name = reward_name(self.base)
+        self.health = RewardHealth(self.name, max_failure_share=cfg.max_reward_failure_share,
+                                   patience=cfg.reward_failure_patience)
 
     def verify(self, completions: list[str], rows: list[dict]) -> list[bool | None]:
         from rlxf.rewards import exact_match
@@ -122,7 +134,9 @@ class RewardPipeline:
 
         prompts = [r["prompt"] for r in rows]
         fields = _row_fields(rows)
-        base, stats = call_reward(self.base, prompts, completions, fields)
+        base, stats = call_reward(self.health.traced(self.base, step=step + 1, split="train"), prompts, completions,
+                                  fields, name=self.name)
+        stats = {**stats, "samples": len(completions), "failed": stats["errors"] + stats["nonfinite"]}
         correct = self.verify(completions, rows)
         parts = {"base": base}
         total = list(base)
@@ -173,9 +187,12 @@ def reward_tensor(rewards: list[float | None], group_size: int) -> tuple[torch.T
 @torch.no_grad()
 def evaluate_greedy(engine, prompts: PromptSet, pipeline: RewardPipeline, *, max_new_tokens: int,
                     batch_size: int = 256) -> dict:
-    """Greedy completions for the eval prompts: accuracy (verifier), mean base reward, mean length."""
+    """Greedy completions for the eval prompts: accuracy (verifier), mean base reward, mean length
+    (and ``reward_errors`` when the reward failed on some); nothing without eval prompts."""
     from rlxf.rollout import SamplingParams
 
+    if not len(prompts):
+        return {}
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     texts, lengths, truncated = [], [], 0
     for start in range(0, len(prompts), batch_size):
@@ -191,7 +208,11 @@ def evaluate_greedy(engine, prompts: PromptSet, pipeline: RewardPipeline, *, max
     from rlxf.rewards import call_reward
 
     scorer = getattr(pipeline.base, "eval_fn", pipeline.base)  # a training-only shaping term (LMGT) is left out
-    values, _ = call_reward(scorer, [r["prompt"] for r in prompts.rows], texts, _row_fields(prompts.rows))
+    values, stats = call_reward(pipeline.health.traced(scorer, step=None, split="eval"),
+                                [r["prompt"] for r in prompts.rows], texts, _row_fields(prompts.rows),
+                                name=pipeline.name)
+    if stats["errors"] + stats["nonfinite"]:
+        metrics["reward_errors"] = stats["errors"] + stats["nonfinite"]
     valid = [v for v in values if v is not None]
     if valid:
         metrics["reward"] = sum(valid) / len(valid)

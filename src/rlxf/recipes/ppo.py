@@ -114,11 +114,11 @@ def train(cfg: PPOConfig, *, recipe: str = "ppo"):
     return run(Loop(cfg=cfg, recipe=recipe, out=out, model=model, tokenizer=tokenizer, optimizer=optimizer,
                     scheduler=scheduler, total_steps=cfg.max_steps, step=step, evaluate=evaluate,
                     headline={"task_accuracy": "max", "reward": "max"}, panels=PANELS,
-                    title=f"rlxf {recipe}: {cfg.model} on {cfg.dataset} ({cfg.reward})",
+                    title=f"rlxf {recipe}: {cfg.model} on {cfg.dataset} ({cfg.reward_label})",
                     save_final=lambda path: save_pretrained(model, tokenizer, path,
                                                             merge_lora=cfg.merge_lora and cfg.lora_r > 0),
                     components={"sampler": sampler, "kl_controller": kl_ctl}, files={"critic.pt": critic},
-                    summary=summary, progress_metric="score"))
+                    summary=summary, progress_metric="score", reward_health=pipeline.health))
 
 
 PANELS = [

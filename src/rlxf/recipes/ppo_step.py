@@ -232,7 +232,8 @@ def _metrics(ctx: PPOContext, batch: dict, rollouts, scores, stats, sample_secon
         "value_mean": (batch["old_values"] * mask).sum().item() / valid_tokens,
         "sample_tokens_per_s": rollouts.num_tokens() / max(sample_seconds, 1e-9),
         "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
-        "reward_none": scores.stats.get("none", 0), "_rows": len(rollouts),
+        "reward_none": scores.stats.get("none", 0), "reward_errors": scores.stats.get("failed", 0),
+        "_reward_samples": scores.stats.get("samples", 0), "_rows": len(rollouts),
         "_sample_seconds": sample_seconds, "_train_seconds": train_seconds,
         "_sample_tokens": rollouts.num_tokens(), "_train_tokens": train_tokens,
     }

@@ -1,9 +1,9 @@
 """Reward model: ``rlxf rm``.
 
 A scalar head on the last non-pad token (HF ``*ForSequenceClassification``, ``num_labels=1``)
-trained on preference pairs with Bradley-Terry (SPECS §2: optional per-pair margin, reward
+trained on preference pairs with Bradley-Terry (docs/methods/reward-model.md: optional per-pair margin, reward
 centering η(r_w + r_l)², soft labels ``chosen_probability`` from an AI labeler (RLAIF L_soft))
-or COOL-RLHF's focal ranking loss with log-barrier (SPECS §8).
+or COOL-RLHF's focal ranking loss with log-barrier (InternLM2, arXiv 2403.17297).
 Eval: held-out pairwise accuracy (chosen scored above rejected, ties ½) and score margins.
 
 ``conditions`` makes it COOL-RLHF's *conditional* RM: each row's prompt is prefixed with its

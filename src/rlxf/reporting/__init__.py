@@ -15,7 +15,7 @@ Importing this package is cheap: tqdm, matplotlib and TensorBoard load only when
 """
 
 from rlxf.reporting.metrics import MetricsLogger, read_metrics, write_summary
-from rlxf.reporting.progress import Progress
+from rlxf.reporting.progress import PhaseProgress, Progress
 from rlxf.reporting.report import Panel, write_report
 
-__all__ = ["MetricsLogger", "Panel", "Progress", "read_metrics", "write_report", "write_summary"]
+__all__ = ["MetricsLogger", "Panel", "PhaseProgress", "Progress", "read_metrics", "write_report", "write_summary"]

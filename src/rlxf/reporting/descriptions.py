@@ -122,7 +122,9 @@ METRICS: dict[str, MetricInfo | tuple[MetricInfo, ...]] = {
     "truncated_fraction": MetricInfo("share of completions that hit --max-new-tokens"),
     "eos_fraction": MetricInfo("share of completions that ended with EOS"),
     "groups_sampled": MetricInfo("prompts rolled out this step", flat="the batch size without dynamic sampling"),
-    "reward_none": MetricInfo("samples whose reward function failed or returned None/NaN"),
+    "reward_none": MetricInfo("samples with no reward: the reward function failed or returned None"),
+    "reward_errors": MetricInfo("samples whose reward function failed: raised, or returned a non-number, NaN or "
+                                "inf (the run stops when it keeps failing: --max-reward-failure-share)"),
     "advantage_mean": MetricInfo("mean GAE advantage", flat="0 with --whiten-advantages"),
     "returns_mean": MetricInfo("mean GAE return"),
     "value_mean": MetricInfo("mean critic value"),

@@ -1,6 +1,6 @@
 """The reward-function contract and the one safe way to call a reward function.
 
-Contract (DESIGN.md, "Public contracts")::
+Contract (docs/rewards.md)::
 
     fn(prompts: list[str], completions: list[str], **row_fields) -> list[float | None]
 
@@ -10,8 +10,8 @@ the same order. ``None`` means "no opinion" (the sample cannot be judged, e.g. i
 answer): it is excluded from statistics and never silently turned into 0 — what a recipe does with
 it (drop the sample, drop its group, or use a neutral reward) is the recipe's documented choice.
 
-:func:`call_reward` is how rlxf calls every reward function (DESIGN.md, "Reliability and safety
-rules"): a sample whose scoring raises, returns something that is not a number, or returns NaN/inf
+:func:`call_reward` is how rlxf calls every reward function (docs/rewards.md, failure
+isolation): a sample whose scoring raises, returns something that is not a number, or returns NaN/inf
 gets None, the others keep their values, and the failures are counted for the run's metrics. A
 function that returns the wrong *number* of values is a programming error, not a bad sample:
 that raises :class:`RewardError`.

@@ -1,4 +1,4 @@
-"""Static checks for reward code written by a model (Text2Reward, SPECS §12 and Appendix C).
+"""Static checks for reward code written by a model (Text2Reward, arXiv 2309.11489; docs/security.md).
 
 :func:`extract_code` takes the code out of a chat answer; :func:`check_reward_code` lists what is
 wrong with it before it ever runs. The checks are a first filter that gives the model precise,

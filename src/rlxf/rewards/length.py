@@ -13,7 +13,7 @@ import torch
 
 def kimi_length_reward(lengths: Sequence[int] | torch.Tensor, correct: Sequence[bool] | torch.Tensor,
                        group_size: int) -> list[float]:
-    """Kimi k1.5 length reward, per sample (SPECS.md §9; Kimi k1.5, arXiv 2501.12599, "length penalty").
+    """Kimi k1.5 length reward, per sample (Kimi k1.5, arXiv 2501.12599, "length penalty").
 
     Rows are ordered group by group: rows ``[g·G, (g+1)·G)`` are the G samples of one problem.
     Within a group, with min/max over its lengths::
@@ -48,7 +48,7 @@ def kimi_length_reward(lengths: Sequence[int] | torch.Tensor, correct: Sequence[
 
 def overlong_penalty(lengths: Sequence[int] | torch.Tensor, max_len: int, buffer: int,
                      factor: float = 1.0) -> list[float]:
-    """DAPO soft overlong punishment, per sample (SPECS.md §5c; DAPO, arXiv 2503.14476)::
+    """DAPO soft overlong punishment, per sample (DAPO, arXiv 2503.14476)::
 
         R_length(y) = 0                                      if |y| ≤ L_max − L_cache
                     = ((L_max − L_cache) − |y|) / L_cache · factor   if L_max − L_cache < |y| ≤ L_max

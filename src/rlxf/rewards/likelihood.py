@@ -1,19 +1,19 @@
 """Likelihood (perplexity) rewards: how much a completion's reasoning makes the reference answer likely.
 
-SPECS.md §14 and Appendix C ("Likelihood (perplexity) reward"). For a completion, the reasoning z
+docs/rewards.md (likelihood rewards). For a completion, the reasoning z
 is its text before the last ``split_marker`` (the whole completion when there is none); the
 policy's own final answer is dropped and replaced by the reference answer
 y* = ``answer_template.format(answer=row answer)`` + EOS, whose tokens are scored by a causal LM
 (the *scorer*) conditioned on the prompt x and z. Kinds (``kind=``):
 
-- ``"rlpr"`` (default; RLPR, arXiv 2506.18254, SPECS §14b)::
+- ``"rlpr"`` (default; RLPR, arXiv 2506.18254)::
 
       p(z)  = (1/|y*|) Σ_i π(y*_i | x, z, y*_<i)        mean token PROBABILITY
       r̂     = clip(p(z) − p(""), 0, 1)                   baseline p("") = same without reasoning
       R     = (1 − c_fmt) · r̂ + c_fmt · format_ok        c_fmt = format_coef (0.1)
 
   format_ok = 1 when the completion contains ``split_marker`` followed by non-blank text.
-- ``"vr_cli"`` (VR-CLI, arXiv 2503.22828, SPECS §14a)::
+- ``"vr_cli"`` (VR-CLI, arXiv 2503.22828)::
 
       PPL(z) = exp(−(1/|y*|) Σ_i log π(y*_i | x, z, y*_<i))
       I      = 100 · (PPL("") − PPL(z)) / PPL("")        percent improvement
@@ -21,7 +21,7 @@ y* = ``answer_template.format(answer=row answer)`` + EOS, whose tokens are score
 
   Deviation, stated: the reference code adds 1e-10 to R; rlxf does not (it changes no ordering and
   group normalisation removes it).
-- ``"verifree"`` (VeriFree, arXiv 2505.21493, SPECS §14c): R = π(y* | x, z) = exp(Σ_i log π(y*_i|·)),
+- ``"verifree"`` (VeriFree, arXiv 2505.21493): R = π(y* | x, z) = exp(Σ_i log π(y*_i|·)),
   the sequence probability, no baseline. (VeriFree's extra reference-answer SFT term weighted by R
   is a loss term for the recipe, not a reward.)
 
@@ -63,7 +63,7 @@ def has_final_answer(completion: str, marker: str) -> bool:
 
 
 def vr_cli_reward(improvement: float) -> float:
-    """VR-CLI thresholds on the percent perplexity improvement I (SPECS §14a): {0, 0.5, 0.9, 1.0}."""
+    """VR-CLI thresholds on the percent perplexity improvement I (VR-CLI, arXiv 2503.22828): {0, 0.5, 0.9, 1.0}."""
     for lower, reward in VR_CLI_THRESHOLDS:
         if improvement >= lower:
             return reward
@@ -71,7 +71,7 @@ def vr_cli_reward(improvement: float) -> float:
 
 
 def rlpr_reward(prob: float, baseline_prob: float, format_ok: bool, format_coef: float = 0.1) -> float:
-    """RLPR: (1 − c) · clip(p − p_base, 0, 1) + c · format_ok (SPECS §14b, shaping "threshold_0")."""
+    """RLPR: (1 − c) · clip(p − p_base, 0, 1) + c · format_ok (RLPR, arXiv 2506.18254, shaping "threshold_0")."""
     improvement = min(max(prob - baseline_prob, 0.0), 1.0)
     return (1.0 - format_coef) * improvement + format_coef * float(format_ok)
 

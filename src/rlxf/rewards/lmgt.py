@@ -1,4 +1,4 @@
-"""Judge-based rewards: LMGT reward shifting (SPECS §11, Appendix C) and d-RLAIF (§7b).
+"""Judge-based rewards: LMGT reward shifting (arXiv 2409.04744) and d-RLAIF (arXiv 2309.00267).
 
 LMGT: a language-model judge shifts the base reward by δ ∈ {−1, 0, +1}.
 
@@ -238,7 +238,7 @@ def _lmgt_factory(task=None, *, base: str = "verifiable", judge: str | None = No
 def d_rlaif_rewards(scores: Sequence[float | None]) -> list[float | None]:
     """d-RLAIF: a 1–10 judge score s (= Σ i·P(i)) mapped linearly to [−1, 1] as (s − 5.5) / 4.5.
 
-    SPECS §7b: the paper normalises the score to [−1, 1]; the linear map is rlxf's reading [D].
+    The d-RLAIF paper normalises the score to [−1, 1]; the linear map is rlxf's reading [D].
     """
     return [None if s is None else (float(s) - 5.5) / 4.5 for s in scores]
 

@@ -1,4 +1,4 @@
-"""A trained scalar reward model as a reward function (PPO-RLHF's R_φ, SPECS.md §1–2).
+"""A trained scalar reward model as a reward function (PPO-RLHF's R_φ, InstructGPT, arXiv 2203.02155).
 
     R_i = r_φ(x_i, y_i) − b          (b = ``normalize_bias``, 0 when None)
 
@@ -8,7 +8,7 @@ add_special_tokens=False)`` + EOS (unless it already ends with EOS); the score i
 real token by :func:`rlxf.models.reward_scores`. ``normalize_bias`` shifts scores, e.g. by the RM's
 mean score on reference completions so that they average 0 (InstructGPT-style RM normalisation).
 
-A *conditional* reward model (COOL-RLHF, SPECS §8; trained with ``rlxf rm --conditions``) reads a
+A *conditional* reward model (COOL-RLHF, arXiv 2403.17297; trained with ``rlxf rm --conditions``) reads a
 per-domain condition before the prompt. With ``conditions`` (loaded from the RM directory's
 ``conditions.yaml`` when the reward is built from ``path``), each prompt is rewritten by
 :func:`rlxf.data.conditions.condition_prompt` for its domain, the row field ``domain`` or else

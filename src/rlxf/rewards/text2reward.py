@@ -1,6 +1,6 @@
 """Text2Reward in the LLM setting: a chat model writes the reward function from a sentence.
 
-SPECS §12 (Xie et al., arXiv 2309.11489) and Appendix C. The loop of :func:`generate_reward_function`:
+Text2Reward (Xie et al., arXiv 2309.11489); docs/text2reward.md. The loop of :func:`generate_reward_function`:
 
 1. prompt = role + the reward-function contract + the available row fields (with example values)
    + reward-design hints + task knowledge + the goal (+ previous code and human feedback for a

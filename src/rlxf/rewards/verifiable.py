@@ -3,7 +3,8 @@
 All return 1.0 (right) or 0.0 (wrong) per sample, and None for a row whose ``answer`` is None
 (nothing to compare with). The final answer is the text after the completion's last ``#`` marker
 (:func:`rlxf.tasks.extract_answer`, the built-in tasks' convention), or the whole completion when
-it has no marker. These are the rule-based rewards of GRPO/DAPO (SPECS.md §5a/§5c: R = 1 if the
+it has no marker. These are the rule-based rewards of GRPO/DAPO (DeepSeekMath, arXiv 2402.03300;
+DAPO, arXiv 2503.14476: R = 1 if the
 answer is equivalent, else 0; DAPO's ±1 is the affine map 2R − 1, which group normalisation cancels).
 """
 

@@ -1,4 +1,4 @@
-"""Data parallel over processes started by ``torchrun`` (DESIGN.md "Scale").
+"""Data parallel over processes started by ``torchrun`` (docs/distributed.md).
 
 ``torchrun --nproc-per-node N -m rlxf <recipe> ...`` starts N copies of a recipe. Every process
 holds a full copy of the model (replicas, not shards) and takes ``batch_size / N`` rows of each

@@ -16,8 +16,11 @@ What :func:`run` does, in order:
    ``_`` (``_train_seconds``, ``_sample_tokens`` ...) are summed into the run's cost counters instead
    of being logged; logs every ``log_every`` steps and at the end, evaluates every ``eval_every``
    steps and at the end (``best/<metric>`` by the direction in ``headline``), checkpoints every
-   ``save_every`` steps and at the end (atomic, :mod:`rlxf.runtime.checkpoint`);
-4. writes ``final/`` (rank 0), ``summary.json`` and the report.
+   ``save_every`` steps and at the end (atomic, :mod:`rlxf.runtime.checkpoint`); an online run's
+   reward health (:mod:`rlxf.train.reward_health`) counts each step's failed rewards and stops the
+   run when the reward keeps failing;
+4. writes ``final/`` (rank 0), ``summary.json`` (headline metrics that no evaluation measured are
+   listed under ``not_measured``, never written as null) and the report.
 
 Under torchrun (:mod:`rlxf.runtime.distributed`) every rank runs the loop; rank 0 alone evaluates
 (its metrics are broadcast), logs and writes; the replicas' parameters are compared at the end.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -58,7 +62,9 @@ class Loop:
     controller ...), saved in the checkpoint's state. files: file name -> module whose
     ``state_dict`` is saved beside the model (``critic.pt``, ``reward.pt``). save_final(path):
     writes the final model. summary(start_eval, last_eval): extra summary.json fields, called
-    after the last step.
+    after the last step. reward_health: an online run's
+    :class:`~rlxf.train.reward_health.RewardHealth`, which reads each step's reward counts, may stop
+    the run, and adds ``reward_health`` to summary.json.
     """
 
     cfg: Any
@@ -79,6 +85,7 @@ class Loop:
     files: dict[str, Any] = field(default_factory=dict)
     summary: Callable[[dict, dict], dict] | None = None
     progress_metric: str = "loss"
+    reward_health: Any = None
 
 
 @dataclass
@@ -99,7 +106,10 @@ def run(loop: Loop) -> RunResult:
                    if distributed.is_main() else NullLogger())
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     if step == 0:
+        t0 = time.time()
+        log.info("evaluating on the held-out set before the first step")
         state["start"] = state["last_eval"] = _evaluate(loop, state, metrics_log, 0)
+        log.info("start evaluation took %.1f s", time.time() - t0)
     loop.model.train()
     bar = Progress(loop.total_steps, desc=loop.recipe, initial=step, enabled=cfg.progress and distributed.is_main())
     wall0 = time.time()
@@ -108,13 +118,16 @@ def run(loop: Loop) -> RunResult:
             lr = loop.scheduler.get_last_lr()[0]  # the rate this step's updates use
             metrics = loop.step(step)
             step += 1
+            stop = loop.reward_health.after_step(step, metrics) if loop.reward_health is not None else None
             for key in [k for k in metrics if k.startswith("_")]:
                 value = metrics.pop(key)
                 if key[1:] in state:
                     state[key[1:]] += value
-            bar.update(1, **{loop.progress_metric: metrics.get(loop.progress_metric, float("nan"))})
-            if step % cfg.log_every == 0 or step == loop.total_steps:
+            bar.update(1, **_progress_postfix(loop, metrics))
+            if step % cfg.log_every == 0 or step == loop.total_steps or stop:
                 metrics_log.log(step, {**metrics, "lr": lr})
+            if stop:
+                raise TrainingError(f"{stop} The steps so far are in {loop.out / 'metrics.jsonl'}.")
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == loop.total_steps:
                 state["last_eval"] = _evaluate(loop, state, metrics_log, step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == loop.total_steps:
@@ -133,6 +146,16 @@ def run(loop: Loop) -> RunResult:
     return RunResult(summary=summary, output_dir=loop.out)
 
 
+def _progress_postfix(loop: Loop, metrics: dict) -> dict:
+    """The progress line's metrics: the recipe's headline train metric, and an online run's reward
+    failures and Nones this step."""
+    postfix = {loop.progress_metric: metrics.get(loop.progress_metric, float("nan"))}
+    if loop.reward_health is not None:
+        postfix.update(reward_errors=int(metrics.get("reward_errors", 0)),
+                       reward_none=int(metrics.get("reward_none", 0)))
+    return postfix
+
+
 def _resume(loop: Loop, ckpt_root: Path, state: dict) -> int:
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is None:
@@ -144,6 +167,8 @@ def _resume(loop: Loop, ckpt_root: Path, state: dict) -> int:
     for name, module in loop.files.items():
         module.load_state_dict(torch.load(ckpt / name, weights_only=True))
     state.update({k: saved.get(k, v) for k, v in state.items()})
+    if loop.reward_health is not None and "reward_health" in saved:
+        loop.reward_health.load_state_dict(saved["reward_health"])
     log.info("resumed from %s (step %d of %d)", ckpt, saved["step"], loop.total_steps)
     return saved["step"]
 
@@ -169,6 +194,8 @@ def _evaluate(loop: Loop, state: dict, metrics_log, at_step: int) -> dict:
 
 def _checkpoint(loop: Loop, ckpt_root: Path, step: int, state: dict) -> None:
     components = {name: component.state_dict() for name, component in loop.components.items()}
+    if loop.reward_health is not None:
+        components["reward_health"] = loop.reward_health.state_dict()
     files = {name: module.state_dict() for name, module in loop.files.items()} or None
     distributed.on_main(lambda: save_checkpoint(
         ckpt_root, step, model=loop.model, tokenizer=loop.tokenizer, optimizer=loop.optimizer,
@@ -178,11 +205,16 @@ def _checkpoint(loop: Loop, ckpt_root: Path, step: int, state: dict) -> None:
 def _summary(loop: Loop, state: dict, wall0: float, final_dir: Path) -> dict:
     cfg, last = loop.cfg, state["last_eval"] or {}
     device = next(loop.model.parameters()).device
+    measured = [k for k in loop.headline if any(_finite(v.get(k)) for v in (state["start"], last, state["best"]))]
     summary = {"recipe": loop.recipe, "steps": loop.total_steps, "model": cfg.model, "dataset": cfg.dataset,
-               **{f"start/{k}": state["start"].get(k) for k in loop.headline},
-               **{f"final/{k}": last.get(k) for k in loop.headline},
-               **{f"best/{k}": state["best"].get(k) for k in loop.headline},
+               **{f"start/{k}": state["start"].get(k) for k in measured},
+               **{f"final/{k}": last.get(k) for k in measured},
+               **{f"best/{k}": state["best"].get(k) for k in measured},
                "eval_start": state["start"], "eval_final": last, "wall_seconds": round(time.time() - wall0, 2)}
+    if len(measured) < len(loop.headline):   # never a null headline: say which the evaluation did not measure
+        summary["not_measured"] = [k for k in loop.headline if k not in measured]
+    if loop.reward_health is not None:
+        summary["reward_health"] = loop.reward_health.summary()
     for phase in ("sample", "train"):
         if state[f"{phase}_seconds"]:
             summary[f"{phase}_seconds"] = round(state[f"{phase}_seconds"], 2)
@@ -197,6 +229,10 @@ def _summary(loop: Loop, state: dict, wall0: float, final_dir: Path) -> dict:
                                   "peak_memory_mb_by_rank": distributed.gather(summary["peak_memory_mb"])}
     summary.update(extra)
     return summary
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _write(loop: Loop, summary: dict) -> None:

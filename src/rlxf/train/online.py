@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from rlxf.runtime import distributed
 
-SUMMED = ("groups_sampled", "reward_none", "reward_errors", "_sample_tokens", "_train_tokens", "_rows")
+SUMMED = ("groups_sampled", "reward_none", "reward_errors", "_reward_samples", "_sample_tokens", "_train_tokens",
+          "_rows")
 SLOWEST = ("_sample_seconds", "_train_seconds")
 # means over a process's rows: combined weighted by its rows (``_rows``), so uneven shares average right
 ROW_MEANS = ("reward/mean", "accuracy", "completion_length", "truncated_fraction", "frac_zero_adv", "score",

@@ -80,8 +80,11 @@ def start_run_dir(cfg, out: Path, recipe: str) -> None:
     """Create ``out`` and write the run marker (first), then ``config.yaml``; remove temporary
     checkpoint directories left by a run that was killed while writing one. Call it once the
     inputs have validated (:func:`check_output_dir`, :func:`load_split_rows`): a run that stops on
-    bad input writes nothing. Rank 0 writes under torchrun."""
+    bad input writes nothing. A model given as a Hub id that is neither cached nor downloadable
+    stops it here too (:func:`check_hub_models`). Rank 0 writes under torchrun."""
     from rlxf.runtime import remove_stale_checkpoint_dirs
+
+    check_hub_models(cfg)
 
     def write() -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +97,23 @@ def start_run_dir(cfg, out: Path, recipe: str) -> None:
             log.info("removed %s, a checkpoint whose write was interrupted", stale)
 
     distributed.on_main(write)
+
+
+HUB_MODEL_OPTIONS = ("model", "reward_model", "cooper_rm")
+
+
+def check_hub_models(cfg) -> None:
+    """Before a run writes anything: every model option that names a Hub id must be in the local
+    cache or downloadable, else :class:`~rlxf.runtime.hub.HubUnavailable` says what to do."""
+    from rlxf.runtime.hub import HubUnavailable, hub_problem, is_hub_id, model_fix
+
+    for name in HUB_MODEL_OPTIONS:
+        value, option = getattr(cfg, name, None), "--" + name.replace("_", "-")
+        if not isinstance(value, str) or value == "tiny" or Path(value).expanduser().exists() or not is_hub_id(value):
+            continue
+        problem = hub_problem(value, "model", option=option, fix=model_fix(value, option))
+        if problem:
+            raise HubUnavailable(problem)
 
 
 def prepare_output_dir(cfg, recipe: str) -> Path:
