@@ -315,7 +315,8 @@ def test_cai_sft_generate_only_with_a_critic_backend(tiny_random_model_dir, tmp_
 
 def test_cai_sft_with_the_policy_as_critic_then_sft(tiny_random_model_dir, tmp_path):
     sft_cfg = tmp_path / "sft.yaml"
-    sft_cfg.write_text(yaml.safe_dump({"max_steps": 1, "batch_size": 2, "progress": False, "warmup_steps": 0}))
+    sft_cfg.write_text(yaml.safe_dump({"max_steps": 1, "batch_size": 2, "progress": False, "warmup_steps": 0,
+                                        "eval_holdout": 0.5}))
     out = tmp_path / "cai"
     assert main(["cai-sft", *_flags({**SAMPLE, "num_prompts": 4, "model": tiny_random_model_dir,
                                      "output_dir": out, "sft_config": sft_cfg, "principle": "correct"})]) == 0
