@@ -174,8 +174,9 @@ def check_eval_size(n: int, source: str, fix: str) -> None:
         raise DataError(f"the eval set is empty: {source} gives no rows, so no held-out metric could be "
                         f"measured. {fix}")
     if n < MIN_EVAL_ROWS:
-        log.warning("the eval set has %d row%s (%s), fewer than %d: the held-out metrics will be noisy (one row "
-                    "is %.0f%% of an accuracy). %s", n, "" if n == 1 else "s", source, MIN_EVAL_ROWS, 100 / n, fix)
+        log.warning("the eval set has %d row%s (%s), fewer than %d: the held-out metrics will be noisy (each row "
+                    "moves an accuracy by %.0f points). %s", n, "" if n == 1 else "s", source, MIN_EVAL_ROWS, 100 / n,
+                    fix)
 
 
 def _validated(rows: list[dict], kind: str, cfg: RunConfig, what: str) -> list[dict]:
