@@ -1,4 +1,4 @@
-"""COOPER's co-trained verifier reward model (SPECS.md §10, Appendix C "COOPER"; arXiv 2508.05613).
+"""COOPER's co-trained verifier reward model (arXiv 2508.05613; docs/methods/cooper.md).
 
 **VerifyRM.** A sequence-classification model (one logit ``s``) that reads the question, the
 reference answer and a completion, in the template of the official code::
@@ -18,11 +18,11 @@ each concise or verbose. The paper's 58.7K rows are hybrid-labelled by Math-Veri
 judge; rlxf's tasks label exactly, so the rows come from the task's own solutions.
 
 **Co-training** (:class:`CooperReward`). While scoring a rollout batch the reward keeps, per
-prompt group, the *first* completion the task's verifier accepts (SPECS: "first rollout whose
+prompt group, the *first* completion the task's verifier accepts (the paper: "first rollout whose
 rule-based score == 1"); groups without one give no pair. After the policy step,
 :meth:`CooperReward.after_step` builds one negative per positive and takes one AdamW step on
 
-    L = − mean_pairs log σ( s(q, a*, o⁺) − s(q, a*, o⁻) )                 (SPECS §10)
+    L = − mean_pairs log σ( s(q, a*, o⁺) − s(q, a*, o⁻) )                 (COOPER, arXiv 2508.05613)
 
 Deviation, stated (Appendix C): the paper's negative is written by an assistant LLM asked for "a
 completely incorrect and misleading response"; rlxf has no such model here and corrupts the
@@ -139,7 +139,7 @@ def verification_examples(task, split: str, n: int, *, seed: int,
 
 def pretrain_verify_rm(model, tokenizer, task, *, steps: int, lr: float, batch_size: int, seed: int,
                        verbose_fraction: float = VERBOSE_FRACTION, max_grad_norm: float = 1.0) -> dict:
-    """Train a VerifyRM with BCE on task rows (``BCEWithLogits(s, label)``, SPECS §10).
+    """Train a VerifyRM with BCE on task rows (``BCEWithLogits(s, label)``, docs/methods/cooper.md).
 
     Each step sees ``batch_size`` fresh rows of :func:`verification_examples` from the train split
     (``batch_size // 2`` problems, correct + wrong each). AdamW (no weight decay), linear warm-up
@@ -241,7 +241,7 @@ def truncate_before_answer(completion: str, rng: random.Random) -> str | None:
 
 
 def contrastive_loss(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
-    """COOPER's RM loss ``−mean log σ(s⁺ − s⁻)`` (SPECS §10); inputs [P], output a scalar."""
+    """COOPER's RM loss ``−mean log σ(s⁺ − s⁻)`` (docs/methods/cooper.md); inputs [P], output a scalar."""
     return -F.logsigmoid(positive_logits - negative_logits).mean()
 
 

@@ -1,6 +1,6 @@
 """``rlxf cai-sft``: Constitutional AI's supervised stage — critique, revise, fine-tune on the revisions.
 
-SL-CAI (Bai et al., arXiv 2212.08073; SPECS §7a), one prompt at a time, batched:
+SL-CAI (Bai et al., arXiv 2212.08073; docs/methods/rlaif.md), one prompt at a time, batched:
 
     prompt → the policy's answer
       → [round r = 1..rounds]  principle ~ uniform(principles)

@@ -1,6 +1,6 @@
 """``rlxf long2short-data``: sample a model, verify, and write Kimi k1.5 long2short SFT data and DPO pairs.
 
-Kimi k1.5 (arXiv 2501.12599; SPECS §9) shortens a model's reasoning with data drawn from the model
+Kimi k1.5 (arXiv 2501.12599; docs/methods/long2short.md) shortens a model's reasoning with data drawn from the model
 itself: sample n = 8 responses per question, then
 
 - *shortest rejection sampling*: SFT on the shortest correct response of each question

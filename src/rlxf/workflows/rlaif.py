@@ -1,6 +1,6 @@
 """``rlxf rlaif``: preference labels from an AI judge, then a reward model or DPO/RPO on them.
 
-RLAIF (Lee et al., arXiv 2309.00267; SPECS §7b) and the RL stage of Constitutional AI (§7a):
+RLAIF (Lee et al., arXiv 2309.00267) and the RL stage of Constitutional AI (Bai et al., arXiv 2212.08073):
 
     prompt → the policy samples 2 responses (temperature > 0)
       → principle ~ uniform(principles); p = judge.prefer(prompt, y1, y2, principle)
@@ -9,7 +9,7 @@ RLAIF (Lee et al., arXiv 2309.00267; SPECS §7b) and the RL stage of Constitutio
       → [drop the pair when |p − 0.5| < δ  (--threshold; 0 keeps every pair)]
     → preferences.jsonl: prompt, chosen, rejected, chosen_score = p*, rejected_score = 1 − p*,
       chosen_probability = p* (soft label), judge_probability = p, principle
-    → --train rm: reward model with the soft-label BT loss L_soft (SPECS §2), or
+    → --train rm: reward model with the soft-label BT loss L_soft (docs/losses.md), or
       --train dpo | rpo: the preference recipe on the file (rpo reads the scores), or none.
 
 Pairs whose two responses are identical, or where one is empty, are dropped before judging (the
@@ -20,7 +20,7 @@ correct: ``agreement`` (the chosen one is the correct one) and ``agreement_soft`
 the judge gave the correct one).
 
 Deviations, stated: DPO trains on the binarised (oriented) pairs; the soft-target DPO variant
-(``BCE(β·h, p)``, cDPO with ε = 1 − p*, SPECS §7b) is not wired (use ``--threshold`` to keep only
+(``BCE(β·h, p)``, cDPO with ε = 1 − p*, docs/methods/rlaif.md) is not wired (use ``--threshold`` to keep only
 confident pairs). CoT judging and the CAI CoT clamp to [0.4, 0.6] are the judge's business (not
 used here).
 """

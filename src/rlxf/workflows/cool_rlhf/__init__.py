@@ -1,4 +1,4 @@
-"""``rlxf cool-rlhf``: InternLM2's COOL RLHF — a conditional reward model and online rounds (SPECS §8).
+"""``rlxf cool-rlhf``: InternLM2's COOL RLHF — a conditional reward model and online rounds (docs/methods/cool-rlhf.md).
 
 Round 0 trains one *conditional* RM on every domain's preference pairs: each built-in task
 (``--datasets task:A,task:B``) is a domain, and the RM reads the domain's condition before the
