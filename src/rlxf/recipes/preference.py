@@ -36,6 +36,7 @@ from rlxf.losses import PreferenceInputs, get_preference_loss, preference_metric
 from rlxf.recipes.common import (load_model_for_training, load_split_rows, setup_logging, task_eval_metrics,
                                  win_rates_by_kind)
 from rlxf.reporting import Panel
+from rlxf.reporting.progress import PhaseProgress
 from rlxf.train.offline import fit
 from rlxf.train.rundir import check_output_dir, start_run_dir
 
@@ -102,6 +103,8 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
         rank, world = distributed.rank(), distributed.world_size()
         mine = examples[rank * len(examples) // world:(rank + 1) * len(examples) // world]
         rows = []
+        progress = PhaseProgress("reference log-probs", -(-len(mine) // cfg.eval_batch_size), unit="batches",
+                                 detail=f"of {cfg.eval_batch_size} pairs, computed once and cached")
         with torch.no_grad():
             for start in range(0, len(mine), cfg.eval_batch_size):
                 batch = collate_preference(mine[start:start + cfg.eval_batch_size], pad_id)
@@ -111,6 +114,8 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
                 else:
                     chosen, rejected, _ = _pair_logps(reference.token_logps, batch, cfg.length_norm)
                 rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+                progress.update()
+        progress.close()
         values = torch.cat(rows) if rows else torch.zeros(0, 2)
         if world > 1:
             values = torch.cat(distributed.gather(values))
