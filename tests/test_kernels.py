@@ -162,15 +162,19 @@ def test_sample_tokens_uses_philox_uniforms_keyed_by_seed_plus_step():
 
 @pytest.mark.slow
 def test_sample_tokens_draws_from_the_tempered_softmax():
-    """1500 rows of the same logits are 1500 independent draws: frequencies match softmax(z/τ)."""
-    torch.manual_seed(3)
-    rows, vocab = 1500, 16
-    row = 2 * torch.randn(vocab, device=DEVICE)
+    """400 rows of the same logits are 400 independent draws: frequencies match softmax(z/τ).
+
+    Four distinct logits, not in sorted order: the tempered and untempered distributions are 0.15
+    apart (total variation) against a bound of 0.068, the same 2.2x separation that 1500 draws over
+    16 random logits give, at a quarter of the interpreter's time. Measured at this seed: 0.028 from
+    softmax(z/τ), 0.171 from softmax(z)."""
+    rows = 400
+    row = torch.tensor([0.0, 3.0, -1.0, 1.0], device=DEVICE)
     temperature = 1.5
     inv_t, logp_inv_t = _scalars(1 / temperature, 1.0)
     tokens, _ = kernels.sample_tokens(row.expand(rows, -1).contiguous(), torch.tensor([9], device=DEVICE),
                                       torch.tensor([0], device=DEVICE), inv_t, logp_inv_t, False)
-    frequencies = torch.bincount(tokens.cpu(), minlength=vocab).double() / rows
+    frequencies = torch.bincount(tokens.cpu(), minlength=row.numel()).double() / rows
     probs = torch.softmax(row.double().cpu() / temperature, -1)
     bound = (probs * (1 - probs) / rows).sqrt().sum()   # ≈ 2.5× the expected total variation
     assert 0.5 * (frequencies - probs).abs().sum() < bound

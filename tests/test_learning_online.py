@@ -9,7 +9,7 @@ threads):
     step     0     5     10     15     20     25     30
     grpo     0.300 0.315 0.320 0.375 0.385 0.410 0.400
     dr_grpo  0.300 0.310 0.315 0.340 0.390 0.390 0.385
-    dapo     0.300 0.330 0.375 0.400 0.405
+    dapo     0.300 0.330 0.375 0.400 0.405 0.415 0.440
     rloo     0.300 0.305 0.305 0.375 0.390 0.410 0.400
 
 At step 20 every variant is 8.5-10.5 points up; the test asserts +6 points (above the ±3.5-point
