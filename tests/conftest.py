@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # before rlxf is imported: rlxf.rollout.kerne
 # of a parametrized test ("name[id]"). Elsewhere `@pytest.mark.slow` sits on the test itself;
 # docs/testing.md says what counts as slow.
 SLOW_BY_FILE = {
-    # torchrun subprocesses, 10-30 s apiece on a 2-core CPU
+    # torchrun subprocesses: 6-17 s apiece on a 2-core CPU
     "test_distributed.py": {
         "test_two_processes_give_the_one_process_run",
         "test_errors_stop_every_process_with_one_message",
@@ -23,8 +23,8 @@ SLOW_BY_FILE = {
         "test_ppo_cooper_and_dapo_under_two_processes_give_the_one_process_run",
         "test_dynamic_sampling_draws_in_lockstep_when_each_process_samples",
     },
-    # a run killed in a subprocess and resumed; end-to-end runs of 2-5 s each (the plain GRPO and DAPO
-    # presets stay in the quick subset)
+    # a run killed in a subprocess and resumed (10 s); end-to-end runs of 1-3 s each, kept out of the
+    # quick subset so that it stays well under 3 minutes (the plain GRPO and DAPO presets stay in it)
     "test_grpo.py": {
         "test_resume_after_kill_equals_uninterrupted_run",
         "test_every_preset_runs_and_writes_the_run_files[dr_grpo-extra1]",
