@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlxf.cli import RECIPES, _config_class, build_parser, main
-from rlxf.config import ConfigError, build_config, coerce, load_yaml, numeric_fields, parse_args, save_yaml
+from rlxf.config import ConfigError, build_config, cli_flag, coerce, load_yaml, numeric_fields, parse_args, save_yaml
 from rlxf.workflows.long2short import Long2ShortDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_help_lists_every_config_field_with_its_help_text(recipe, capsys, monkey
     squashed = re.sub(r"\s+", "", out)  # argparse wraps lines (and may break at hyphens)
     assert "--config" in out
     for f in dataclasses.fields(_config_class(recipe)):
-        flag = "--" + f.name.replace("_", "-")
+        flag = cli_flag(f)
         assert re.search(re.escape(flag) + r"(?![\w-])", out), flag
         assert re.sub(r"\s+", "", f.metadata["help"]) in squashed, f"help text of {flag}"
         for choice in f.metadata.get("choices") or ():

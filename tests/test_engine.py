@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlxf.config import ConfigError, load_yaml
+from rlxf.config import ConfigError, cli_flag, load_yaml
 from rlxf.configs import choices
 from rlxf.configs.registry import RECIPES, get_recipe, recipe_names
 
@@ -77,7 +77,7 @@ def test_recipe_help_lists_the_main_options_and_help_all_lists_every_one(capsys)
         return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
 
     main_help, every = flags(["grpo", "--help"]), flags(["grpo", "--help-all"])
-    fields = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(get_recipe("grpo").config_class())}
+    fields = {cli_flag(f) for f in dataclasses.fields(get_recipe("grpo").config_class())}
     assert len(main_help) <= 45 and fields <= set(every)
     assert "--lr" in main_help and "--lmgt-scale" not in main_help and "--lmgt-scale" in every
 

@@ -86,13 +86,19 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, bounds: Bounds | None = None,
-           python_callable: bool = False) -> Any:
+           python_callable: bool = False, flag: str | None = None, block: str | None = None) -> Any:
     """A dataclass field with its ``--help`` text (and optional allowed values or numeric bounds).
 
     ``python_callable``: a string option that the Python API may also set to a function (``reward``);
-    :func:`to_dict` records such a function as ``module:name``."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds,
-                                                        "python_callable": python_callable})
+    :func:`to_dict` records such a function as ``module:name``. A ``dict`` default makes a
+    keyword-arguments option: ``flag`` names its repeatable ``--flag key=value`` on the command line
+    and YAML gives it as a mapping. ``block``: the dict field that a YAML mapping
+    ``{name: ..., args: {...}}`` given for this option fills with its ``args``."""
+    metadata = {"help": help, "choices": choices, "bounds": bounds, "python_callable": python_callable,
+                "flag": flag, "block": block}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class OptionRangeError(ConfigError):
@@ -188,6 +194,8 @@ def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
     """
     hints = typing.get_type_hints(cls)
     kind, optional = _base_type(hints[name])
+    if kind is dict:
+        return keyword_arguments(value, f"{where}: {name}")
     if callable(value) and not isinstance(value, type) and cls.__dataclass_fields__[name].metadata.get(
             "python_callable"):
         return value   # a Python function given in the API, e.g. reward=my_reward
@@ -215,6 +223,57 @@ def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
     except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {name}: cannot read {value!r} as {kind.__name__} ({exc})") from None
     return value
+
+
+def keyword_arguments(value: Any, where: str) -> dict:
+    """Keyword arguments from a YAML mapping or from ``key=value`` texts (``--reward-arg``, repeatable).
+
+    A value is read as YAML (``3`` an int, ``0.5`` a float, ``true`` a bool, ``[1, 2]`` a list, anything
+    else the text); keys must be Python identifiers, since they become keyword arguments."""
+    import yaml
+
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            key, sep, text = str(item).partition("=")
+            if not sep:
+                raise ConfigError(f"{where}: {item!r} is not key=value (e.g. --reward-arg threshold=0.5)")
+            try:
+                pairs[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                pairs[key.strip()] = text
+        value = pairs
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of name: value, got {type(value).__name__} {value!r}")
+    bad = [k for k in value if not (isinstance(k, str) and k.isidentifier())]
+    if bad:
+        raise ConfigError(f"{where}: argument names must be Python identifiers (letters, digits, _), "
+                          f"got {', '.join(map(repr, bad))}")
+    return dict(value)
+
+
+def _expand_blocks(cls: type, values: dict, where: str) -> dict:
+    """``reward: {name: SPEC, args: {...}}`` in YAML → ``reward: SPEC`` plus ``reward_args: {...}``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        field = fields.get(str(key).replace("-", "_"))
+        block = field.metadata.get("block") if field else None
+        if not block or not isinstance(value, dict):
+            continue
+        unknown = set(value) - {"name", "args"}
+        if unknown or "name" not in value:
+            raise ConfigError(f"{where}: {key}: a block takes 'name' (required) and 'args' (a mapping), "
+                              f"got keys {', '.join(map(str, value))}")
+        if any(str(k).replace("-", "_") == block for k in values):
+            raise ConfigError(f"{where}: give the arguments of {key} once: in its 'args' or in {block}, not both")
+        out[key] = value["name"]
+        out[block] = value.get("args") or {}
+    return out
 
 
 def _unknown_key_error(cls: type, key: str, where: str) -> ConfigError:
@@ -251,7 +310,7 @@ def build_config(cls: type, values: dict, *, where: str = "config",
     """
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs, written = {}, {}
-    for key, value in values.items():
+    for key, value in _expand_blocks(cls, values, where).items():
         name = key.replace("-", "_")
         if name not in names:
             raise _unknown_key_error(cls, key, where)
@@ -284,8 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: dict[st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text += f" (default: {default}"
         help_text += f"; allowed: {ranges[f.name][1].describe(ranges[f.name][0])})" if f.name in ranges else ")"
-        flag = "--" + f.name.replace("_", "-")
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
+        flag = cli_flag(f)
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", dict: "KEY=VALUE"}.get(kind, "STR")
         group = groups.get(f.name)
         target = parser
         if group and full:
@@ -295,11 +354,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: dict[st
         # argparse keeps strings; coerce() converts them so YAML and CLI share one path
         target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                             help=argparse.SUPPRESS if group and not full else help_text.replace("%", "%%"),
-                            **({"nargs": "?", "const": "true"} if kind is bool else {}))
+                            **({"nargs": "?", "const": "true"} if kind is bool else
+                               {"action": "append"} if kind is dict else {}))
     if folded:
         listing = "; ".join(f"{name} ({n})" for name, n in folded.items())
         parser.epilog = (f"{sum(folded.values())} more options, in groups: {listing}. "
                          f"--help-all lists every option.")
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """The command-line spelling of a config field: ``--reward-arg`` for ``reward_args``, else ``--name``."""
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
 
 def parse_args(cls: type, args: argparse.Namespace) -> Any:
@@ -315,8 +380,15 @@ def parse_args(cls: type, args: argparse.Namespace) -> Any:
     else:
         where = "config"
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    values = _expand_blocks(cls, values, where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in flags.items():   # --reward-arg k=v adds to (and overrides keys of) the YAML mapping
+        if name in fields and fields[name].metadata.get("flag") and name in values:
+            flags[name] = {**keyword_arguments(values[name], f"{where}: {name}"),
+                           **keyword_arguments(value, "--" + fields[name].metadata["flag"])}
     values.update(flags)
-    spelling.update({name: "--" + name.replace("_", "-") for name in flags})
+    spelling.update({name: cli_flag(fields[name]) if name in fields else "--" + name.replace("_", "-")
+                     for name in flags})
     return build_config(cls, values, where=where, spelling=spelling)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, between, callable_spec, check_choice,
-                         option)
+                         keyword_arguments, option)
 from rlxf.configs.base import RunConfig
 
 SAMPLERS = ("uniform", "aps")
@@ -26,7 +26,11 @@ class OnlineConfig(RunConfig):
                                  bounds=AT_LEAST_ONE)
     reward: str = option("verifiable", "reward: a registered name (verifiable, exact_match, numeric_match, "
                          "likelihood, reward_model, ...) or module:function / path/file.py:function (in Python, "
-                         "also the function itself)", python_callable=True)
+                         "also the function itself)", python_callable=True, block="reward_args")
+    reward_args: dict = option({}, "a keyword argument of --reward, repeatable: a registered factory (lmgt, "
+                               "likelihood, ...) or your own function receives it (values read as YAML: 0.5, true, "
+                               "[1, 2]); in YAML a mapping, or `reward: {name: SPEC, args: {...}}`",
+                               flag="reward_arg")
     max_reward_failure_share: float = option(0.5, "stop the run when the reward function fails (raises, or returns "
                                              "a non-number, NaN or inf) on more than this share of a step's samples "
                                              "for --reward-failure-patience steps in a row; a step on which every "
@@ -88,6 +92,10 @@ class OnlineConfig(RunConfig):
                               f"fn(prompts, completions, **fields) -> list[float | None]), got {self.reward!r}")
         base_reward = self.lmgt_base if self.reward == "lmgt" else self.reward
         _check_sandboxed_reward(base_reward, self.unsafe_reward_code)
+        keyword_arguments(self.reward_args, "--reward-arg")
+        if self.reward_args and isinstance(self.reward, str) and _is_sandboxed(self.reward):
+            raise ConfigError("--reward-arg: model-written reward code (sandbox:..., text2reward files) takes no "
+                              "arguments; write the values into the file instead")
         if base_reward == "reward_model" and not self.reward_model:
             raise ConfigError("--reward reward_model needs --reward-model DIR (a model trained by `rlxf rm`)")
         if self.reward in ("lmgt", "d_rlaif") and not self.judge:
@@ -107,6 +115,12 @@ class OnlineConfig(RunConfig):
                 "decay": self.lmgt_decay, "call_fraction": self.lmgt_call_fraction, "knowledge": self.lmgt_knowledge,
                 "seed": self.seed, "trust_remote_code": self.trust_remote_code, "group_size": self.group_size,
                 "unsafe_reward_code": self.unsafe_reward_code}
+
+
+def _is_sandboxed(spec: str) -> bool:
+    from rlxf.rewards.sandbox import SANDBOX_PREFIX, is_generated_file
+
+    return spec.startswith(SANDBOX_PREFIX) or is_generated_file(spec)
 
 
 def _check_sandboxed_reward(spec, unsafe: bool) -> None:

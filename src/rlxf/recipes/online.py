@@ -112,7 +112,7 @@ class RewardPipeline:
                    "scorer": cfg.likelihood_scorer, "task": task, "kind": cfg.likelihood_kind,
                    "path": cfg.reward_model, "device": next(policy.parameters()).device, **cfg.reward_options(),
                    "unsafe_reward_code": cfg.unsafe_reward_code}
-        self.base = get_reward(cfg.reward, **context)
+        self.base = get_reward(cfg.reward, reward_args=cfg.reward_args, **context)
         self.format = get_reward("format", pattern=r"#\s*-?\d") if cfg.format_weight else None
         self.name = reward_name(self.base)
         self.health = RewardHealth(self.name, max_failure_share=cfg.max_reward_failure_share,

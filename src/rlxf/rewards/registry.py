@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlxf.rewards.base import RewardError, RewardFn
+from rlxf.rewards.base import RewardError, RewardFn, reward_name
 from rlxf.rewards.sandbox import SANDBOX_PREFIX, SandboxedReward, is_generated_file
 
 
@@ -69,28 +69,38 @@ def list_rewards() -> list[str]:
     return sorted(REWARDS)
 
 
-def get_reward(spec: str | Callable, **context) -> RewardFn:
+def get_reward(spec: str | Callable, *, reward_args: dict | None = None, **context) -> RewardFn:
     """Resolve ``spec`` to a contract function ``fn(prompts, completions, **row_fields)``.
 
-    spec: a registered name, ``module:attr``, ``path/to/file.py:attr``, or a callable (returned
-    as it is). context: keyword arguments for factories (``model``, ``ref_model``, ``tokenizer``,
-    ``task`` and factory options); a factory receives those it names, the rest are ignored.
-    ``unsafe_reward_code=True`` in the context lets a sandboxed reward run without the OS boundary
-    where this machine has none (``--unsafe-reward-code``).
+    spec: a registered name, ``module:attr``, ``path/to/file.py:attr``, or a callable. context:
+    keyword arguments for factories (``model``, ``ref_model``, ``tokenizer``, ``task`` and factory
+    options); a factory receives those it names, the rest are ignored. ``unsafe_reward_code=True``
+    in the context lets a sandboxed reward run without the OS boundary where this machine has none
+    (``--unsafe-reward-code``).
+    reward_args: the user's own arguments (``--reward-arg key=value``): a factory receives them when
+    it is built, a plain reward function on every call; each must be a parameter the target names
+    (or it takes ``**kwargs``), else :class:`RewardError` lists the ones it takes.
     Raises :class:`RewardError` with what was wrong and how to fix it.
     """
+    reward_args = dict(reward_args or {})
     if callable(spec):
-        return spec
+        return _bind(spec, reward_args, callable_name(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a registered name or 'module:function', got {spec!r}")
     spec = spec.strip()
     if spec.startswith(SANDBOX_PREFIX) or is_generated_file(spec):
+        if reward_args:
+            raise RewardError(f"reward {spec!r} is model-written code run in the sandbox; it takes no arguments "
+                              f"(got {', '.join(reward_args)}); write the values into the file instead")
         return SandboxedReward.from_spec(spec, unsafe=bool(context.get("unsafe_reward_code", False)))
     if spec in REWARDS:
         entry = REWARDS[spec]
-        return _build(entry, context) if entry.factory else entry.target
+        if entry.factory:
+            _check_accepts(entry.target, reward_args, spec, what="factory")
+            return _build(entry, {**context, **reward_args})
+        return _bind(entry.target, reward_args, spec)
     if ":" in spec:
-        return _load_attribute(spec)
+        return _bind(_load_attribute(spec), reward_args, spec)
     raise RewardError(f"unknown reward {spec!r}; registered rewards: {', '.join(list_rewards())}; "
                       "or give your own function as 'package.module:function' or 'path/to/file.py:function'")
 
@@ -98,6 +108,53 @@ def get_reward(spec: str | Callable, **context) -> RewardFn:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+def callable_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _check_accepts(target: Callable, args: dict, spec: str, *, what: str) -> None:
+    """Each of ``args`` must be a keyword parameter of ``target`` (or it takes ``**kwargs``)."""
+    if not args:
+        return
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return   # no signature to check (a builtin); the call itself will say
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = [n for n, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    unknown = [k for k in args if k not in named]
+    if unknown:
+        raise RewardError(f"--reward-arg {', '.join(unknown)}: reward {spec!r} ({what}) takes no such argument; "
+                          f"its parameters: {', '.join(named) or 'none'}")
+
+
+class BoundReward:
+    """A reward function with the user's ``--reward-arg`` values passed on every call.
+
+    An argument that a row field also names is refused at the first call (one of the two would
+    silently shadow the other)."""
+
+    def __init__(self, fn: Callable, args: dict, spec: str):
+        self.fn, self.args, self.spec = fn, dict(args), spec
+        self.reward_name = reward_name(fn)
+
+    def __call__(self, prompts, completions, **fields):
+        clash = sorted(set(fields) & set(self.args))
+        if clash:
+            raise RewardError(f"--reward-arg {', '.join(clash)}: the dataset rows have a field of the same name; "
+                              "rename the argument in your reward function, or drop the field from the data")
+        return self.fn(prompts, completions, **fields, **self.args)
+
+
+def _bind(fn: Callable, args: dict, spec: str) -> RewardFn:
+    if not args:
+        return fn
+    _check_accepts(fn, args, spec, what="function")
+    return BoundReward(fn, args, spec)
+
 
 def _build(entry: RewardEntry, context: dict) -> RewardFn:
     params = inspect.signature(entry.target).parameters
