@@ -10,6 +10,12 @@ import torch
 if not torch.cuda.is_available():  # before rlxf is imported: rlxf.rollout.kernels then run in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker keeps to one thread: the tiny
+# models are bound by Python overhead, so a core per worker beats two workers fighting for both cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # for the runs the tests start in subprocesses
+
 
 # `slow` for tests in files that carry no marks of their own. Entries are test names, or one case
 # of a parametrized test ("name[id]"). Elsewhere `@pytest.mark.slow` sits on the test itself;
