@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) sysdeps
 	$(BIN)/rlxf demo --output-dir runs/demo
 
+# one pytest-xdist worker per core (at most 4); `make test TEST_WORKERS=0` runs in one process
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) sysdeps
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
