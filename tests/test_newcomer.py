@@ -386,3 +386,35 @@ def test_docstrings_point_only_at_shipped_documents():
     assert found == []
     for page in re.findall(r"docs/[\w/.-]+\.md", rlxf.__doc__):
         assert (ROOT / page).is_file(), page
+
+
+def test_generated_task_accuracy_and_cooper_rm_eval_follow_eval_seed(monkeypatch):
+    """--eval-generate (offline recipes) and COOPER's RM eval pairs use --eval-seed, not --seed."""
+    from rlxf.configs.cooper import CooperConfig
+    from rlxf.configs.sft import SFTConfig
+    from rlxf.recipes import common
+    from rlxf.tasks import accuracy
+
+    seen = []
+    monkeypatch.setattr(accuracy, "task_accuracy", lambda *a, **kw: seen.append(kw["seed"]) or 0.0)
+    for values in ({"seed": 3}, {"seed": 3, "eval_seed": 5}):
+        cfg = build_config(SFTConfig, {"dataset": "task:arithmetic", "eval_generate": 4, **values})
+        common.task_eval_metrics(cfg, None, None)
+    assert seen == [0, 5]
+    options = build_config(CooperConfig, {"seed": 3, "eval_seed": 9}).reward_options()
+    assert options["eval_seed"] == 9 and options["seed"] == 3
+
+
+def test_cooper_rm_eval_pairs_do_not_follow_the_training_seed(tiny_random_model_dir):
+    from rlxf.models import load_reward_model
+    from rlxf.rewards.cooper import CooperReward
+    from rlxf.tasks import get_task
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model_dir)
+    rm = load_reward_model(str(tiny_random_model_dir), dtype="float32", device="cpu", pad_token_id=0)
+
+    def pairs(**kw):
+        return CooperReward(rm, tokenizer, get_task("arithmetic"), group_size=4, eval_size=8, **kw).eval_examples
+
+    assert pairs(seed=1) == pairs(seed=2) and pairs(seed=1, eval_seed=4) != pairs(seed=1)

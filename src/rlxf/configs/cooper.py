@@ -54,6 +54,6 @@ class CooperConfig(GRPOConfig):
         save_dir = Path(self.output_dir or "runs/cooper") / "verify_rm" if fresh else None
         return {**super().reward_options(), "rm_path": self.cooper_rm or self.model, "update": self.cooper_update,
                 "rm_lr": self.cooper_rm_lr, "eval_size": self.cooper_eval_size, "negatives": self.cooper_negatives,
-                "max_grad_norm": self.max_grad_norm, "save_dir": save_dir,
+                "max_grad_norm": self.max_grad_norm, "save_dir": save_dir, "eval_seed": self.eval_seed,
                 "pretrain": {"steps": self.cooper_pretrain_steps, "lr": self.cooper_pretrain_lr,
                              "batch_size": self.cooper_pretrain_batch_size} if fresh else None}

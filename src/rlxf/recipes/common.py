@@ -212,7 +212,7 @@ def task_eval_metrics(cfg: TrainConfig, model, tokenizer) -> dict:
 
     name = cfg.dataset.split(":", 1)[1]
     return {"task_accuracy": task_accuracy(model, tokenizer, name, n=cfg.eval_generate,
-                                           max_new_tokens=cfg.max_new_tokens)}
+                                           max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)}
 
 
 # -- the loop ------------------------------------------------------------------------------------

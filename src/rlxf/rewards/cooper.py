@@ -266,7 +266,8 @@ class CooperReward:
 
     def __init__(self, model, tokenizer, task, *, group_size: int, update: bool = True, lr: float = 1e-5,
                  seed: int = 0, eval_size: int = 256, pretrain: dict | None = None, max_grad_norm: float = 1.0,
-                 batch_size: int = 64, save_dir: str | Path | None = None, negatives: str = "slip"):
+                 batch_size: int = 64, save_dir: str | Path | None = None, negatives: str = "slip",
+                 eval_seed: int = 0):
         if task is None:
             raise RewardError("reward 'cooper' needs a task verifier to pick positives (a task: dataset)")
         if group_size < 2:
@@ -279,7 +280,8 @@ class CooperReward:
         self.reward_name = "cooper"
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=0.0)
-        self.eval_examples = verification_examples(task, "eval", eval_size, seed=seed)
+        # the RM's held-out pairs follow the run's --eval-seed, not --seed: runs with other seeds compare
+        self.eval_examples = verification_examples(task, "eval", eval_size, seed=eval_seed)
         self._pretrain, self.save_dir = pretrain, save_dir
         self._pretrain_metrics: dict = {}
         self.updates = 0
@@ -431,13 +433,14 @@ class CooperReward:
 def _cooper_factory(tokenizer, task=None, model=None, device=None, *, rm_path: str | None = None,
                     trust_remote_code: bool = False, group_size: int = 8, update: bool = True, rm_lr: float = 3e-4,
                     seed: int = 0, eval_size: int = 256, pretrain: dict | None = None, max_grad_norm: float = 1.0,
-                    negatives: str = "slip", save_dir=None):
+                    negatives: str = "slip", save_dir=None, eval_seed: int = 0):
     """COOPER: σ(reference-aware verifier RM), the RM updated contrastively after each step (rlxf cooper).
 
     Its own options (``rlxf cooper`` fills them from ``--cooper-*``): ``rm_path`` (a trained VerifyRM
     directory, or the policy checkpoint to start a fresh head from), ``pretrain`` (``{steps, lr,
     batch_size}`` for a fresh head, None for a trained one), ``update``, ``rm_lr``, ``negatives``,
-    ``eval_size``, ``group_size``, ``seed``, ``max_grad_norm``, ``trust_remote_code``, ``save_dir``
+    ``eval_size``, ``eval_seed`` (draws the held-out pairs), ``group_size``, ``seed``, ``max_grad_norm``,
+    ``trust_remote_code``, ``save_dir``
     (where a freshly pretrained RM is saved). The RM uses the policy's tokenizer and dtype.
     """
     if rm_path is None:
@@ -454,7 +457,7 @@ def _cooper_factory(tokenizer, task=None, model=None, device=None, *, rm_path: s
                                pad_token_id=tokenizer.pad_token_id, resize_to=len(tokenizer))
     return CooperReward(rm, tokenizer, task, group_size=group_size, update=update, lr=rm_lr, seed=seed,
                         eval_size=eval_size, pretrain=pretrain, max_grad_norm=max_grad_norm, negatives=negatives,
-                        save_dir=save_dir)
+                        save_dir=save_dir, eval_seed=eval_seed)
 
 
 def _merged_over_processes(stash: dict) -> dict:

@@ -9,13 +9,15 @@ from rlxf.tasks import get_task
 
 @torch.no_grad()
 def task_accuracy(model, tokenizer, task_name: str, *, n: int = 200, max_new_tokens: int = 64,
-                  batch_size: int = 64) -> float:
+                  batch_size: int = 64, seed: int = 0) -> float:
     """Greedy accuracy of ``model`` on the first ``n`` eval problems of a built-in task (verifier-checked).
+
+    seed: draws the eval problems (a run passes its ``--eval-seed``, so the set does not follow ``--seed``).
 
     Prompts are left-padded for batched generation; the completion is judged by the task's verifier.
     """
     task = get_task(task_name)
-    problems = task.problems("eval", n, seed=0)
+    problems = task.problems("eval", n, seed=seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
