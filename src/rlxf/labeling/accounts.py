@@ -164,6 +164,10 @@ def configure_queue(conn, name: str, *, kind: str, scale: str, overlap: int, lea
 
 
 def _assign(conn, queue_id: int, names: tuple[str, ...]) -> None:
+    """Make ``names`` members of the queue; ``*`` stands for every labeler."""
+    if "*" in names:
+        every = conn.execute(select(users.c.name).where(users.c.role == "labeler")).scalars()
+        names = tuple(dict.fromkeys([n for n in names if n != "*"] + list(every)))
     for name in names:
         user_id = conn.execute(select(users.c.id).where(users.c.name == name)).scalar()
         if user_id is None:

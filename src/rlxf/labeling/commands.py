@@ -67,7 +67,8 @@ def _add_push_parser(commands) -> None:
     push.add_argument("--overlap", type=int, default=1, help="labelers per item (default: 1; 2+ gives agreement)")
     push.add_argument("--lease-seconds", type=float, default=600.0, help="how long an item handed out stays "
                       "reserved for its labeler (default: 600)")
-    push.add_argument("--assign", action="append", metavar="USER", help="make USER a member of the queue (repeatable)")
+    push.add_argument("--assign", action="append", metavar="USER", help="make USER a member of the queue (repeatable; "
+                      "* = every labeler)")
 
 
 def _add_export_parser(commands) -> None:
