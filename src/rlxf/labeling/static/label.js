@@ -151,10 +151,9 @@ async function send(answer) {
   const reason = $("reason").value.trim();
   if (reason) body.reason = reason;
   try {
-    const result = await api("POST", "/api/label", body);
+    await api("POST", "/api/label", body);
     say("saved");
-    $("progress").textContent = progressText(result.progress);
-    await loadNext();
+    await loadNext();  // render() shows the new progress together with the next item
   } catch (error) { fail(error); } finally { busy = false; }
 }
 
