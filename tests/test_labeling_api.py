@@ -214,6 +214,7 @@ def test_an_item_goes_to_one_labeler_until_its_lease_expires(lab):
     engine, tokens, _ = lab
     ann, bob = User(2, "ann", "labeler"), User(3, "bob", "labeler")
     first = next_item(engine, ann, now=1000.0)
+    assert first["progress"] == {"done": 0, "remaining": 4}      # the item in hand counts as remaining
     assert next_item(engine, ann, now=1001.0)["id"] == first["id"]          # asking again: the same item
     taken = {next_item(engine, bob, now=1000.0 + i)["id"] for i in range(1)}
     assert first["id"] not in taken
@@ -221,7 +222,8 @@ def test_an_item_goes_to_one_labeler_until_its_lease_expires(lab):
     assert late["id"] is None
     # ann's lease (600 s) expires; bob finishes his item and then gets ann's
     submit_label(engine, bob, {"id": taken.pop(), "choice": 0}, now=1700.0)
-    assert next_item(engine, bob, now=1700.0)["id"] == first["id"]
+    again = next_item(engine, bob, now=1700.0)
+    assert again["id"] == first["id"] and again["progress"] == {"done": 1, "remaining": 3}
     with pytest.raises(Exception, match="no item"):
         submit_label(engine, ann, {"id": first["id"], "choice": 0}, now=1701.0)
 

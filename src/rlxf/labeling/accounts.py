@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from rlxf.labeling.schema import members, queues, sessions, users
+from rlxf.labeling.schema import members, queues, sessions, transaction, users
 from rlxf.runtime.http import RequestError
 
 ROLES = ("owner", "labeler")
@@ -58,7 +58,7 @@ def add_user(engine, name: str, *, role: str = "labeler", queue_names: tuple[str
     if role not in ROLES:
         raise LabelingError(f"role {role!r} is unknown; use one of {', '.join(ROLES)}")
     token = secrets.token_urlsafe(32)
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         row = conn.execute(select(users.c.id, users.c.role).where(users.c.name == name)).first()
         if row is None:
             user_id = conn.execute(insert(users).values(name=name, role=role, token_hash=hash_token(token),
@@ -80,7 +80,7 @@ def user_for_token(engine, token: str) -> User | None:
     if not token or len(token) > 512:
         return None
     digest = hash_token(token)
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         row = conn.execute(select(users).where(users.c.token_hash == digest)).first()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         return None
@@ -91,7 +91,7 @@ def start_session(engine, user: User) -> tuple[str, str]:
     """A new browser session of ``user``: ``(cookie value, CSRF token)``."""
     cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     now = time.time()
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         conn.execute(delete(sessions).where(sessions.c.expires_at <= now))
         conn.execute(insert(sessions).values(token_hash=hash_token(cookie), user_id=user.id, csrf=csrf,
                                              expires_at=now + SESSION_SECONDS))
@@ -103,7 +103,7 @@ def session_user(engine, cookie: str) -> tuple[User, str] | None:
     if not cookie or len(cookie) > 512:
         return None
     digest = hash_token(cookie)
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         row = conn.execute(select(sessions.c.token_hash, sessions.c.csrf, sessions.c.expires_at, users.c.id,
                                   users.c.name, users.c.role).join(users, users.c.id == sessions.c.user_id)
                            .where(sessions.c.token_hash == digest)).first()
@@ -113,7 +113,7 @@ def session_user(engine, cookie: str) -> tuple[User, str] | None:
 
 
 def end_session(engine, cookie: str) -> None:
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         conn.execute(delete(sessions).where(sessions.c.token_hash == hash_token(cookie)))
 
 

@@ -19,7 +19,7 @@ import time
 from sqlalchemy import insert, select
 
 from rlxf.labeling.accounts import LabelingError, configure_queue
-from rlxf.labeling.schema import items
+from rlxf.labeling.schema import items, transaction
 
 MAX_TEXT = 100_000          # characters in a prompt, completion, condition or edit
 MAX_COMPLETIONS = 16
@@ -82,17 +82,19 @@ def push_items(engine, queue: str, rows: list, *, kind: str = "compare", scale: 
     checked = [check_row(row, kind, f"{where} {i + 1}") for i, row in enumerate(rows)]
     counts = {"added": 0, "updated": 0, "unchanged": 0}
     now = time.time()
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         queue_id = configure_queue(conn, queue, kind=kind, scale=scale, overlap=overlap,
                                    lease_seconds=lease_seconds, assign=assign)
         for fields in checked:
             old = conn.execute(select(items).where(items.c.queue_id == queue_id,
                                                    items.c.key == fields["key"])).first()
             if old is None:
-                conn.execute(insert(items).values(queue_id=queue_id, version=1, created_at=now, **fields))
+                conn.execute(insert(items).values(queue_id=queue_id, version=1, created_at=now, labels_live=0,
+                                                  **fields))
                 counts["added"] += 1
             elif any(getattr(old, name) != fields[name] for name in ("prompt", "completions", "condition")):
-                conn.execute(items.update().where(items.c.id == old.id).values(version=old.version + 1, **fields))
+                conn.execute(items.update().where(items.c.id == old.id).values(version=old.version + 1, labels_live=0,
+                                                                               **fields))
                 counts["updated"] += 1
             else:
                 conn.execute(items.update().where(items.c.id == old.id).values(priority=fields["priority"],

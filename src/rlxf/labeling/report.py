@@ -28,7 +28,7 @@ from sqlalchemy import and_, func, select
 
 from rlxf.labeling.accounts import LabelingError
 from rlxf.labeling.agreement import krippendorff_alpha
-from rlxf.labeling.schema import items, labels, queues, users
+from rlxf.labeling.schema import items, labels, queues, transaction, users
 
 FORMATS = ("pairs", "kto", "sft", "labels", "csv")
 
@@ -45,7 +45,7 @@ def label_rows(engine, queue: str | None = None) -> list[dict]:
              .where(labels.c.undone_at.is_(None)).order_by(labels.c.id))
     if queue is not None:
         query = query.where(queues.c.name == queue)
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         rows = conn.execute(query).all()
     return [{"label_id": r.id, "queue": r.queue, "kind": r.kind, "scale": r.scale, "item_id": r.item_id,
              "item_key": r.key, "item_version": r.version, "prompt": r.prompt,
@@ -124,7 +124,7 @@ def label_value(row: dict):
 def queue_stats(engine, queue: str | None = None) -> list[dict]:
     """Per queue: items, complete items (live labels ≥ overlap), labels, α over items with two or
     more labels, and per labeler the count, median seconds per label and labels per hour."""
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         query = select(queues).order_by(queues.c.name)
         if queue is not None:
             query = query.where(queues.c.name == queue)

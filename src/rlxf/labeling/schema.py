@@ -17,7 +17,10 @@ no ``env.py`` and no script directory shipped as package data.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
@@ -61,6 +64,7 @@ items = Table(
     Column("condition", Text, nullable=True),              # COOL-RLHF domain / condition
     Column("meta", Text, nullable=False),                  # JSON object of the pusher's other fields
     Column("priority", Float, nullable=False),             # handed out highest first
+    Column("labels_live", Integer, nullable=False),        # live labels of the current version (kept in step)
     Column("created_at", Float, nullable=False),
     UniqueConstraint("queue_id", "key"),
     Index("ix_items_order", "queue_id", "priority", "id"),
@@ -146,11 +150,26 @@ def open_engine(spec: str, *, upgrade: bool = True) -> Engine:
                                max_overflow=56, pool_timeout=120)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        _WRITE_LOCKS[engine] = threading.Lock()
     else:
         engine = create_engine(url, pool_pre_ping=True)
     if upgrade:
         migrate(engine)
     return engine
+
+
+_WRITE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def transaction(engine: Engine):
+    """``engine.begin()``; on SQLite behind a per-engine lock, so the threads of one server queue
+    for the database's write lock in this process instead of in SQLite's busy-wait loop (which
+    sleeps and retries, and under load lets some requests wait for seconds). Other processes on
+    the same file still wait in SQLite (``busy_timeout`` 60 s)."""
+    lock = _WRITE_LOCKS.get(engine, nullcontext())
+    with lock, engine.begin() as conn:
+        yield conn
 
 
 def _sqlite_connect(dbapi_connection, _record) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from rlxf.labeling.accounts import LabelingError, User
 from rlxf.labeling.items import MAX_TEXT
-from rlxf.labeling.schema import items, labels, leases, members, queues
+from rlxf.labeling.schema import items, labels, leases, members, queues, transaction
 
 MAX_REASON = 2000
 _LABEL_FIELDS = {"id", "choice", "rating", "edit", "reason"}
@@ -39,7 +39,7 @@ def next_item(engine, user: User, *, now: float | None = None) -> dict:
     """The caller's next item with its lease, or ``{"id": None}`` when none is left; both carry
     ``progress``."""
     now = time.time() if now is None else now
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         held = conn.execute(select(*_item_columns(), leases.c.leased_at).select_from(
             leases.join(items, items.c.id == leases.c.item_id).join(queues, queues.c.id == items.c.queue_id)
             .join(members, and_(members.c.queue_id == queues.c.id, members.c.user_id == user.id)))
@@ -59,15 +59,13 @@ def next_item(engine, user: User, *, now: float | None = None) -> dict:
 
 
 def _candidate(user: User, now: float):
-    live = (select(func.count()).select_from(labels)
-            .where(*_live_labels(items.c.id, items.c.version)).scalar_subquery())
     others = (select(func.count()).select_from(leases)
               .where(leases.c.item_id == items.c.id, leases.c.expires_at > now).scalar_subquery())
     mine = exists().where(*_live_labels(items.c.id, items.c.version, user.id))
     query = (select(*_item_columns()).select_from(
         items.join(queues, queues.c.id == items.c.queue_id)
         .join(members, and_(members.c.queue_id == items.c.queue_id, members.c.user_id == user.id)))
-        .where(~mine, live + others < queues.c.overlap)
+        .where(items.c.labels_live < queues.c.overlap, ~mine, items.c.labels_live + others < queues.c.overlap)
         .order_by(items.c.priority.desc(), items.c.id).limit(1))
     return query
 
@@ -79,16 +77,19 @@ def _item(row, expires_at: float) -> dict:
 
 
 def _progress(conn, user: User) -> dict:
+    """``done``: the caller's live labels; ``remaining``: items of the caller's queues still short
+    of labels that the caller has not labelled (the one in hand included)."""
     done = conn.execute(select(func.count()).select_from(labels).where(labels.c.user_id == user.id,
                                                                        labels.c.undone_at.is_(None))).scalar()
-    live = (select(func.count()).select_from(labels)
-            .where(*_live_labels(items.c.id, items.c.version)).scalar_subquery())
-    mine = exists().where(*_live_labels(items.c.id, items.c.version, user.id))
+    short = items.c.labels_live < queues.c.overlap
+    mine = and_(members.c.queue_id == items.c.queue_id, members.c.user_id == user.id)
     open_items = conn.execute(select(func.count()).select_from(
-        items.join(queues, queues.c.id == items.c.queue_id)
-        .join(members, and_(members.c.queue_id == items.c.queue_id, members.c.user_id == user.id)))
-        .where(~mine, live < queues.c.overlap)).scalar()
-    return {"done": done, "remaining": open_items}
+        items.join(queues, queues.c.id == items.c.queue_id).join(members, mine)).where(short)).scalar()
+    open_and_mine = conn.execute(select(func.count()).select_from(
+        labels.join(items, and_(items.c.id == labels.c.item_id, items.c.version == labels.c.item_version))
+        .join(queues, queues.c.id == items.c.queue_id).join(members, mine))
+        .where(labels.c.user_id == user.id, labels.c.undone_at.is_(None), short)).scalar()
+    return {"done": done, "remaining": open_items - open_and_mine}
 
 
 def parse_label(body) -> dict:
@@ -136,10 +137,11 @@ def _answer(kind: str, scale: str, n_completions: int, label: dict) -> dict:
 
 
 def submit_label(engine, user: User, body, *, now: float | None = None) -> dict:
-    """Store a label of the caller's leased item; returns ``{"label_id", "progress"}``."""
+    """Store a label of the caller's leased item; returns ``{"label_id"}`` (``GET /api/next`` brings
+    the next item with the progress)."""
     label = parse_label(body)
     now = time.time() if now is None else now
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         row = conn.execute(select(items.c.id, items.c.version, items.c.completions, queues.c.kind, queues.c.scale,
                                   leases.c.leased_at)
                            .select_from(leases.join(items, items.c.id == leases.c.item_id)
@@ -162,20 +164,24 @@ def submit_label(engine, user: User, body, *, now: float | None = None) -> dict:
             raise LabelingError(f"item {label['id']} is already labelled by you", status=409,
                                 code="already_labelled") from None
         conn.execute(delete(leases).where(leases.c.item_id == row.id, leases.c.user_id == user.id))
-        return {"label_id": label_id, "progress": _progress(conn, user)}
+        conn.execute(items.update().where(items.c.id == row.id).values(labels_live=items.c.labels_live + 1))
+        return {"label_id": label_id}
 
 
 def undo_last(engine, user: User, *, now: float | None = None) -> dict:
     """Undo the caller's newest live label; its item is leased back to the caller and returned."""
     now = time.time() if now is None else now
-    with engine.begin() as conn:
-        last = conn.execute(select(labels.c.id, labels.c.item_id, queues.c.lease_seconds)
+    with transaction(engine) as conn:
+        last = conn.execute(select(labels.c.id, labels.c.item_id, labels.c.item_version, items.c.version,
+                                   queues.c.lease_seconds)
                             .join(items, items.c.id == labels.c.item_id).join(queues, queues.c.id == items.c.queue_id)
                             .where(labels.c.user_id == user.id, labels.c.undone_at.is_(None))
                             .order_by(labels.c.id.desc()).limit(1)).first()
         if last is None:
             raise LabelingError("there is no label of yours to undo", status=409, code="nothing_to_undo")
         conn.execute(labels.update().where(labels.c.id == last.id).values(undone_at=now))
+        if last.item_version == last.version:
+            conn.execute(items.update().where(items.c.id == last.item_id).values(labels_live=items.c.labels_live - 1))
         conn.execute(delete(leases).where(leases.c.item_id == last.item_id, leases.c.user_id == user.id))
         conn.execute(insert(leases).values(item_id=last.item_id, user_id=user.id, leased_at=now,
                                            expires_at=now + last.lease_seconds))
