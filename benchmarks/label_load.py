@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_latency import _cpu_seconds, _cpu_share, _machine, _ms, _percentile, _response  # noqa: E402
+from serve_latency import (_cpu_seconds, _cpu_share, _machine, _ms, _percentile, _response,  # noqa: E402
+                           _write_results)
 
 
 def main(argv=None) -> dict:
@@ -63,13 +64,7 @@ def main(argv=None) -> dict:
               "settings": {"clients": args.clients, "labels_per_client": args.labels, "overlap": args.overlap,
                            "database": "SQLite file, WAL, synchronous=FULL"},
               "result": level}
-    markdown = _markdown(result)
-    print(markdown)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "results.md").write_text(markdown)
+    _write_results(result, _markdown(result), args.out)
     return result
 
 
