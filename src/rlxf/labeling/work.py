@@ -50,7 +50,10 @@ def next_item(engine, user: User, *, now: float | None = None) -> dict:
                          .values(expires_at=now + held.lease_seconds))
             return {**_item(held, now + held.lease_seconds), "progress": _progress(conn, user)}
         conn.execute(delete(leases).where(leases.c.expires_at <= now))
-        row = conn.execute(_candidate(user, now)).first()
+        query = _candidate(user, now)
+        if conn.dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises; others lock the row
+            query = query.with_for_update(skip_locked=True, of=items)
+        row = conn.execute(query).first()
         if row is None:
             return {"id": None, "progress": _progress(conn, user)}
         conn.execute(insert(leases).values(item_id=row.id, user_id=user.id, leased_at=now,
