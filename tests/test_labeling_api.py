@@ -384,3 +384,78 @@ def test_cli_add_user_push_export(tmp_path, capsys):
     assert main(["label", "push", "--db", db, "--file", str(bad)]) == 2
     assert "row 1: a compare item takes 2..16 completions" in capsys.readouterr().err
     assert main(["label", "push", "--db", db]) == 2
+
+
+@pytest.mark.slow  # importing TRL and datasets: ~10 s on a 2-core CPU
+def test_kto_export_of_pairs_matches_trls_unpairing(lab):
+    """For two-completion compare items, the kto export equals TRL's unpair_preference_dataset of
+    the pairs export (chosen → True, rejected → False); with more completions rlxf marks the chosen
+    one desirable once, not once per pair (docs/labeling.md#export)."""
+    datasets = pytest.importorskip("datasets")
+    from trl.data_utils import unpair_preference_dataset
+
+    engine, tokens, client = lab
+    h = bearer(tokens["ann"])
+    while (item := client.get("/api/next", headers=h).json())["id"] is not None:
+        client.post("/api/label", headers=h, json={"id": item["id"], "choice": item["id"] % 2})
+    rows = label_rows(engine)
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in export_rows(rows, "pairs")]
+    trl_rows = unpair_preference_dataset(datasets.Dataset.from_list(pairs)).to_list()
+    ours = [{k: r[k] for k in ("prompt", "completion", "label")} for r in export_rows(rows, "kto")]
+    key = lambda r: (r["prompt"], r["completion"], r["label"])  # noqa: E731
+    assert sorted(ours, key=key) == sorted(trl_rows, key=key) and len(ours) == 8
+
+
+@pytest.mark.slow  # loads and samples the tiny model twice: ~8 s on a 2-core CPU
+def test_push_samples_from_a_model_or_a_run_and_orders_by_rm_margin(tmp_path, monkeypatch, capsys):
+    import rlxf.rewards
+    from rlxf.cli import main
+    from rlxf.labeling.sample import sample_items
+
+    db = str(tmp_path / "s.db")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"final_model": "tiny"}))
+    assert main(["label", "push", "--db", db, "--from-run", str(run), "--dataset", "task:arithmetic", "--limit", "3",
+                 "--n", "2", "--max-new-tokens", "4", "--device", "cpu", "--queue", "sampled"]) == 0
+    assert "3 added" in capsys.readouterr().out
+    engine = open_engine(db)
+    with engine.begin() as conn:
+        stored = conn.execute(select(schema.items.c.completions, schema.items.c.meta)).all()
+    engine.dispose()
+    assert len(stored) == 3
+    assert all(len(json.loads(c)) == 2 and json.loads(m)["model"] == "tiny" for c, m in stored)
+
+    def fake_rm(**_context):  # score = length of the completion: a known margin per item
+        return lambda prompts, completions, **_: [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(rlxf.rewards, "get_reward", lambda name, **ctx: fake_rm(**ctx))
+    items = sample_items("tiny", "task:arithmetic", n=3, limit=4, max_new_tokens=6, device="cpu", reward_model="rm")
+    for item in items:
+        top = sorted((len(c) for c in item["completions"]), reverse=True)
+        assert item["priority"] == -(top[0] - top[1])
+    with pytest.raises(ValueError, match="names no final_model"):
+        (run / "summary.json").write_text("{}")
+        from rlxf.labeling.sample import run_model
+
+        run_model(str(run))
+
+
+def test_cli_stats_prints_alpha(lab, capsys):
+    from rlxf.cli import main
+
+    engine, tokens, client = lab
+    push_items(engine, "pair", [{"prompt": f"p{i}", "completions": ["a", "b"]} for i in range(3)], overlap=2,
+               assign=("ann", "bob"))
+    for name in ("ann", "bob"):
+        h = bearer(tokens[name])
+        while (item := client.get("/api/next", headers=h).json())["id"] is not None:
+            choice = 0 if item["queue"] == "pair" and (name == "ann" or item["prompt"] != "p2") else 1
+            client.post("/api/label", headers=h, json={"id": item["id"], "choice": choice})
+    db = str(engine.url.database)
+    assert main(["label", "stats", "--db", db, "--queue", "pair"]) == 0
+    out = capsys.readouterr().out
+    # units [0,0], [0,0], [0,1]: o_00 = 4, o_01 = o_10 = 1, n = 6, n_0 = 5, n_1 = 1;
+    # alpha = 1 - (n - 1) * (o_01 + o_10) / (2 * n_0 * n_1) = 1 - 5 * 2 / 10 = 0
+    assert "Krippendorff's alpha 0.000 (nominal, 3 items)" in out
+    assert "pair: compare, 3 items, 3 complete, 6 labels" in out

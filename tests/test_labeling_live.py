@@ -126,3 +126,35 @@ def test_kill_dash_9_loses_no_stored_label(tmp_path):
     engine = open_engine(db)
     assert len(label_rows(engine)) == 26
     engine.dispose()
+
+
+def test_push_and_export_through_a_running_server(tmp_path, monkeypatch, capsys):
+    from rlxf.cli import main
+    from rlxf.labeling.server import make_server
+
+    db = str(tmp_path / "remote.db")
+    engine = open_engine(db)
+    owner, labeler = add_user(engine, "lead", role="owner"), add_user(engine, "ann", queue_names=())
+    engine.dispose()
+    server = make_server(db)
+    try:
+        items = tmp_path / "items.jsonl"
+        items.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(3)))
+        monkeypatch.delenv("RLXF_LABEL_TOKEN", raising=False)
+        assert main(["label", "push", "--server", server.url, "--file", str(items)]) == 2
+        assert "needs an owner token: set RLXF_LABEL_TOKEN" in capsys.readouterr().err
+        monkeypatch.setenv("RLXF_LABEL_TOKEN", labeler)
+        assert main(["label", "push", "--server", server.url, "--file", str(items)]) == 2
+        assert "HTTP 403: only an owner may do this" in capsys.readouterr().err
+        monkeypatch.setenv("RLXF_LABEL_TOKEN", owner)
+        assert main(["label", "push", "--server", server.url, "--file", str(items), "--queue", "thumbs", "--kind",
+                     "rate", "--assign", "*"]) == 0
+        api = Api(server.url, labeler)
+        while (item := api.call("GET", "/api/next")[1])["id"] is not None:
+            assert api.call("POST", "/api/label", {"id": item["id"], "rating": int(item["prompt"] != "p1")})[0] == 200
+        out = tmp_path / "kto.jsonl"
+        assert main(["label", "export", "--server", server.url, "--format", "kto", "--output", str(out)]) == 0
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["completion"], r["label"]) for r in rows) == [("c0", True), ("c1", False), ("c2", True)]
