@@ -27,8 +27,13 @@ def groups():
                                               texts=["1", "1"], correct=[True, True])]
 
 
-def scripted_labeler(url: str, token: str, stop: threading.Event, seen: list) -> None:
-    """Answers every item: the completion equal to the sum is better."""
+def the_sum(item: dict) -> int:
+    a, _ = item["prompt"].rstrip("=").split("+")
+    return item["completions"].index(str(2 * int(a)))
+
+
+def scripted_labeler(url: str, token: str, stop: threading.Event, seen: list, choose=the_sum) -> None:
+    """Answers every item it gets until ``stop``: ``choose(item)`` is the better completion."""
     def call(method, path, body=None):
         request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
                                          headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -41,8 +46,7 @@ def scripted_labeler(url: str, token: str, stop: threading.Event, seen: list) ->
             stop.wait(0.05)
             continue
         seen.append(item)
-        a, _ = item["prompt"].rstrip("=").split("+")
-        call("POST", "/api/label", {"id": item["id"], "choice": item["completions"].index(str(2 * int(a)))})
+        call("POST", "/api/label", {"id": item["id"], "choice": choose(item)})
 
 
 def test_a_round_waits_for_the_scripted_labeler_and_returns_its_pairs(tmp_path, monkeypatch):
@@ -100,3 +104,40 @@ def test_a_server_without_an_owner_token_is_a_clear_error(tmp_path, monkeypatch)
     cfg = CoolRLHFConfig(labels="http://127.0.0.1:9", output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="needs an owner token: set RLXF_LABEL_TOKEN"):
         human_labels(cfg, groups(), 1, CONDITIONS)
+
+
+@pytest.mark.slow
+def test_cool_rlhf_round_with_a_labeling_server_end_to_end(tiny_random_model_dir, tmp_path, monkeypatch):
+    """``rlxf cool-rlhf --labels http://...``: round 1's samples are labelled by a scripted labeler
+    through the API and its pairs train the slow path; rounds.jsonl carries the human counts."""
+    from test_cool_rlhf import LOOP_FAST
+
+    from rlxf.cli import main
+    from rlxf.labeling.server import make_server
+    from rlxf.workflows.cool_rlhf.data import read_jsonl
+
+    monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: b"")
+    db = str(tmp_path / "labels.db")
+    engine = open_engine(db)
+    owner, labeler = add_user(engine, "lead", role="owner"), add_user(engine, "ann")
+    engine.dispose()
+    server = make_server(db)
+    monkeypatch.setenv("RLXF_LABEL_TOKEN", owner)
+    stop, seen = threading.Event(), []
+    worker = threading.Thread(target=scripted_labeler, args=(server.url, labeler, stop, seen, lambda item: 0))
+    worker.start()
+    out = tmp_path / "cool"
+    values = {**LOOP_FAST, "rounds": 1, "model": tiny_random_model_dir, "output_dir": out, "labels": server.url,
+              "human_timeout": 120}
+    try:
+        assert main(["cool-rlhf", *[f"--{k.replace('_', '-')}={v}" for k, v in values.items()]]) == 0
+    finally:
+        stop.set()
+        worker.join(30)
+        server.stop()
+    record = read_jsonl(out / "rounds.jsonl")[1]
+    assert record["human/items"] == len(seen) == record["human/complete"] == record["human/labels"] > 0
+    labels = read_jsonl(out / "round-1" / "labels.jsonl")
+    assert record["labels/new"] == len(labels) == sum(len(item["completions"]) - 1 for item in seen)
+    assert all(r["pair_kind"] == "human" and r["labeler"] == "ann" for r in labels)
+    assert record["labels/total"] > len(labels)          # the slow path trained on round 0's pairs and these

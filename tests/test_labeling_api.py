@@ -459,3 +459,14 @@ def test_cli_stats_prints_alpha(lab, capsys):
     # alpha = 1 - (n - 1) * (o_01 + o_10) / (2 * n_0 * n_1) = 1 - 5 * 2 / 10 = 0
     assert "Krippendorff's alpha 0.000 (nominal, 3 items)" in out
     assert "pair: compare, 3 items, 3 complete, 6 labels" in out
+
+
+def test_label_help_imports_no_database_or_web_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom rlxf.cli import main\ntry:\n    main(['label', 'serve', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in ('torch', 'sqlalchemy', 'starlette', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(STATIC.parents[2]), "PATH": "/usr/bin:/bin"})
+    assert "--secure-cookies" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout[-300:] + out.stderr
