@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 import urllib.request
 
 import pytest
@@ -49,7 +50,22 @@ def scripted_labeler(url: str, token: str, stop: threading.Event, seen: list, ch
         call("POST", "/api/label", {"id": item["id"], "choice": choose(item)})
 
 
-def test_a_round_waits_for_the_scripted_labeler_and_returns_its_pairs(tmp_path, monkeypatch):
+@contextmanager
+def labelling(url: str, token: str, choose=the_sum):
+    """The scripted labeler in a thread while the block runs; yields the items it got."""
+    stop, seen = threading.Event(), []
+    worker = threading.Thread(target=scripted_labeler, args=(url, token, stop, seen, choose))
+    worker.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        worker.join(30)
+
+
+@pytest.fixture
+def live(tmp_path, monkeypatch):
+    """A labeling server with an owner (its token in RLXF_LABEL_TOKEN) and a labeler: ``(server, token)``."""
     from rlxf.labeling.server import make_server
 
     db = str(tmp_path / "labels.db")
@@ -58,17 +74,16 @@ def test_a_round_waits_for_the_scripted_labeler_and_returns_its_pairs(tmp_path, 
     engine.dispose()
     server = make_server(db)
     monkeypatch.setenv("RLXF_LABEL_TOKEN", owner)
+    yield server, labeler
+    server.stop()
+
+
+def test_a_round_waits_for_the_scripted_labeler_and_returns_its_pairs(live, tmp_path):
+    server, labeler = live
     cfg = CoolRLHFConfig(labels=server.url, output_dir=str(tmp_path / "loop"), human_timeout=60)
-    stop, seen = threading.Event(), []
-    worker = threading.Thread(target=scripted_labeler, args=(server.url, labeler, stop, seen))
-    worker.start()
-    try:
+    with labelling(server.url, labeler) as seen:
         rows, stats = human_labels(cfg, groups(), 1, CONDITIONS, poll=0.05)
         again, _ = human_labels(cfg, groups(), 1, CONDITIONS, poll=0.05)   # a re-run reuses the labels
-    finally:
-        stop.set()
-        worker.join(30)
-        server.stop()
     assert len(seen) == 5                       # the group with one distinct text is not an item
     assert seen[0]["condition"] == CONDITIONS["arithmetic"] and seen[0]["completions"] == ["1", "0", "3"]
     assert stats["human/items"] == stats["human/complete"] == stats["human/labels"] == 5
@@ -107,34 +122,21 @@ def test_a_server_without_an_owner_token_is_a_clear_error(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_cool_rlhf_round_with_a_labeling_server_end_to_end(tiny_random_model_dir, tmp_path, monkeypatch):
+def test_cool_rlhf_round_with_a_labeling_server_end_to_end(live, tiny_random_model_dir, tmp_path, monkeypatch):
     """``rlxf cool-rlhf --labels http://...``: round 1's samples are labelled by a scripted labeler
     through the API and its pairs train the slow path; rounds.jsonl carries the human counts."""
     from test_cool_rlhf import LOOP_FAST
 
     from rlxf.cli import main
-    from rlxf.labeling.server import make_server
     from rlxf.workflows.cool_rlhf.data import read_jsonl
 
     monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: b"")
-    db = str(tmp_path / "labels.db")
-    engine = open_engine(db)
-    owner, labeler = add_user(engine, "lead", role="owner"), add_user(engine, "ann")
-    engine.dispose()
-    server = make_server(db)
-    monkeypatch.setenv("RLXF_LABEL_TOKEN", owner)
-    stop, seen = threading.Event(), []
-    worker = threading.Thread(target=scripted_labeler, args=(server.url, labeler, stop, seen, lambda item: 0))
-    worker.start()
+    server, labeler = live
     out = tmp_path / "cool"
     values = {**LOOP_FAST, "rounds": 1, "model": tiny_random_model_dir, "output_dir": out, "labels": server.url,
               "human_timeout": 120}
-    try:
+    with labelling(server.url, labeler, choose=lambda item: 0) as seen:
         assert main(["cool-rlhf", *[f"--{k.replace('_', '-')}={v}" for k, v in values.items()]]) == 0
-    finally:
-        stop.set()
-        worker.join(30)
-        server.stop()
     record = read_jsonl(out / "rounds.jsonl")[1]
     assert record["human/items"] == len(seen) == record["human/complete"] == record["human/labels"] > 0
     labels = read_jsonl(out / "round-1" / "labels.jsonl")
