@@ -46,8 +46,12 @@ LOGIN_FAILURES, LOGIN_WINDOW_S = 20, 60.0   # per client address: more failed lo
 
 
 def build_app(engine, *, max_request_bytes: int = 256 * 1024, max_push_bytes: int = 32 * 1024 * 1024,
-              secure_cookies: bool = False) -> Starlette:
-    """The ASGI app over the labeling database ``engine`` (:func:`rlxf.labeling.schema.open_engine`)."""
+              secure_cookies: bool = False):
+    """The ASGI app over the labeling database ``engine`` (:func:`rlxf.labeling.schema.open_engine`):
+    the Starlette app behind the security-headers middleware."""
+    for name, value in (("--max-request-bytes", max_request_bytes), ("--max-push-bytes", max_push_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+            raise ValueError(f"{name} must be an integer of at least 1024 bytes, got {value!r}")
     api = _Api(engine, max_request_bytes, max_push_bytes, secure_cookies)
     routes = [Route(path, api.page, methods=["GET"]) for path in PAGES]
     routes += [Route("/static/{name}", api.static, methods=["GET"]),
@@ -63,7 +67,6 @@ def build_app(engine, *, max_request_bytes: int = 256 * 1024, max_push_bytes: in
                Route("/api/owner/items", api.push, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={RequestError: _request_error, HTTPException: _http_error,
                                                        Exception: _internal_error})
-    app.state.engine = engine
     return _SecurityHeaders(app)
 
 
@@ -72,7 +75,6 @@ class _SecurityHeaders:
 
     def __init__(self, app):
         self.app = app
-        self.state = app.state
 
     async def __call__(self, scope, receive, send):
         async def with_headers(message):
@@ -121,6 +123,9 @@ class _Api:
         return response
 
     def _check_login_rate(self, client: str) -> None:
+        if len(self.failures) > 10_000:  # many addresses: forget those with no failure in the window
+            horizon = time.monotonic() - LOGIN_WINDOW_S
+            self.failures = {k: v for k, v in self.failures.items() if v and v[-1] >= horizon}
         recent = self.failures.setdefault(client, deque())
         while recent and recent[0] < time.monotonic() - LOGIN_WINDOW_S:
             recent.popleft()
