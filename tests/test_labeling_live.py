@@ -46,7 +46,7 @@ def label_until_done(api: Api, rng: random.Random, results: list, replay: bool) 
         if item["id"] is None:
             return
         body = {"id": item["id"], "choice": rng.randrange(len(item["completions"]))}
-        status, answer = api.call("POST", "/api/label", body)
+        status, _ = api.call("POST", "/api/label", body)
         results.append((item["id"], status))
         if replay:  # the same label again, as a client retrying after a lost answer would
             results.append((item["id"], api.call("POST", "/api/label", body)[0]))

@@ -8,7 +8,7 @@ import importlib
 _WHERE = {"latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "remove_stale_checkpoint_dirs": "checkpoint",
           "save_checkpoint": "checkpoint", "get_rng_state": "seed", "seed_everything": "seed", "set_rng_state": "seed"}
 
-__all__ = sorted(_WHERE)
+__all__ = list(sorted(_WHERE))
 
 
 def __getattr__(name: str):
