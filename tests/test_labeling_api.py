@@ -360,6 +360,9 @@ def test_cli_add_user_push_export(tmp_path, capsys):
     from rlxf.data import load_rows
 
     db = str(tmp_path / "cli.db")
+    assert main(["label", "add-user", "lead", "--db", db, "--role", "owner"]) == 0
+    assert main(["label", "add-user", "lead", "--db", db]) == 0          # a new token; still an owner
+    lead = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
     assert main(["label", "add-user", "ann", "--db", db]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
     items = tmp_path / "items.jsonl"
@@ -371,6 +374,7 @@ def test_cli_add_user_push_export(tmp_path, capsys):
     from rlxf.labeling.accounts import user_for_token
 
     ann = user_for_token(engine, token)
+    assert user_for_token(engine, lead).role == "owner" and ann.role == "labeler"
     while (item := next_item(engine, ann))["id"] is not None:
         submit_label(engine, ann, {"id": item["id"], "choice": 0})
     engine.dispose()

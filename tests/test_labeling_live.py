@@ -1,5 +1,5 @@
 """The labeling app on a real uvicorn server on loopback: many concurrent labelers never lose or
-double a label, and a kill -9 of the server loses no stored label (docs/labeling.md#concurrency)."""
+double a label, and a kill -9 of the server loses no stored label (docs/labeling.md#database-concurrency-and-durability)."""
 
 from __future__ import annotations
 

@@ -51,21 +51,23 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def add_user(engine, name: str, *, role: str = "labeler", queue_names: tuple[str, ...] = ("default",)) -> str:
-    """Create user ``name`` (or give an existing one a new token) and make it a member of
-    ``queue_names`` (created as compare queues when missing); returns the new token."""
+def add_user(engine, name: str, *, role: str | None = None, queue_names: tuple[str, ...] = ("default",)) -> str:
+    """Create user ``name`` with ``role`` (default labeler), or give an existing one a new token
+    (and ``role`` when given; its sessions end); make it a member of ``queue_names`` (created as
+    compare queues when missing). Returns the new token."""
     check_name(name, "user")
-    if role not in ROLES:
+    if role is not None and role not in ROLES:
         raise LabelingError(f"role {role!r} is unknown; use one of {', '.join(ROLES)}")
     token = secrets.token_urlsafe(32)
     with transaction(engine) as conn:
         row = conn.execute(select(users.c.id, users.c.role).where(users.c.name == name)).first()
         if row is None:
-            user_id = conn.execute(insert(users).values(name=name, role=role, token_hash=hash_token(token),
+            user_id = conn.execute(insert(users).values(name=name, role=role or "labeler", token_hash=hash_token(token),
                                                         created_at=time.time())).inserted_primary_key[0]
         else:
             user_id = row.id
-            conn.execute(users.update().where(users.c.id == user_id).values(token_hash=hash_token(token), role=role))
+            conn.execute(users.update().where(users.c.id == user_id).values(token_hash=hash_token(token),
+                                                                             role=role or row.role))
             conn.execute(delete(sessions).where(sessions.c.user_id == user_id))  # the old token's sessions end
         for queue in queue_names:
             queue_id = ensure_queue(conn, queue)

@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
                                allow_abbrev=False)
     user.add_argument("name", help="user name: letters, digits, '_', '.', '-'")
     user.add_argument("--db", default="labels.db", help=DB_HELP)
-    user.add_argument("--role", choices=("labeler", "owner"), default="labeler", help="default: labeler")
+    user.add_argument("--role", choices=("labeler", "owner"), help="default: labeler for a new user; an existing "
+                      "user keeps its role")
     user.add_argument("--queue", action="append", metavar="QUEUE", help="queue the user labels (repeatable; "
                       "default: default)")
     _add_push_parser(commands)
@@ -141,7 +142,7 @@ def _add_user(args) -> int:
     engine = open_engine(args.db)
     token = add_user(engine, args.name, role=args.role, queue_names=tuple(args.queue or ("default",)))
     engine.dispose()
-    print(f"rlxf label add-user: {args.role} {args.name!r} in queue(s) {', '.join(args.queue or ['default'])}. "
+    print(f"rlxf label add-user: {args.name!r} in queue(s) {', '.join(args.queue or ['default'])}. "
           "The token is shown once; it logs in at the server's page or as 'Authorization: Bearer TOKEN'.")
     print(f"token: {token}")
     return 0

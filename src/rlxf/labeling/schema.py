@@ -4,7 +4,7 @@ Any SQLAlchemy URL works; a plain path means a SQLite file. SQLite runs in WAL m
 ``synchronous=FULL`` (a committed label is on disk before the answer is sent, so killing the server
 loses none), foreign keys on, and every transaction opened with ``BEGIN IMMEDIATE``: the
 transaction that hands out an item holds the write lock from its first read, so two labelers can
-never take the same item (docs/labeling.md#concurrency). Other databases get row locks
+never take the same item (docs/labeling.md#database-concurrency-and-durability). Other databases get row locks
 (``SELECT … FOR UPDATE SKIP LOCKED``) where the dialect has them.
 
 Migrations: :data:`MIGRATIONS` is an ordered list of ``(version, description, function)``; the

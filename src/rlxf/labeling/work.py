@@ -1,6 +1,6 @@
 """A labeler's work: the next item (under a lease), a label, undo, progress.
 
-Hand-out rule (docs/labeling.md#concurrency): an item of one of the caller's queues goes to the
+Hand-out rule (docs/labeling.md#hand-out-rules): an item of one of the caller's queues goes to the
 caller when the caller has no live label on its current version and its live labels plus the
 unexpired leases of others stay below the queue's ``overlap``; highest priority first, then oldest.
 A caller who already holds an unexpired lease gets that item again (``GET /api/next`` is safe to
