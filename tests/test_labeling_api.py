@@ -475,3 +475,14 @@ def test_label_help_imports_no_database_or_web_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
                          env={"PYTHONPATH": str(STATIC.parents[2]), "PATH": "/usr/bin:/bin"})
     assert "--secure-cookies" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout[-300:] + out.stderr
+
+
+def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path, capsys):
+    from rlxf.cli import main
+
+    assert main(["label", "stats", "--db", "nosuchdialect://x/y"]) == 2
+    assert "rlxf label stats: --db nosuchdialect://x/y: cannot open this database" in capsys.readouterr().err
+    assert main(["label", "stats", "--db", str(tmp_path / "missing-dir" / "sub")]) == 0   # a new SQLite file
+    (tmp_path / "notadb.db").write_text("this is not SQLite")
+    assert main(["label", "stats", "--db", str(tmp_path / "notadb.db")]) == 2
+    assert "database error" in capsys.readouterr().err

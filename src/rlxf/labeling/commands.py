@@ -90,6 +90,7 @@ def run(args) -> int:
     from rlxf.labeling.accounts import LabelingError
     from rlxf.labeling.client import LabelSourceError
     from rlxf.labeling.schema import SchemaError
+    from sqlalchemy.exc import SQLAlchemyError
 
     command = {"serve": _serve, "add-user": _add_user, "push": _push, "export": _export, "stats": _stats}
     if args.label_command not in command:
@@ -100,6 +101,8 @@ def run(args) -> int:
         raise ConfigError(f"rlxf label {args.label_command}: {err.message}") from None
     except (LabelSourceError, SchemaError, ValueError) as err:
         raise ConfigError(f"rlxf label {args.label_command}: {err}") from None
+    except SQLAlchemyError as err:  # the database cannot be reached or refused a statement
+        raise ConfigError(f"rlxf label {args.label_command}: database error: {err}") from None
 
 
 def _source(args):

@@ -152,7 +152,11 @@ def open_engine(spec: str, *, upgrade: bool = True) -> Engine:
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         _WRITE_LOCKS[engine] = threading.Lock()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except (ImportError, ArgumentError) as err:
+            raise ValueError(f"--db {make_url(url)}: cannot open this database ({err}); install its driver "
+                             "(PostgreSQL: pip install psycopg2-binary) or check the URL") from None
     if upgrade:
         migrate(engine)
     return engine

@@ -2,7 +2,7 @@
 // All text from the server is written with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, item: null, me: null };
+const state = { csrf: null, item: null, me: null, refresh: null };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, attrs) {
@@ -67,7 +67,10 @@ async function enter(me) {
   $("logout").hidden = false;
   $("who").textContent = me.name + " (" + me.role + ")";
   say("");
-  if (document.body.dataset.page === "owner") return showOwner();
+  if (document.body.dataset.page === "owner") {
+    if (!state.refresh) state.refresh = setInterval(() => { if (state.csrf) showOwner(); }, 15000);
+    return showOwner();
+  }
   $("undo").hidden = false;
   await loadNext();
 }
