@@ -134,8 +134,8 @@ def test_oversized_bodies_get_413_and_long_texts_400(lab):
     big = {"id": 1, "choice": 0, "reason": "x" * 5000}
     assert client.post("/api/label", headers=bearer(tokens["ann"]), json=big).status_code == 413
     rows = [{"prompt": "p" * 1000, "completions": ["a", "b"], "key": str(i)} for i in range(80)]
-    assert client.post("/api/owner/items", headers=bearer(tokens["boss"]),
-                       json={"queue": "default", "rows": rows}).status_code == 413
+    too_big = client.post("/api/owner/items", headers=bearer(tokens["boss"]), json={"queue": "default", "rows": rows})
+    assert too_big.status_code == 413 and "--max-push-bytes" in too_big.json()["error"]["message"]
     with pytest.raises(LabelingError, match="row 1: completions\\[0\\] has 100001 characters; at most 100000"):
         push_items(engine, "default", [{"prompt": "p", "completions": ["a" * 100_001, "b"]}])
     assert client.post("/api/login", json={"token": "x" * 5000}).status_code == 413

@@ -178,7 +178,7 @@ class _Api:
 
     async def push(self, request: Request) -> Response:
         await self._user(request, owner=True)
-        body = await self._json(request, self.max_push_bytes)
+        body = await self._json(request, self.max_push_bytes, "--max-push-bytes")
         if not isinstance(body, dict) or not isinstance(body.get("rows"), list) or not isinstance(body.get("queue"), str):
             raise LabelingError("send {\"queue\": NAME, \"rows\": [...], \"kind\", \"scale\", \"overlap\", "
                                 "\"lease_seconds\", \"assign\": [names]} (rows as in rlxf label push)")
@@ -190,9 +190,10 @@ class _Api:
                                                             assign=tuple(assign), **_typed_options(options)))
         return json_response(200, result)
 
-    async def _json(self, request: Request, limit: int):
+    async def _json(self, request: Request, limit: int, flag: str = "--max-request-bytes"):
         check_content_type(request.headers.get("content-type"))
-        return decode_json(await read_body(request, limit, limit_hint="rlxf label serve --max-request-bytes"))
+        raw = await read_body(request, limit, limit_hint=f"rlxf label serve {flag}")
+        return await run_in_threadpool(decode_json, raw)  # off the event loop: a push may be megabytes
 
     async def _user(self, request: Request, *, owner: bool = False, with_csrf: bool = False):
         """The caller: from the Bearer token, else the session cookie (a POST then needs its CSRF token)."""
