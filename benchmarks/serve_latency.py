@@ -68,10 +68,14 @@ def main(argv=None) -> None:
                            "max_tokens": args.max_tokens, "server_threads": args.threads},
               "in_process_ms_per_request": in_process_ms,
               "levels": rows}
-    markdown = _markdown(result)
+    _write_results(result, _markdown(result), args.out)
+
+
+def _write_results(result: dict, markdown: str, out: str | None) -> None:
+    """Print ``markdown``; with ``out``, write ``results.json`` and ``results.md`` there."""
     print(markdown)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "results.md").write_text(markdown)

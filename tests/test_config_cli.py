@@ -508,7 +508,7 @@ def test_method_page_documents_only_real_flags(doc):
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/tasks.md", "docs/tiny-model.md", "docs/index.md",
-                                 "docs/compare.md", "docs/distributed.md"])
+                                 "docs/compare.md", "docs/distributed.md", "docs/labeling.md"])
 def test_other_pages_document_only_real_flags(doc):
     path = _doc_path(doc)
     known = (set().union(*(_flags_of(r) for r in RECIPES)) | OTHER_FLAGS | DOC_EXAMPLES | TORCHRUN_FLAGS

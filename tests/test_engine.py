@@ -38,7 +38,8 @@ def test_unknown_recipes_get_the_closest_name():
     assert set(recipe_names(data_parallel=True)) == set(RECIPES)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["dpo", "--help"], ["ppo", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["dpo", "--help"], ["ppo", "--help"],
+                                  ["label", "push", "--help"]])
 def test_help_imports_no_torch(argv):
     code = ("import sys\nfrom rlxf.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % (argv,))

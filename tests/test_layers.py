@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rlxf.reporting", "rlxf.rollout"),
     ("rlxf.judges",),
     ("rlxf.rewards",),
-    ("rlxf.configs",),
+    ("rlxf.configs", "rlxf.labeling"),
     ("rlxf.train",),
     ("rlxf.recipes",),
     ("rlxf.workflows",),

@@ -1,6 +1,6 @@
 """``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``,
 ``rlxf compare``, ``rlxf long2short-data``, ``rlxf serve``, ``rlxf cai-sft``, ``rlxf rlaif``,
-``rlxf cool-rlhf``, ``rlxf text2reward``.
+``rlxf cool-rlhf``, ``rlxf text2reward``, ``rlxf label``.
 
 Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
 """
@@ -17,6 +17,7 @@ from rlxf.config import ConfigError, add_arguments, build_config, parse_args
 
 from rlxf.configs.help_groups import GROUP_OF
 from rlxf.configs.registry import RECIPES, get_recipe
+from rlxf.labeling import commands as label_commands
 
 DEMO = {
     "model": "tiny", "dataset": "task:arithmetic", "reward": "verifiable", "beta": 0.0, "batch_size": 32,
@@ -299,6 +300,7 @@ def build_parser(command: str | None = None, *, full: bool = True) -> argparse.A
     _add_ai_feedback_parsers(sub, command)
     _add_serve_parser(sub)
     _add_text2reward_parser(sub)
+    label_commands.add_parser(sub)
     return parser
 
 
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "text2reward":
             return _text2reward(args)
+        if args.command == "label":
+            return label_commands.run(args)
         parser.print_help()
         return 2
     except ConfigError as exc:

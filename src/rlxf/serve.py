@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
-import itertools
-import json
 import logging
 import math
 import re
@@ -59,11 +56,15 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from rlxf.judges.local import chat_prompt_ids
+from rlxf.runtime.http import (BACKLOG, MAX_JSON_DEPTH, RequestError,  # noqa: F401 (re-exported)
+                               check_content_type, decode_json,
+                               error_response, is_loopback, json_response, json_type, listen, read_body, show,
+                               start_uvicorn)
 from rlxf.models import load_policy, load_tokenizer, logps_from_logits, top_logps_from_logits
 from rlxf.rollout import HFEngine, SamplingParams
 
@@ -73,30 +74,13 @@ DEFAULT_MAX_TOP_LOGPROBS = 20  # OpenAI's limit; --max-top-logprobs raises it (a
 MAX_STOP_STRINGS = 4
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1           # torch generators take a 64-bit seed
-MAX_JSON_DEPTH = 64            # nesting of arrays/objects in a request body (a chat request needs 4)
-BACKLOG = 2048                 # connections the kernel queues while the server is busy accepting
 BODY_TIMEOUT_S = 60.0          # seconds a client may take to send its request body (408 after)
 API_KEY_ENV = "RLXF_API_KEY"   # where `rlxf serve` reads the API key when --api-key is not given
-_DRAIN_LIMIT = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this size before the 413
 _ROLES = ("system", "user", "assistant")
 _METHOD_ORDER = ("GET", "HEAD", "POST", "OPTIONS")
 _API_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
-_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
 
 
-class RequestError(Exception):
-    """A request rlxf serve refuses: becomes an HTTP error with an OpenAI-shaped JSON body."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
-                 code: str | None = None, type_: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type_
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -118,13 +102,13 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, max_n: int,
                   max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS) -> ChatRequest:
     """Validate a decoded JSON body; raise :class:`RequestError` (4xx) naming the offending field."""
     if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
+        raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestError(f"model must be a string (this server serves {model_name!r}), got {_show(model)}",
+        raise RequestError(f"model must be a string (this server serves {model_name!r}), got {show(model)}",
                            param="model")
     if model is not None and model != model_name:
-        raise RequestError(f"the model {_show(model)} does not exist; this server serves {model_name!r}",
+        raise RequestError(f"the model {show(model)} does not exist; this server serves {model_name!r}",
                            param="model", status=404, code="model_not_found")
     if body.get("stream"):
         raise RequestError("streaming is not supported by rlxf serve; send stream: false", param="stream")
@@ -139,7 +123,7 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, max_n: int,
     if logprobs is None:
         logprobs = False
     if not isinstance(logprobs, bool):
-        raise RequestError(f"logprobs must be true or false, got {_show(logprobs)}", param="logprobs")
+        raise RequestError(f"logprobs must be true or false, got {show(logprobs)}", param="logprobs")
     top_logprobs = _integer(body, "top_logprobs", None, low=0, high=max_top_logprobs)
     if top_logprobs is not None and not logprobs:
         raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -148,31 +132,6 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, max_n: int,
                        top_logprobs=top_logprobs or 0)
 
 
-def decode_json(raw: bytes):
-    """Decode a request body as strict JSON (RFC 8259); raise :class:`RequestError` (400) naming the problem.
-
-    UTF-8 only; no ``NaN``/``Infinity``; every number finite (``1e309`` is refused, not read as
-    infinity); no key twice in one object (parsers disagree on which one wins); arrays/objects
-    nested at most :data:`MAX_JSON_DEPTH` deep.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RequestError(f"the request body is not valid UTF-8 (byte {err.start}: {err.reason}); "
-                           "send JSON encoded as UTF-8") from None
-    depth = _json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise RequestError(f"the request body nests arrays/objects {depth} deep; this server accepts at most "
-                           f"{MAX_JSON_DEPTH}")
-    try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                          object_pairs_hook=_unique_keys)
-    except RecursionError:
-        raise RequestError(f"the request body nests too deep to decode; keep it under {MAX_JSON_DEPTH} levels") from None
-    except RequestError:
-        raise
-    except ValueError as err:  # json.JSONDecodeError, or an integer beyond Python's digit limit
-        raise RequestError(f"the request body is not valid JSON: {err}") from None
 
 
 class ChatService:
@@ -320,21 +279,21 @@ class _Api:
         self.generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlxf-serve-generate")
 
     async def models(self, request: Request) -> Response:
-        return _json_response(200, self.service.models())
+        return json_response(200, self.service.models())
 
     async def model(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
         if model_id != self.service.model_name:
             raise RequestError(f"the model {model_id!r} does not exist; this server serves "
                                f"{self.service.model_name!r}", param="model", status=404, code="model_not_found")
-        return _json_response(200, self.service.model_card())
+        return json_response(200, self.service.model_card())
 
     async def health(self, request: Request) -> Response:
-        return _json_response(200, {"status": "ok"})
+        return json_response(200, {"status": "ok"})
 
     async def chat(self, request: Request) -> Response:
-        _check_content_type(request.headers.get("content-type"))
-        raw = await _read_body(request, self.max_request_bytes)
+        check_content_type(request.headers.get("content-type"))
+        raw = await read_body(request, self.max_request_bytes, timeout_s=BODY_TIMEOUT_S)
         body = await anyio.to_thread.run_sync(decode_json, raw)  # off the loop: a pathological 1 MB takes ~0.5 s
         chat_request = self.service.parse(body)  # refusals answer at once, without waiting for the model
         loop = asyncio.get_running_loop()
@@ -346,7 +305,7 @@ class _Api:
             logger.exception("rlxf serve: request failed")
             raise RequestError(f"internal error: {type(err).__name__}: {err}", status=500,
                                type_="server_error") from None
-        return _json_response(200, response)
+        return json_response(200, response)
 
 
 class _Front:
@@ -366,7 +325,7 @@ class _Front:
             err = RequestError("this server needs an API key: send the header 'Authorization: Bearer <key>' "
                                f"with the key it was started with (rlxf serve --api-key, or {API_KEY_ENV})",
                                status=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            return await _error_response(err)(scope, receive, send)
+            return await error_response(err)(scope, receive, send)
         await self.app(scope, receive, send)
 
     def _authorised(self, scope) -> bool:
@@ -375,64 +334,14 @@ class _Front:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes, within :data:`BODY_TIMEOUT_S`.
-
-    411 without a Content-Length or chunked encoding; 413 beyond ``limit`` (the rest of the body is
-    read and dropped, up to 64 MiB, so the client sees the 413 and not a reset); 408 when it does not
-    arrive in time.
-    """
-    length = request.headers.get("content-length")
-    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
-    if length is None and not chunked:
-        raise RequestError("a request body is required: send it with a Content-Length header (or chunked)",
-                           status=411)
-    if length is not None and not (length.strip().isascii() and length.strip().isdigit()):
-        raise RequestError(f"bad Content-Length {length!r}; send the body's size in bytes")
-    declared = int(length) if length is not None else 0
-    too_large = declared > limit
-    if too_large and (declared > _DRAIN_LIMIT or "100-continue" in request.headers.get("expect", "").lower()):
-        raise _too_large(declared, limit, close=True)  # not worth reading, or not yet sent: close instead
-    chunks, received = [], 0
-    try:
-        with anyio.fail_after(BODY_TIMEOUT_S):
-            async for chunk in request.stream():
-                received += len(chunk)
-                too_large = too_large or received > limit
-                if too_large and received > _DRAIN_LIMIT:
-                    raise _too_large(received, limit, close=True)
-                if not too_large:
-                    chunks.append(chunk)
-    except TimeoutError:
-        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({received} bytes "
-                           "came); send the whole body at once", status=408,
-                           headers={"Connection": "close"}) from None
-    except ClientDisconnect:
-        raise RequestError("the client closed the connection before the whole body arrived") from None
-    if too_large:
-        raise _too_large(max(declared, received), limit, close=False)
-    return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int, *, close: bool) -> RequestError:
-    return RequestError(f"the request body is {size} bytes; this server accepts at most {limit} "
-                        "(rlxf serve --max-request-bytes)", status=413,
-                        headers={"Connection": "close"} if close else None)
 
 
-def _check_content_type(value: str | None) -> None:
-    media_type, *params = (value or "").split(";")
-    charsets = [p.split("=", 1)[1].strip().strip('"').lower() for p in params
-                if p.split("=", 1)[0].strip().lower() == "charset" and "=" in p]
-    if media_type.strip().lower() != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
-        raise RequestError(f"the request body must be JSON sent with 'Content-Type: application/json' (UTF-8), "
-                           f"got {'no Content-Type' if value is None else repr(value)}; with curl, add "
-                           "-H 'Content-Type: application/json'", status=415,
-                           code="unsupported_media_type")
 
 
 async def _request_error(request: Request, err: RequestError) -> Response:
-    return _error_response(err)
+    return error_response(err)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -444,27 +353,22 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
         if request.method == "OPTIONS":
             return Response(status_code=204, headers={"Allow": allow})
         use = " or ".join(m for m in _METHOD_ORDER if m in methods and m not in ("HEAD", "OPTIONS"))
-        return _error_response(RequestError(f"{request.method} is not allowed on {path}; use {use}",
+        return error_response(RequestError(f"{request.method} is not allowed on {path}; use {use}",
                                             status=405, code="method_not_allowed", headers={"Allow": allow}))
     if exc.status_code == 404:
-        return _error_response(RequestError(f"unknown path {path!r}; rlxf serve has GET /v1/models, "
+        return error_response(RequestError(f"unknown path {path!r}; rlxf serve has GET /v1/models, "
                                             "GET /v1/models/{id}, POST /v1/chat/completions and GET /health",
                                             status=404, code="not_found"))
-    return _error_response(RequestError(str(exc.detail), status=exc.status_code))
+    return error_response(RequestError(str(exc.detail), status=exc.status_code))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    return _error_response(RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500,
+    return error_response(RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500,
                                         type_="server_error"))
 
 
-def _error_response(err: RequestError) -> Response:
-    return _json_response(err.status, err.body(), err.headers)
 
 
-def _json_response(status: int, payload: dict, headers: dict | None = None) -> Response:
-    return Response(json.dumps(payload, allow_nan=False), status_code=status, headers=headers,
-                    media_type="application/json")
 
 
 # -- running it ----------------------------------------------------------------------------------
@@ -519,63 +423,25 @@ def make_server(model_path: str = "tiny", host: str = "127.0.0.1", port: int = 8
     service = ChatService(model, tokenizer, model_name=model_name or model_path,
                           max_tokens_limit=max_tokens_limit, max_n=max_n, max_top_logprobs=max_top_logprobs)
     app = build_app(service, max_request_bytes=max_request_bytes, api_key=api_key)
-    sock = _listen(host, port)
+    sock = listen(host, port)
     warning = exposure_warning(host, api_key)
     if warning:
         logger.warning(warning)
-    config = uvicorn.Config(app, log_config=None, log_level="error", access_log=False, lifespan="off",
-                            ws="none", proxy_headers=False, server_header=False, backlog=BACKLOG,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="rlxf-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("rlxf serve: the HTTP server did not start (its error is logged above)")
-        time.sleep(0.01)
+    server, thread = start_uvicorn(app, sock, name="rlxf-serve")
     return RunningServer(app, sock, server, thread), thread
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
     """The warning for listening beyond this machine without an API key (None when loopback or keyed)."""
-    if api_key or _is_loopback(host):
+    if api_key or is_loopback(host):
         return None
     return (f"rlxf serve: listening on {host or 'every interface'} with no API key: anyone who can reach this "
             f"address can use the model. Set {API_KEY_ENV}=<key> (or --api-key <key>) so that requests must "
             "send 'Authorization: Bearer <key>', or listen on 127.0.0.1 (--host 127.0.0.1)")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a name: loopback when every address it resolves to is
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except OSError:
-            return False
-        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` and listening with :data:`BACKLOG` (port 0: a free port)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port,
-                                                             type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except OSError as err:
-        raise OSError(f"rlxf serve: cannot resolve --host {host!r}: {err}; give an IP address or a known "
-                      "name (127.0.0.1 = this machine only)") from err
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
-    except OSError as err:
-        sock.close()
-        raise OSError(f"rlxf serve: cannot listen on {host}:{port}: {err.strerror or err}; choose another "
-                      "--port (0 picks a free one) or --host") from err
-    return sock
 
 
 # -- validation helpers ------------------------------------------------------------------------
@@ -602,7 +468,7 @@ def _integer(body: dict, name: str, default: int | None, *, low: int, high: int)
     if value is None:
         return default
     if not _is_int(value) or not low <= value <= high:
-        raise RequestError(f"{name} must be an integer in {low}..{high}, got {_show(value)}", param=name)
+        raise RequestError(f"{name} must be an integer in {low}..{high}, got {show(value)}", param=name)
     return int(value)
 
 
@@ -615,7 +481,7 @@ def _number(body: dict, name: str, default: float, *, low: float, high: float, l
     ok = ok and (value > low if low_open else value >= low) and value <= high and math.isfinite(value)
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"{name} must be a number in {interval}, got {_show(value)}", param=name)
+        raise RequestError(f"{name} must be a number in {interval}, got {show(value)}", param=name)
     return float(value)
 
 
@@ -630,7 +496,7 @@ def _parse_messages(messages) -> list[dict]:
             raise RequestError(f"{where} must be an object with role and content", param=where)
         role = message.get("role")
         if not isinstance(role, str) or role not in _ROLES:
-            raise RequestError(f"{where}.role must be one of {list(_ROLES)}, got {_show(role)}",
+            raise RequestError(f"{where}.role must be one of {list(_ROLES)}, got {show(role)}",
                                param=f"{where}.role")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: only text parts are accepted
@@ -640,7 +506,7 @@ def _parse_messages(messages) -> list[dict]:
                                    param=f"{where}.content")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise RequestError(f"{where}.content must be a string, got {_json_type(content)}",
+            raise RequestError(f"{where}.content must be a string, got {json_type(content)}",
                                param=f"{where}.content")
         _check_text(content, f"{where}.content")
         out.append({"role": role, "content": content})
@@ -654,7 +520,7 @@ def _parse_stop(stop) -> tuple[str, ...]:
     if (not isinstance(items, list) or len(items) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in items)):
         raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                           f"non-empty strings, got {_show(stop)}", param="stop")
+                           f"non-empty strings, got {show(stop)}", param="stop")
     for item in items:
         _check_text(item, "stop")
     return tuple(items)
@@ -675,50 +541,13 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _show(value, limit: int = 60) -> str:
-    """A short ``repr`` of a request value for an error message."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer too long for str(): Python's digit limit
-        return f"an integer of {value.bit_length()} bits"
-    except RecursionError:
-        return f"a {_json_type(value)} nested too deep to print"
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
-def _json_type(value) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-             int: "an integer", float: "a number"}
-    return names.get(type(value), type(value).__name__)
 
 
-def _json_depth(text: str) -> int:
-    """How deep arrays/objects nest in ``text`` (exact for valid JSON): the brackets outside strings,
-    each opening one +1 and each closing one -1, at their highest running sum."""
-    brackets = text.count("[") + text.count("{")
-    if brackets <= MAX_JSON_DEPTH:
-        return brackets  # cannot nest deeper than it has brackets
-    outside_strings = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
-    return max(itertools.accumulate(map(_BRACKET_STEP, outside_strings)), default=0)
 
 
-def _refuse_constant(name: str):
-    raise RequestError(f"{name} is not valid JSON (JSON has no NaN or Infinity); send a finite number or null")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        shown = text if len(text) <= 40 else f"{text[:37]}..."
-        raise RequestError(f"the number {shown} is beyond the range of a double (about 1.8e308); "
-                           "send a finite number")
-    return value
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise RequestError(f"the key {_show(duplicate)} appears twice in one JSON object; send each field once")
-    return obj

@@ -1,9 +1,17 @@
-"""Process-level plumbing: seeding and RNG state, atomic checkpoints and resume, and data parallel
-over processes started by ``torchrun`` (:mod:`rlxf.runtime.distributed`)."""
+"""Process-level plumbing: seeding and RNG state, atomic checkpoints and resume, data parallel
+over processes started by ``torchrun`` (:mod:`rlxf.runtime.distributed`) and the HTTP pieces the
+servers share (:mod:`rlxf.runtime.http`). The names below load on first use, so that importing
+``rlxf.runtime.http`` does not import torch."""
 
-from rlxf.runtime.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_checkpoint_dirs,
-                                     save_checkpoint)
-from rlxf.runtime.seed import get_rng_state, seed_everything, set_rng_state
+import importlib
 
-__all__ = ["get_rng_state", "latest_checkpoint", "load_checkpoint", "remove_stale_checkpoint_dirs",
-           "save_checkpoint", "seed_everything", "set_rng_state"]
+_WHERE = {"latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "remove_stale_checkpoint_dirs": "checkpoint",
+          "save_checkpoint": "checkpoint", "get_rng_state": "seed", "seed_everything": "seed", "set_rng_state": "seed"}
+
+__all__ = list(sorted(_WHERE))
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"rlxf.runtime.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'rlxf.runtime' has no attribute {name!r}")

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ConfigError, between, check_choice, check_numbers,
                          option)
 
-LABEL_SOURCES = ("verifier", "judge", "file")
+LABEL_SOURCES = ("verifier", "judge", "file")  # or a labeling server / database: human labels (is_human_source)
 POLICY_RECIPES = ("grpo", "ppo")  # online recipes of the registry (rlxf.configs.registry) a round can run
 ROUNDS_FILE, ROUND_FILE, CONFIG_FILE = "rounds.jsonl", "round.json", "config.yaml"
 # fields that may change between invocations of the same loop
-RESUMABLE_CHANGES = ("rounds", "threads", "progress", "device")
+RESUMABLE_CHANGES = ("rounds", "threads", "progress", "device", "human_timeout", "human_on_timeout")
 # set by the loop for every sub-run, so --rm-options / --policy-options may not set them
 MANAGED_RM = ("model", "dataset", "eval_dataset", "eval_size", "conditions", "output_dir", "resume", "max_steps")
 MANAGED_POLICY = ("model", "dataset", "eval_dataset", "eval_size", "reward", "reward_model", "output_dir", "resume",
@@ -27,12 +27,23 @@ class CoolRLHFConfig:
     datasets: str = option("task:arithmetic,task:sorting", "comma-separated task:NAME datasets; each is one domain")
     conditions: str = option("default", "domain -> condition text: 'default' (built-in tasks) or a YAML file")
     rounds: int = option(3, "online rounds after round 0 (the initial RM)", bounds=AT_LEAST_ONE)
-    labels: str = option("verifier", "source of each round's new preference labels", choices=LABEL_SOURCES)
+    labels: str = option("verifier", "source of each round's new preference labels: verifier, judge, file, or human "
+                         "labels from a labeling server http://HOST:PORT (owner token in RLXF_LABEL_TOKEN) or "
+                         "database (a SQLAlchemy URL or a .db file; docs/labeling.md)")
     judge: str | None = option(None, "judge for --labels judge: local:PATH, local:tiny or http://host:port/v1")
     judge_prompts: str = option("standard", "judge prompt set: standard, or compact for short-context judges "
                                 "(the tiny model)", choices=("standard", "compact"))
     labels_file: str | None = option(None, "--labels file: .jsonl of prompt/chosen/rejected/domain rows; a row's "
                                      "'round' (default 1) says in which round it is merged")
+    human_timeout: float = option(3600.0, "human labels: seconds to wait for a round's items to be labelled",
+                                  bounds=POSITIVE)
+    human_on_timeout: str = option("partial", "human labels not all in at the timeout: partial = go on with those "
+                                   "that came, fail = stop (re-running continues the round)",
+                                   choices=("partial", "fail"))
+    human_overlap: int = option(1, "human labels: labelers per item (2+ gives Krippendorff's alpha)",
+                                bounds=AT_LEAST_ONE)
+    human_labelers: str = option("*", "human labels: comma-separated labeler names who get the rounds' items "
+                                 "(* = every labeler)")
     fast_path: bool = option(True, "patch the RM each round on pairs rejecting the detected reward-hacking samples")
     slow_path: bool = option(True, "refresh the RM each round on every label collected so far")
     policy_recipe: str = option("grpo", "policy RL recipe of each round", choices=POLICY_RECIPES)
@@ -77,8 +88,12 @@ class CoolRLHFConfig:
 
     def __post_init__(self):
         check_numbers(self)
-        for name in ("labels", "judge_prompts", "policy_recipe", "rm_loss"):
+        for name in ("judge_prompts", "policy_recipe", "rm_loss", "human_on_timeout"):
             check_choice(self, name)
+        if self.labels not in LABEL_SOURCES and not is_human_source(self.labels):
+            raise ConfigError(f"--labels: {self.labels!r} is not one of {', '.join(LABEL_SOURCES)}, a labeling server "
+                              "URL (http://HOST:PORT) or a labeling database (sqlite:///labels.db, a .db file, "
+                              "postgresql://...)")
         if not self.domains:
             raise ConfigError("--datasets: give at least one task:NAME dataset")
         from rlxf.tasks import TASKS
@@ -101,3 +116,8 @@ class CoolRLHFConfig:
     @property
     def domains(self) -> list[str]:
         return [s.strip().removeprefix("task:") for s in self.datasets.split(",") if s.strip()]
+
+
+def is_human_source(labels: str) -> bool:
+    """``--labels`` names a labeling server (``http(s)://``) or database (a URL or a .db/.sqlite file)."""
+    return "://" in labels or labels.endswith((".db", ".sqlite", ".sqlite3"))

@@ -1,11 +1,12 @@
-"""Steps (a)-(c) of a round: sample the label prompts, label the samples (verifier, judge or file)
-and flag reward hacking (a high RM score on a sample the verifier says is wrong)."""
+"""Steps (a)-(c) of a round: sample the label prompts, label the samples (verifier, judge, file, or
+humans through a labeling server or database) and flag reward hacking (a high RM score on a sample
+the verifier says is wrong)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rlxf.workflows.cool_rlhf.config import CoolRLHFConfig
+from rlxf.workflows.cool_rlhf.config import CoolRLHFConfig, is_human_source
 from rlxf.workflows.cool_rlhf.data import interleave, label_prompt_rows, read_jsonl, write_jsonl
 from rlxf.workflows.cool_rlhf.evaluation import generate, load_rm
 
@@ -40,6 +41,11 @@ def collect_labels(cfg: CoolRLHFConfig, groups, k: int, data: dict) -> tuple[lis
 
     if cfg.labels == "verifier":
         return verifier_pairs(groups, max_pairs_per_prompt=cfg.max_pairs_per_prompt), {}
+    if is_human_source(cfg.labels):
+        from rlxf.data.conditions import load_conditions
+        from rlxf.workflows.cool_rlhf.human import human_labels
+
+        return human_labels(cfg, groups, k, load_conditions(str(data["conditions"])))
     if cfg.labels == "file":
         from rlxf.data import load_rows
 

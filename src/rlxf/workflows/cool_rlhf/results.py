@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlxf.config import to_dict
-from rlxf.workflows.cool_rlhf.config import ROUNDS_FILE, CoolRLHFConfig
+from rlxf.workflows.cool_rlhf.config import ROUNDS_FILE, CoolRLHFConfig, is_human_source
 from rlxf.workflows.cool_rlhf.data import write_jsonl
 
 
@@ -40,6 +40,9 @@ def write_results(cfg: CoolRLHFConfig, out: Path, records: list[dict], *, report
               Panel("hacking: high RM score but wrong", ["hack/fraction", "hack/top_wrong_rate", "hack/wrong_rate"],
                     ylabel="fraction"),
               Panel("RM-reward rise vs accuracy change", ["delta/rm_reward", "delta/accuracy"])]
+    if is_human_source(cfg.labels):
+        panels += [Panel("human labels per round", ["human/items", "human/complete", "human/labels"], ylabel="count"),
+                   Panel("human agreement (Krippendorff's alpha, nominal)", ["human/alpha"], ylabel="alpha")]
     write_report(out, title=f"rlxf cool-rlhf: {cfg.model} on {', '.join(d)} (x axis: round)", panels=panels,
                  summary={k: v for k, v in summary.items() if k != "rounds"}, config=to_dict(cfg))
     return summary
