@@ -54,7 +54,10 @@ def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the gradient norm (when ``max_grad_norm`` > 0), step the optimiser and the schedule, zero
     the gradients; returns the pre-clip norm (NaN when clipping is off)."""
     params = list(params)
-    norm = (float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else float("nan"))
+    norm = float("nan")
+    if max_grad_norm > 0:
+        total = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)   # FSDP2: a DTensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
