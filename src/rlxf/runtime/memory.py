@@ -15,8 +15,8 @@ The parts, for a Llama-style decoder (``H`` hidden, ``I`` MLP width, ``L`` layer
 * **gradients** and **AdamW state** ``b`` and ``2b`` per *trained* parameter (torch keeps the
   moments in the parameter's dtype). LoRA trains ``r·(in + out)`` per adapted linear layer, in fp32
   (peft's default), so 16 bytes each.
-* **FSDP2** (``--fsdp``, N processes) divides weights, gradients and optimiser state by N and adds
-  the working set: two decoder layers gathered in bf16 (the current one and the prefetched next),
+* **FSDP2** (``--fsdp``, N processes) divides weights, gradients and optimiser state by N, computes
+  in bf16 (activations as for bf16 weights), and adds the working set: two decoder layers gathered in bf16 (the current one and the prefetched next),
   the root's embeddings and head gathered in bf16 from forward to backward, and one layer's fp32
   gradient before its reduce-scatter. ``--fsdp-cpu-offload`` moves the sharded parts to host memory.
 * **activations** of one micro-batch of ``T`` tokens: what autograd keeps per token and layer in a
@@ -210,10 +210,11 @@ def layer_activation_bytes(shape: ModelShape, param_bytes: int) -> float:
 def activation_bytes(shape: ModelShape, w: Workload) -> float:
     """One training micro-batch: the decoder's saved activations, autocast's bf16 copies of fp32
     linear weights (kept for backward; one layer's under checkpointing) and the fused head's blocks."""
-    per_layer = layer_activation_bytes(shape, w.param_bytes)
-    cast_copies = 2 * shape.layer_linear_params() if w.param_bytes == 4 else 0
+    compute_bytes = 2 if w.fsdp else w.param_bytes   # FSDP2's mixed precision gathers bf16 weights
+    per_layer = layer_activation_bytes(shape, compute_bytes)
+    cast_copies = 2 * shape.layer_linear_params() if compute_bytes == 4 else 0
     if w.gradient_checkpointing:
-        body = (shape.layers * w.train_tokens * shape.hidden * min(w.param_bytes, 4) + w.train_tokens * per_layer
+        body = (shape.layers * w.train_tokens * shape.hidden * compute_bytes + w.train_tokens * per_layer
                 + cast_copies)
     else:
         body = shape.layers * (w.train_tokens * per_layer + cast_copies)
@@ -289,7 +290,7 @@ def phase_bytes(shape: ModelShape, w: Workload) -> dict[str, dict[str, float]]:
                    + models * 2 * shape.root_params()}
     phases = {"training step": {**working, "activations": activation_bytes(shape, w)}}
     if w.nograd_tokens:
-        nograd = nograd_bytes(shape, w.nograd_tokens, w.head_chunk, w.param_bytes)
+        nograd = nograd_bytes(shape, w.nograd_tokens, w.head_chunk, 2 if w.fsdp else w.param_bytes)
         phases["no-grad forward"] = {**working, "no-grad forward (reference / eval)": nograd}
     if w.kv_tokens and w.fsdp:
         phases["sampling"] = {"gathered weights (bf16)": models * 2 * shape.params(),
