@@ -272,19 +272,23 @@ def _text2reward(args) -> int:
 PLAN_HELP = "estimate a run's per-GPU memory from the model's config.json (no weights loaded) and whether it fits"
 
 
-def _plan(argv: list[str]) -> int:
-    """``rlxf plan RECIPE [recipe flags] [--nproc N] [--quantize nf4] [--gpu-gb G | --card NAME]``."""
-    from rlxf.runtime.memory import CARDS_MIB
-
-    p = argparse.ArgumentParser(prog="rlxf plan", description=f"rlxf plan: {PLAN_HELP}. The recipe's flags "
-                                "(--model, --batch-size, --max-length, --lora-r, --fsdp, --gradient-checkpointing ...) "
-                                "take the recipe's defaults (docs/distributed.md#will-it-fit).", allow_abbrev=False)
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", choices=list(RECIPES), help="the recipe the run would use")
     p.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes) the run spreads over (default: 1)")
     p.add_argument("--quantize", choices=("none", "nf4"), default="none",
                    help="nf4: 4-bit base weights with LoRA adapters (QLoRA)")
     p.add_argument("--gpu-gb", type=float, default=None, help="the card's memory in GB, to say whether the run fits")
-    p.add_argument("--card", choices=list(CARDS_MIB), default=None, help="a known card, instead of --gpu-gb")
+    p.add_argument("--card", default=None, metavar="NAME", help="a known card instead of --gpu-gb: h100, h200, "
+                   "a100-80, a100-40, l40s, a10g, l4, rtx4090, rtx3090, t4")
+
+
+def _plan(argv: list[str]) -> int:
+    """``rlxf plan RECIPE [recipe flags] [--nproc N] [--quantize nf4] [--gpu-gb G | --card NAME]``: the
+    plan's own flags here, the rest parsed as the recipe's."""
+    p = argparse.ArgumentParser(prog="rlxf plan", description=f"rlxf plan: {PLAN_HELP}. The recipe's flags "
+                                "(--model, --batch-size, --max-length, --lora-r, --fsdp, --gradient-checkpointing ...) "
+                                "take the recipe's defaults (docs/distributed.md#will-it-fit).", allow_abbrev=False)
+    _add_plan_arguments(p)
     args, rest = p.parse_known_args(argv)
     recipe_args = build_parser(args.recipe).parse_args([args.recipe, *rest])
     cfg = parse_args(_config_class(args.recipe), recipe_args)
@@ -329,7 +333,7 @@ def build_parser(command: str | None = None, *, full: bool = True) -> argparse.A
     _add_ai_feedback_parsers(sub, command)
     _add_serve_parser(sub)
     _add_text2reward_parser(sub)
-    sub.add_parser("plan", help=PLAN_HELP, add_help=False)   # parsed by _plan, which has its own --help
+    _add_plan_arguments(sub.add_parser("plan", help=PLAN_HELP))   # main() hands `plan` to _plan
     return parser
 
 
