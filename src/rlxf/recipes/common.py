@@ -57,8 +57,9 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     added_pad = ensure_pad_token(tokenizer)
     resize = len(tokenizer) if added_pad else None
-    # --fsdp-cpu-offload: the full model never needs to fit the GPU; the shards stay in host memory
-    load_device = torch.device("cpu") if getattr(cfg, "fsdp_cpu_offload", False) else device
+    # --fsdp: loaded into host memory, then each layer moves to the GPU as it is sharded, so the whole
+    # model never has to fit one GPU (with --fsdp-cpu-offload the shards stay in host memory)
+    load_device = torch.device("cpu") if sharded else device
     if reward_model:
         model = load_reward_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code,
                                   pad_token_id=tokenizer.pad_token_id, resize_to=resize)

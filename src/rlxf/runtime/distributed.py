@@ -194,12 +194,21 @@ def all_true(flag: bool) -> bool:
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers into every replica (identical starting weights)."""
+    """Copy rank 0's parameters and buffers into every replica (identical starting weights). Tensors in
+    host memory under NCCL (a model loaded on the CPU before FSDP2 shards it) go through the GPU one
+    at a time."""
     if not active():
         return
+    staged = dist.get_backend() == "nccl"
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
-            if not _sharded(tensor):   # FSDP2 shards are each rank's own slice
+            if _sharded(tensor):   # FSDP2 shards are each rank's own slice
+                continue
+            if staged and tensor.device.type != "cuda":
+                on_gpu = tensor.data.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.broadcast(on_gpu, src=0)
+                tensor.data.copy_(on_gpu)
+            else:
                 dist.broadcast(tensor.data, src=0)
 
 

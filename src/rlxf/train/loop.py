@@ -215,7 +215,7 @@ def _checkpoint(loop: Loop, ckpt_root: Path, step: int, state: dict) -> None:
 
 def _summary(loop: Loop, state: dict, wall0: float, final_dir: Path) -> dict:
     cfg, last = loop.cfg, state["last_eval"] or {}
-    device = next(loop.model.parameters()).device
+    device = fsdp.compute_device(loop.model)   # the GPU under --fsdp-cpu-offload too
     measured = [k for k in loop.headline if any(_finite(v.get(k)) for v in (state["start"], last, state["best"]))]
     summary = {"recipe": loop.recipe, "steps": loop.total_steps, "model": cfg.model, "dataset": cfg.dataset,
                **{f"start/{k}": state["start"].get(k) for k in measured},
