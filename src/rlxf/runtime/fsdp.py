@@ -83,7 +83,7 @@ def shard(model: nn.Module, device: torch.device, *, cpu_offload: bool = False) 
         fully_shard(layer, **options)
     fully_shard(model, **options)
     model._rlxf_fsdp_options = {"device": device, "cpu_offload": cpu_offload}
-    _SHARDED.append(weakref.ref(model))
+    _SHARDED[:] = [ref for ref in _SHARDED if ref() is not None] + [weakref.ref(model)]
     setattr(model, ROOT_CALL, _root_call.__get__(model))
     register_fsdp_forward_method(model, ROOT_CALL)
     return model
@@ -124,15 +124,17 @@ def call(model: nn.Module, fn: Callable, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def gathered() -> Iterator[None]:
-    """Every process holds every sharded model of this process (the policy, a reference copy) whole
-    and unsharded until the block ends: sampling, reward scoring with the policy, evaluation.
+def gathered(*models: nn.Module | None) -> Iterator[None]:
+    """Every process holds ``models`` (default: every sharded model of this process, the policy and a
+    reference copy) whole and unsharded until the block ends: sampling, reward scoring with the
+    policy, evaluation, the reference precompute. Models that are not sharded are skipped.
 
     Entering is a collective (an all-gather per layer): every process must enter, in the same
     order. Inside, forwards run no collective, so each process may call the models as often as it
     likes, or not at all. Leaving frees the gathered weights again (no communication)."""
-    alive = [ref() for ref in _SHARDED]
-    roots = [root for root in alive if root is not None and not getattr(root, "_rlxf_gathered", False)]
+    alive = list(models) if models else [ref() for ref in _SHARDED]
+    roots = [root for root in alive if root is not None and is_sharded(root)
+             and not getattr(root, "_rlxf_gathered", False)]
     units = [(root, m) for root in roots for m in root.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
     for root, unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
