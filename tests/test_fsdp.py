@@ -115,6 +115,28 @@ def test_sharded_logps_gradients_gathered_weights_and_exports_equal_the_plain_mo
             torch.testing.assert_close(full[name], tensor)
 
 
+def test_models_of_an_ended_process_group_are_not_gathered(tmp_path):
+    """A sharded model left over from an earlier run in the same process (its group destroyed) is
+    skipped by gathered(), which would otherwise all-gather over a dead group."""
+    import torch.distributed as dist
+
+    from rlxf.runtime import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'a'}", rank=0, world_size=1)
+    stale = fsdp.shard(_tiny_llama(), torch.device("cpu"))
+    dist.destroy_process_group()
+    with fsdp.gathered():
+        pass
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'b'}", rank=0, world_size=1)
+    try:
+        current = fsdp.shard(_tiny_llama(), torch.device("cpu"))
+        with fsdp.gathered():
+            assert type(next(current.parameters())).__name__ != "DTensor"     # gathered
+            assert type(next(stale.parameters())).__name__ == "DTensor"       # left alone
+    finally:
+        dist.destroy_process_group()
+
+
 def test_plain_models_pass_straight_through_and_unknown_layouts_are_refused():
     from rlxf.runtime import fsdp
 

@@ -83,6 +83,7 @@ def shard(model: nn.Module, device: torch.device, *, cpu_offload: bool = False) 
         fully_shard(layer, **options)
     fully_shard(model, **options)
     model._rlxf_fsdp_options = {"device": device, "cpu_offload": cpu_offload}
+    model._rlxf_fsdp_group = torch.distributed.group.WORLD
     _SHARDED[:] = [ref for ref in _SHARDED if ref() is not None] + [weakref.ref(model)]
     setattr(model, ROOT_CALL, _root_call.__get__(model))
     register_fsdp_forward_method(model, ROOT_CALL)
@@ -132,7 +133,7 @@ def gathered(*models: nn.Module | None) -> Iterator[None]:
     Entering is a collective (an all-gather per layer): every process must enter, in the same
     order. Inside, forwards run no collective, so each process may call the models as often as it
     likes, or not at all. Leaving frees the gathered weights again (no communication)."""
-    alive = list(models) if models else [ref() for ref in _SHARDED]
+    alive = list(models) if models else [ref() for ref in _SHARDED if _current(ref())]
     roots = [root for root in alive if root is not None and is_sharded(root)
              and not getattr(root, "_rlxf_gathered", False)]
     units = [(root, m) for root in roots for m in root.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
@@ -176,6 +177,13 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     clone.requires_grad_(False)
     clone.eval()
     return clone
+
+
+def _current(model: nn.Module | None) -> bool:
+    """Whether ``model`` was sharded over this process's current process group (a model left from an
+    earlier group, e.g. an earlier run in the same process, is not gathered)."""
+    return (model is not None and torch.distributed.is_initialized()
+            and getattr(model, "_rlxf_fsdp_group", None) is torch.distributed.group.WORLD)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
