@@ -75,13 +75,15 @@ def build(args, device: torch.device, *, offload: bool):
         model = LlamaForCausalLM(config)
     fsdp.shard(model, device, cpu_offload=offload)
     model.to_empty(device="cpu" if offload else device)
-    with torch.no_grad():
+    with torch.no_grad():   # drawn on the compute device (fast), copied into the shard wherever it lives
         for index, (name, param) in enumerate(model.named_parameters()):
             local = param.to_local()
             if "norm" in name:
                 local.fill_(1.0)
             else:
-                local.normal_(0, 0.02, generator=torch.Generator(device=local.device).manual_seed(index))
+                draw = torch.empty(local.shape, dtype=local.dtype, device=device)
+                local.copy_(draw.normal_(0, 0.02, generator=torch.Generator(device=device).manual_seed(index)))
+                del draw
         rotary = type(model.model.rotary_emb)(config=config)
         for name, buffer in rotary.named_buffers():
             setattr(model.model.rotary_emb, name, buffer.to(device))
