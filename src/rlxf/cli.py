@@ -1,6 +1,6 @@
 """``rlxf <recipe> [--config file.yaml] [--field value ...]``, ``rlxf demo``, ``rlxf zoo build``,
 ``rlxf compare``, ``rlxf long2short-data``, ``rlxf serve``, ``rlxf cai-sft``, ``rlxf rlaif``,
-``rlxf cool-rlhf``, ``rlxf text2reward``, ``rlxf label``.
+``rlxf cool-rlhf``, ``rlxf text2reward``, ``rlxf label``, ``rlxf plan``.
 
 Every recipe's flags are generated from its frozen config dataclass (``rlxf <recipe> --help``).
 """
@@ -270,6 +270,40 @@ def _text2reward(args) -> int:
     return 0 if result.ok else 1
 
 
+PLAN_HELP = "estimate a run's per-GPU memory from the model's config.json (no weights loaded) and whether it fits"
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", choices=list(RECIPES), help="the recipe the run would use")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes) the run spreads over (default: 1)")
+    p.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                   help="nf4: 4-bit base weights with LoRA adapters (QLoRA)")
+    p.add_argument("--gpu-gb", type=float, default=None, help="the card's memory in GB, to say whether the run fits")
+    p.add_argument("--card", default=None, metavar="NAME", help="a known card instead of --gpu-gb: h100, h200, "
+                   "a100-80, a100-40, l40s, a10g, l4, rtx4090, rtx3090, t4")
+
+
+def _plan(argv: list[str]) -> int:
+    """``rlxf plan RECIPE [recipe flags] [--nproc N] [--quantize nf4] [--gpu-gb G | --card NAME]``: the
+    plan's own flags here, the rest parsed as the recipe's."""
+    p = argparse.ArgumentParser(prog="rlxf plan", description=f"rlxf plan: {PLAN_HELP}. The recipe's flags "
+                                "(--model, --batch-size, --max-length, --lora-r, --fsdp, --gradient-checkpointing ...) "
+                                "take the recipe's defaults (docs/distributed.md#will-it-fit).", allow_abbrev=False)
+    _add_plan_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    recipe_args = build_parser(args.recipe).parse_args([args.recipe, *rest])
+    cfg = parse_args(_config_class(args.recipe), recipe_args)
+    from rlxf.workflows.plan import plan
+
+    try:
+        _, text = plan(args.recipe, cfg, nproc=args.nproc, quantize=args.quantize, card=args.card,
+                       gpu_gb=args.gpu_gb)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(text)
+    return 0
+
+
 def build_parser(command: str | None = None, *, full: bool = True) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s options are built (all of them when None), so
     ``rlxf --help`` imports no recipe and no torch. ``full`` False folds a recipe's grouped options
@@ -301,6 +335,7 @@ def build_parser(command: str | None = None, *, full: bool = True) -> argparse.A
     _add_serve_parser(sub)
     _add_text2reward_parser(sub)
     label_commands.add_parser(sub)
+    _add_plan_arguments(sub.add_parser("plan", help=PLAN_HELP))   # main() hands `plan` to _plan
     return parser
 
 
@@ -308,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     full = "--help-all" in argv
     argv = ["--help" if a == "--help-all" else a for a in argv]
+    if argv[:1] == ["plan"]:
+        try:
+            return _plan(argv[1:])
+        except ConfigError as exc:
+            print(f"rlxf: configuration error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser(next((a for a in argv if not a.startswith("-")), ""), full=full)
     args = parser.parse_args(argv)
     try:

@@ -69,6 +69,10 @@ class RunConfig:
     lora_dropout: float = option(0.0, "LoRA dropout", bounds=between(0, 1, high_open=True))
     lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts, "
                                "or all-linear")
+    fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimiser state over the processes "
+                        "with FSDP2 (docs/distributed.md#sharded-training-fsdp2)")
+    fsdp_cpu_offload: bool = option(False, "with --fsdp on CUDA: keep the shards, their gradients and the optimiser "
+                                    "state in host memory (the optimiser steps on the CPU)")
     merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard)")
@@ -81,6 +85,18 @@ class RunConfig:
         if self.activation_memory_budget < 1 and not self.compile:
             raise ConfigError("--activation-memory-budget applies to the compiled layers: add --compile "
                               "(or use --gradient-checkpointing without it)")
+        self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("--fsdp-cpu-offload offloads FSDP2 shards: add --fsdp")
+        if not self.fsdp:
+            return
+        if self.lora_r > 0:
+            raise ConfigError("--fsdp with LoRA (--lora-r) is not supported: a LoRA run trains a few adapter weights, "
+                              "so replicated data parallel (torchrun without --fsdp) or QLoRA fits it; drop --fsdp")
+        if self.compile:
+            raise ConfigError("--fsdp with --compile is not supported; drop one of them")
 
     def resolved_output_dir(self, recipe: str) -> Path:
         return Path(self.output_dir or f"runs/{recipe}")

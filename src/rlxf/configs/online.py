@@ -85,6 +85,9 @@ class OnlineConfig(RunConfig):
         super().__post_init__()
         for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts", "engine", "dp_rollouts"):
             check_choice(self, name)
+        if self.fsdp and self.engine == "static":
+            raise ConfigError("--engine static captures the weights' addresses in CUDA graphs, which FSDP2 frees and "
+                              "re-gathers around every sampling step; with --fsdp use --engine hf (or auto)")
         if self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be > 0 for an online recipe (rollout steps), got {self.max_steps}")
         if not (isinstance(self.reward, str) or callable(self.reward)):

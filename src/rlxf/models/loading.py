@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlxf.runtime import fsdp
 from rlxf.runtime.hub import HUB_ID, HubUnavailable, hub_problem, model_fix
 from rlxf.zoo import resolve_model_name
 
@@ -231,7 +232,8 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(str(tmp))
+        # --fsdp: the full weights gathered for this save (rlxf.runtime.fsdp.exporting), not the shards
+        model.save_pretrained(str(tmp), state_dict=fsdp.export_state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if merge_lora:

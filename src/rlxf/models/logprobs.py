@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from rlxf.models.loading import is_peft_model
+from rlxf.runtime import fsdp
 
 logger = logging.getLogger("rlxf.models")
 _WARNED_FALLBACK: set[str] = set()
@@ -98,6 +99,9 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     to a full forward (logged once per model class) and then materialises ``[B, T, V]`` logits in
     the model's dtype.
     """
+    if fsdp.needs_root_call(model):  # sharded (--fsdp): gather the root's parameters around body + head
+        return fsdp.call(model, token_logps, model, input_ids, attention_mask, temperature=temperature,
+                         chunk_size=chunk_size, label_mask=label_mask, fused_head=fused_head)
     _check_temperature(temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -172,6 +176,9 @@ def shared_prompt_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
     (transformers decoder models) and no activation checkpointing (transformers turns the cache off
     under it); :func:`token_logps` is the general path.
     """
+    if fsdp.needs_root_call(model):
+        return fsdp.call(model, shared_prompt_logps, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                         temperature=temperature, chunk_size=chunk_size, fused_head=fused_head)
     _check_temperature(temperature)
     if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape \
             or completion_mask.shape != completion_ids.shape:
@@ -282,6 +289,8 @@ def reward_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     without a separable ``score`` head fall back to ``model(...).logits[:, 0]``, where transformers
     locates the last token from ``config.pad_token_id``.
     """
+    if fsdp.needs_root_call(model):
+        return fsdp.call(model, reward_scores, model, input_ids, attention_mask)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")

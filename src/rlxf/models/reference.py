@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rlxf.models.loading import is_peft_model
 from rlxf.models.logprobs import token_logps
+from rlxf.runtime import fsdp
 
 MODES = ("none", "copy", "lora")
 
@@ -38,6 +39,8 @@ class Reference:
         if mode == "none":
             return cls("none", None)
         if mode == "copy":
+            if fsdp.is_sharded(policy):   # --fsdp: a sharded frozen copy (every process calls this)
+                return cls("copy", fsdp.frozen_copy(policy))
             return cls.from_model(copy.deepcopy(policy))
         if mode == "lora":
             if not is_peft_model(policy):

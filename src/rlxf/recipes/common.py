@@ -42,8 +42,10 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    sharded = getattr(cfg, "fsdp", False)
     try:
-        device = distributed.init(cfg.device) if distributed.active() else resolve_device(cfg.device)
+        device = distributed.init(cfg.device, single=sharded) if distributed.active() or sharded \
+            else resolve_device(cfg.device)
         # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
         dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
     except ValueError as exc:
@@ -55,11 +57,14 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     added_pad = ensure_pad_token(tokenizer)
     resize = len(tokenizer) if added_pad else None
+    # --fsdp: loaded into host memory, then each layer moves to the GPU as it is sharded, so the whole
+    # model never has to fit one GPU (with --fsdp-cpu-offload the shards stay in host memory)
+    load_device = torch.device("cpu") if sharded else device
     if reward_model:
-        model = load_reward_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+        model = load_reward_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code,
                                   pad_token_id=tokenizer.pad_token_id, resize_to=resize)
     else:
-        model = load_policy(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+        model = load_policy(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code,
                             resize_to=resize)
     log.info("model %s loaded in %.1f s: %.2fM parameters", cfg.model, time.time() - t0,
              sum(p.numel() for p in model.parameters()) / 1e6)
@@ -80,6 +85,9 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
             log.warning("--compile is ignored on %s (CUDA only)", device.type)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if sharded:
+        shard_model(model, device, cpu_offload=cfg.fsdp_cpu_offload)
+        return model, tokenizer
     if cfg.lora_r > 0:
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else tuple(
             t.strip() for t in cfg.lora_targets.split(",") if t.strip())
@@ -89,6 +97,21 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
         except ValueError as exc:
             raise ConfigError(f"--lora-targets: {exc}") from None
     return model, tokenizer
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bool) -> None:
+    """``--fsdp``: the same starting weights on every process, then FSDP2 shards
+    (:func:`rlxf.runtime.fsdp.shard`)."""
+    from rlxf.runtime import fsdp
+
+    distributed.broadcast_parameters(model)
+    try:
+        layers = len(fsdp.decoder_layers(model))
+        fsdp.shard(model, device, cpu_offload=cpu_offload)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info("FSDP2: %d decoder layers and the root sharded over %d process(es)%s", layers,
+             distributed.world_size(), ", shards offloaded to the CPU" if cpu_offload else "")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

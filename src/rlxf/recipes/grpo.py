@@ -125,6 +125,9 @@ def data_parallel_limits(cfg: GRPOConfig) -> str | None:
     """Why this configuration cannot run data-parallel (None: it can). Each rank samples its share of
     every step's prompts from the same prompt order (dynamic sampling included: the processes draw in
     lockstep); what needs the whole batch in one place is refused."""
+    if cfg.fsdp and cfg.dp_rollouts == "rank0" and cfg.dynamic_sampling:
+        return ("--fsdp with --dp-rollouts rank0 and dynamic sampling can leave the processes uneven shares of a "
+                "step, and every sharded forward needs all of them; use --dp-rollouts shard (the default)")
     if cfg.sampler != "uniform":
         return (f"--sampler {cfg.sampler} adapts to each step's pass rates, which every process would see only "
                 f"a share of; data parallel supports --sampler uniform (or run it as one process)")

@@ -22,7 +22,7 @@ import torch
 
 from rlxf.losses import aggregate, clip_fraction, get_policy_loss, group_advantages, kl_penalty
 from rlxf.recipes.online import reference_answer_nll, reward_tensor
-from rlxf.runtime import distributed
+from rlxf.runtime import distributed, fsdp
 from rlxf.train import TrainingError, autocast_context, clip_and_step
 from rlxf.train.online import global_units, step_metrics
 
@@ -49,8 +49,9 @@ class StepContext:
 
 def grpo_step(ctx: StepContext, step: int) -> dict:
     """One rollout step: sample → score → advantages → ``ppo_epochs × mini_batches`` updates."""
-    rollouts, _, rewards_list, correct, parts, info = sample_groups(
-        ctx.engine, ctx.prompts, ctx.sampler, ctx.pipeline, ctx.cfg, step, ctx.params)  # this rank's share
+    with fsdp.gathered():   # --fsdp: whole weights while sampling and scoring (no collective inside)
+        rollouts, _, rewards_list, correct, parts, info = sample_groups(
+            ctx.engine, ctx.prompts, ctx.sampler, ctx.pipeline, ctx.cfg, step, ctx.params)  # this rank's share
     _update_sampler(ctx, info.pop("sampler_feedback"))
     t0 = time.time()
     batch = _prepare(ctx, rollouts, rewards_list)

@@ -28,7 +28,8 @@ def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
     from rlxf.rollout import HFEngine, StaticEngine
 
     device = next(model.parameters()).device
-    use_static = cfg.engine == "static" or (cfg.engine == "auto" and device.type == "cuda")
+    # --fsdp: the HF engine, on the weights fsdp.gathered() unshards around each sampling step
+    use_static = cfg.engine == "static" or (cfg.engine == "auto" and device.type == "cuda" and not cfg.fsdp)
     if use_static:
         return StaticEngine(model, tokenizer, max_batch_size=max_batch_size,
                             compile=cfg.compile and device.type == "cuda")

@@ -90,7 +90,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
                          device: torch.device) -> None:
     """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
     from rlxf.data import collate_preference
-    from rlxf.runtime import distributed
+    from rlxf.runtime import distributed, fsdp
 
     if not examples:
         return
@@ -105,7 +105,9 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
         rows = []
         progress = PhaseProgress("reference log-probs", -(-len(mine) // cfg.eval_batch_size), unit="batches",
                                  detail=f"of {cfg.eval_batch_size} pairs, computed once and cached")
-        with torch.no_grad():
+        # --fsdp: the shares may take different numbers of batches, so the reference is gathered whole
+        # first and no forward is a collective
+        with torch.no_grad(), fsdp.gathered(reference.model):
             for start in range(0, len(mine), cfg.eval_batch_size):
                 batch = collate_preference(mine[start:start + cfg.eval_batch_size], pad_id)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

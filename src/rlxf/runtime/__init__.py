@@ -6,7 +6,7 @@ servers share (:mod:`rlxf.runtime.http`). The names below load on first use, so 
 import importlib
 
 _WHERE = {"latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "remove_stale_checkpoint_dirs": "checkpoint",
-          "save_checkpoint": "checkpoint", "get_rng_state": "seed", "seed_everything": "seed", "set_rng_state": "seed"}
+          "save_checkpoint": "checkpoint", "save_sharded_checkpoint": "checkpoint", "get_rng_state": "seed", "seed_everything": "seed", "set_rng_state": "seed"}
 
 __all__ = list(sorted(_WHERE))
 

@@ -2,6 +2,9 @@
 
 A checkpoint holds the model in Hugging Face format (``save_pretrained``; for LoRA runs the adapter),
 ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` and ``state.json`` (step, data position, metrics so far).
+An ``--fsdp`` run (:func:`save_sharded_checkpoint`) writes the model and optimiser state instead as
+``sharded/``, a ``torch.distributed.checkpoint`` directory to which every process writes its own
+shards; it loads on any number of processes, and in one process without torchrun (DCP reshards).
 It is written to ``step-N.tmp-<pid>`` and renamed into place, so a run killed mid-write leaves
 no half checkpoint; ``latest_checkpoint`` only sees complete ones. ``.pt`` files are loaded with
 ``weights_only=True`` (no arbitrary pickle).
@@ -73,13 +76,86 @@ def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer,
     except BaseException:  # a failed or interrupted write (disk full, Ctrl-C) leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(root, tmp, final, keep)
+    return final
+
+
+SHARDED_DIR = "sharded"
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
+                            keep: int = 2, extra: dict | None = None) -> Path:
+    """:func:`save_checkpoint` for a model sharded with FSDP2: a collective, every process calls it.
+
+    Every process writes its shards of the model and optimiser state into ``sharded/`` of the same
+    temporary directory (rank 0's ``step-N.tmp-<pid>``) through ``torch.distributed.checkpoint``;
+    after a barrier, rank 0 adds ``config.json``, the tokenizer, ``scheduler.pt``, ``rng.pt``,
+    ``extra`` and ``state.json`` and renames the directory into place. An error on any process
+    leaves no checkpoint."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(root)
+    rank = dist.get_rank()
+    box = [os.getpid()]
+    dist.broadcast_object_list(box, src=0)
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp-{box[0]}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"step": step, "pid": os.getpid()}) + "\n")
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    error = None
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+        if rank == 0:
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(get_rng_state(), tmp / "rng.pt")
+            for name, value in (extra or {}).items():
+                torch.save(value, tmp / name)
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    except Exception as exc:  # noqa: BLE001 - every process learns of it below
+        error = f"{type(exc).__name__}: {exc}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if rank == 0:
+        if failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _publish(root, tmp, final, keep)
+    dist.barrier()
+    if failed:
+        raise RuntimeError(f"writing the sharded checkpoint {final} failed on rank {failed[0][0]}: {failed[0][1]}")
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the complete ``tmp`` to ``final`` and keep only the newest ``keep`` checkpoints."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     (final / PARTIAL_MARKER).unlink(missing_ok=True)
     for _, old in _checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _load_sharded(model, optimizer, path: Path) -> None:
+    """Model and optimiser state from a ``sharded/`` checkpoint, resharded to this run's processes (or
+    into a plain model in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def remove_stale_checkpoint_dirs(root: str | Path) -> list[Path]:
@@ -141,11 +217,23 @@ def _load_model_weights(model, path: Path) -> None:
                            f"unexpected {result.unexpected_keys[:5]}")
 
 
+def _is_sharded_model(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> dict:
     """Restore model weights, optimizer, scheduler and RNG from ``path``; return ``state.json``."""
     path = Path(path)
-    _load_model_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if (path / SHARDED_DIR).is_dir():
+        _load_sharded(model, optimizer, path)
+    elif _is_sharded_model(model):
+        raise ValueError(f"checkpoint {path} was written without --fsdp; resume it without --fsdp (the same "
+                         f"flags as the run that wrote it)")
+    else:
+        _load_model_weights(model, path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())

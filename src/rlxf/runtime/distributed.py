@@ -13,8 +13,9 @@ support it (in GRPO each process samples its share of every step's prompts; see
 with a clear error.
 Why gradients by hand rather than ``DistributedDataParallel``: rlxf's log-prob path calls the
 model's body and output head separately (the fused head never builds full-vocabulary logits),
-which bypasses a DDP wrapper's forward. Sharded parameters (FSDP2) are not implemented: every
-process needs memory for the whole model and its optimiser state.
+which bypasses a DDP wrapper's forward. With ``--fsdp`` the parameters are FSDP2 shards
+(:mod:`rlxf.runtime.fsdp`): the helpers here skip them (FSDP2 reduce-scatters their gradients)
+and handle the plain tensors that remain (buffers, a replicated critic).
 
 Outside torchrun (``WORLD_SIZE`` unset or 1) every helper here is a no-op, and single-process
 runs are unchanged.
@@ -89,13 +90,14 @@ def check_launch(recipe: str, batch_size: int | None, *, supported: tuple[str, .
     return world
 
 
-def init(device_spec: str) -> torch.device | None:
+def init(device_spec: str, *, single: bool = False) -> torch.device | None:
     """Join the process group torchrun set up (once per process); return this rank's device.
 
     ``device_spec`` is the recipe's ``--device``: CUDA (``auto`` on a machine with GPUs) uses NCCL and
-    ``cuda:LOCAL_RANK``; otherwise gloo on the CPU. Returns None outside torchrun.
+    ``cuda:LOCAL_RANK``; otherwise gloo on the CPU. Returns None outside torchrun, and under a
+    one-process torchrun unless ``single`` (FSDP2 needs a group even of one process).
     """
-    if launched_world_size() <= 1:
+    if launched_world_size() <= 1 and not single:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     spec = str(device_spec).strip().lower()
@@ -192,12 +194,22 @@ def all_true(flag: bool) -> bool:
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers into every replica (identical starting weights)."""
+    """Copy rank 0's parameters and buffers into every replica (identical starting weights). Tensors in
+    host memory under NCCL (a model loaded on the CPU before FSDP2 shards it) go through the GPU one
+    at a time."""
     if not active():
         return
+    staged = dist.get_backend() == "nccl"
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+            if _sharded(tensor):   # FSDP2 shards are each rank's own slice
+                continue
+            if staged and tensor.device.type != "cuda":
+                on_gpu = tensor.data.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.broadcast(on_gpu, src=0)
+                tensor.data.copy_(on_gpu)
+            else:
+                dist.broadcast(tensor.data, src=0)
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -210,7 +222,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     world = world_size()
     grads = []
     for p in params:
-        if not p.requires_grad:
+        if not p.requires_grad or _sharded(p):   # FSDP2 reduce-scatters its shards' gradients itself
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -228,7 +240,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 def check_replicas(model: torch.nn.Module) -> None:
     """Raise if the processes' copies of ``model`` differ (they must stay bit-identical: same start,
     same averaged gradients, same optimiser arithmetic). A cheap fingerprint: one sum per tensor."""
-    if not active():
+    if not active() or any(_sharded(p) for p in model.parameters()):   # FSDP2: no replicas to compare
         return
     with torch.no_grad():
         mine = torch.stack([p.detach().float().sum() for p in model.parameters()]).cpu()
@@ -237,6 +249,13 @@ def check_replicas(model: torch.nn.Module) -> None:
     if differ:
         raise RuntimeError(f"data parallel: the model copies of ranks {differ} differ from rank 0's after "
                            f"training; this is a bug in rlxf (please report it with the command line)")
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:

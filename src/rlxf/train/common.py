@@ -17,8 +17,11 @@ def build_optimizer(model: torch.nn.Module, cfg, params=None) -> torch.optim.Opt
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
+    # --fsdp-cpu-offload steps on the CPU: one tensor at a time keeps the temporaries to the largest
+    # parameter, where the multi-tensor path would hold a copy of all the moments in host memory
+    foreach = False if getattr(cfg, "fsdp_cpu_offload", False) else None
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, foreach=foreach)
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -54,7 +57,10 @@ def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the gradient norm (when ``max_grad_norm`` > 0), step the optimiser and the schedule, zero
     the gradients; returns the pre-clip norm (NaN when clipping is off)."""
     params = list(params)
-    norm = (float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else float("nan"))
+    norm = float("nan")
+    if max_grad_norm > 0:
+        total = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)   # FSDP2: a DTensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

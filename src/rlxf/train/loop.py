@@ -24,6 +24,9 @@ What :func:`run` does, in order:
 
 Under torchrun (:mod:`rlxf.runtime.distributed`) every rank runs the loop; rank 0 alone evaluates
 (its metrics are broadcast), logs and writes; the replicas' parameters are compared at the end.
+With ``--fsdp`` (:mod:`rlxf.runtime.fsdp`) the model is gathered whole on every rank for the
+evaluation, every rank writes its shards of a checkpoint, and rank 0 writes ``final/`` from the
+gathered fp32 weights.
 A step that raises :class:`TrainingError` (e.g. a non-finite loss) stops the run with its message,
 which names the last good checkpoint.
 """
@@ -42,7 +45,8 @@ from typing import Any, Callable
 import torch
 
 from rlxf.reporting import MetricsLogger, Panel, Progress, write_report, write_summary
-from rlxf.runtime import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlxf.runtime import (distributed, fsdp, latest_checkpoint, load_checkpoint, save_checkpoint,
+                          save_sharded_checkpoint)
 from rlxf.train.common import TrainingError, autocast_context, peak_memory_mb
 
 log = logging.getLogger("rlxf")
@@ -139,7 +143,8 @@ def run(loop: Loop) -> RunResult:
         metrics_log.close()
     distributed.check_replicas(loop.model)
     final_dir = loop.out / "final"
-    distributed.on_main(lambda: loop.save_final(final_dir))
+    with fsdp.exporting(loop.model, fsdp.full_state_dict(loop.model)):   # --fsdp: rank 0 writes the full weights
+        distributed.on_main(lambda: loop.save_final(final_dir))
     summary = _summary(loop, state, wall0, final_dir)
     distributed.on_main(lambda: _write(loop, summary))
     log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if "/" in k}))
@@ -182,7 +187,8 @@ def _evaluate(loop: Loop, state: dict, metrics_log, at_step: int) -> dict:
             return loop.evaluate()
 
     loop.model.eval()
-    metrics = distributed.on_main(evaluate)  # every rank gets rank 0's metrics
+    with fsdp.gathered():   # --fsdp: rank 0 evaluates on whole weights, with no collective to wait on
+        metrics = distributed.on_main(evaluate)  # every rank gets rank 0's metrics
     loop.model.train()
     metrics_log.log(at_step, metrics, split="eval")
     for key, better in loop.headline.items():
@@ -197,6 +203,11 @@ def _checkpoint(loop: Loop, ckpt_root: Path, step: int, state: dict) -> None:
     if loop.reward_health is not None:
         components["reward_health"] = loop.reward_health.state_dict()
     files = {name: module.state_dict() for name, module in loop.files.items()} or None
+    if fsdp.is_sharded(loop.model):   # every process writes its shards (torch.distributed.checkpoint)
+        save_sharded_checkpoint(ckpt_root, step, model=loop.model, tokenizer=loop.tokenizer, optimizer=loop.optimizer,
+                                scheduler=loop.scheduler, state={**components, **state},
+                                keep=loop.cfg.keep_checkpoints, extra=files)
+        return
     distributed.on_main(lambda: save_checkpoint(
         ckpt_root, step, model=loop.model, tokenizer=loop.tokenizer, optimizer=loop.optimizer,
         scheduler=loop.scheduler, state={**components, **state}, keep=loop.cfg.keep_checkpoints, extra=files))
@@ -204,7 +215,7 @@ def _checkpoint(loop: Loop, ckpt_root: Path, step: int, state: dict) -> None:
 
 def _summary(loop: Loop, state: dict, wall0: float, final_dir: Path) -> dict:
     cfg, last = loop.cfg, state["last_eval"] or {}
-    device = next(loop.model.parameters()).device
+    device = fsdp.compute_device(loop.model)   # the GPU under --fsdp-cpu-offload too
     measured = [k for k in loop.headline if any(_finite(v.get(k)) for v in (state["start"], last, state["best"]))]
     summary = {"recipe": loop.recipe, "steps": loop.total_steps, "model": cfg.model, "dataset": cfg.dataset,
                **{f"start/{k}": state["start"].get(k) for k in measured},

@@ -20,6 +20,9 @@ log = logging.getLogger("rlxf")
 
 RUN_MARKER = ".rlxf-run"
 RUN_FILES = ("metrics.jsonl", "checkpoints", "summary.json")
+# recipes under torchrun that --fsdp does not cover: PPO's critic and COOPER's verifier are second models
+# trained beside the policy, which the sharded loop does not handle (docs/distributed.md)
+FSDP_REFUSED = ("ppo", "cooper")
 
 
 def is_run_dir(out: Path) -> bool:
@@ -49,7 +52,11 @@ def check_output_dir(cfg, recipe: str) -> Path:
     batch size the processes do not divide, stop here with a clear error); rank 0 checks."""
     try:
         supported = recipe_names(data_parallel=True)
-        if distributed.check_launch(recipe, getattr(cfg, "batch_size", None), supported=supported) > 1:
+        world = distributed.check_launch(recipe, getattr(cfg, "batch_size", None), supported=supported)
+        if getattr(cfg, "fsdp", False):
+            check_fsdp_launch(recipe, supported)
+            distributed.init(cfg.device, single=True)
+        elif world > 1:
             distributed.init(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -74,6 +81,19 @@ def check_output_dir(cfg, recipe: str) -> Path:
         return out
 
     return distributed.on_main(check)
+
+
+def check_fsdp_launch(recipe: str, supported: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` when ``--fsdp`` cannot run here: outside torchrun, or for a recipe that does
+    not train on the shared loop under torchrun."""
+    from rlxf.runtime import fsdp
+
+    if not fsdp.under_torchrun():
+        raise ValueError(f"--fsdp shards the model over processes started by torchrun, and this process was not: "
+                         f"run `torchrun --standalone --nproc-per-node N -m rlxf {recipe} ... --fsdp` (N >= 1), "
+                         f"or drop --fsdp")
+    if recipe not in supported or recipe in FSDP_REFUSED:
+        raise ValueError(f"`{recipe}` does not support --fsdp; drop --fsdp (see docs/distributed.md)")
 
 
 def start_run_dir(cfg, out: Path, recipe: str) -> None:
