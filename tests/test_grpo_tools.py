@@ -76,3 +76,23 @@ def test_a_user_environment_file_pays_its_rewards_on_the_static_engine(tmp_path)
     assert main(["grpo", *_flags({**FAST, "env": f"{path}:Nudge", "engine": "static", "output_dir": out})]) == 0
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][-1]
     assert train["turns"] > 1 and 0 < train["reward/env"] <= 0.5   # 0.25 a turn, at most two turns
+
+
+def test_the_warm_up_runs_once_and_is_skipped_on_resume(tmp_path, monkeypatch):
+    """``--resume`` from a checkpoint (which holds the warmed-up weights) does not warm up again."""
+    from rlxf.recipes import env_warmup
+
+    calls = []
+    monkeypatch.setattr(env_warmup, "sft_warmup", lambda *a, **k: calls.append(1) or {"steps": 3})
+    monkeypatch.setattr("rlxf.recipes.online.evaluate_greedy", lambda *a, **k: {"task_accuracy": 0.0})
+    cfg = build_config(GRPOConfig, {"dataset": "task:multiplication", "env": "calculator", "warmup_sft_steps": 3,
+                                    "task_size": 8, "resume": True})
+    from rlxf.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    _, info = env_warmup.env_engine(cfg, None, tokenizer, object(), [], None, tmp_path)
+    assert calls == [1] and info["before"] == {"task_accuracy": 0.0}
+    (tmp_path / "checkpoints" / "step-4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-4" / "state.json").write_text("{}")
+    engine, info = env_warmup.env_engine(cfg, None, tokenizer, object(), [], None, tmp_path)
+    assert calls == [1] and info == {} and engine.max_turns == cfg.max_turns

@@ -250,6 +250,25 @@ def test_observation_tokens_get_zero_gradient_and_no_say_in_loss_or_kl(name, agg
     assert math.isclose(moved.item(), loss.item(), rel_tol=1e-12, abs_tol=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_masked_observations_match_trl_tool_mask(loss_type, beta):
+    """TRL's GRPOTrainer keeps tool outputs in the completion with ``tool_mask`` 0 and trains on
+    ``completion_mask * tool_mask``: the same numbers and gradients as rlxf's loss mask."""
+    trl_side = pytest.importorskip("test_losses_policy_vs_trl")
+    logps, old, ref, advantages, mask = _holey_batch(1)
+    context = torch.ones_like(mask)                                   # every row: a full episode, holes inside
+    ours_leaf, theirs_leaf = logps.detach().clone().requires_grad_(True), logps.detach().clone().requires_grad_(True)
+    ours = trl_side.ours_grpo_loss(ours_leaf, old, advantages, mask.bool(), loss_type=loss_type, beta=beta,
+                                   ref_logps=ref)
+    theirs, _ = trl_side.trl_grpo_loss(theirs_leaf, old, advantages, context, loss_type=loss_type, beta=beta,
+                                       ref_logps=ref, tool_mask=mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_leaf.grad, theirs_leaf.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_grpo_loss_of_an_episode_ignores_the_observations(small):
     """Through the recipe's loss (:func:`rlxf.recipes.grpo_step.policy_loss_terms`): the KL it reports
     is the mean over the model's tokens, and reference log-probs at observation tokens change
