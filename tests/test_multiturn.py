@@ -12,7 +12,7 @@ import torch
 from rlxf.losses import aggregate, get_policy_loss, kl_penalty
 from rlxf.losses.registry import policy_loss_names
 from rlxf.rollout import HFEngine, Rollouts, SamplingParams, StaticEngine
-from rlxf.rollout.multiturn import (EnvironmentError_, EnvRollout, chat_prompt_ids, conversation_ids,
+from rlxf.rollout.multiturn import (EnvInterfaceError, EnvRollout, chat_prompt_ids, conversation_ids,
                                     observation_ids)
 from test_rollout import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
@@ -133,7 +133,7 @@ def test_an_environment_that_breaks_the_interface_is_named(tokenizer, step_value
         def step(self, turn):
             return step_value
 
-    with pytest.raises(EnvironmentError_, match=match):
+    with pytest.raises(EnvInterfaceError, match=match):
         EnvRollout(ScriptedEngine(tokenizer), tokenizer, Bad).generate_episodes(ROWS, SamplingParams())
 
 
@@ -142,7 +142,7 @@ def test_bad_openings_and_options_are_refused(tokenizer):
         def reset(self, row):
             return [{"role": "user"}]
 
-    with pytest.raises(EnvironmentError_, match="reset"):
+    with pytest.raises(EnvInterfaceError, match="reset"):
         EnvRollout(ScriptedEngine(tokenizer), tokenizer, BadReset).generate_episodes(ROWS, SamplingParams())
     with pytest.raises(ValueError, match="max_turns"):
         EnvRollout(ScriptedEngine(tokenizer), tokenizer, Counter, max_turns=0)
@@ -305,3 +305,37 @@ def test_merged_rollouts_keep_the_context_mask(tokenizer):
     merged = _merge_rows([(r, [2, 3]), (r, [0, 1])], 2)
     assert torch.equal(merged.context_mask, torch.cat([r.context_mask[2:], r.context_mask[:2]]))
     assert torch.equal(merged.completion_mask, torch.cat([r.completion_mask[2:], r.completion_mask[:2]]))
+
+
+def test_share_prompt_gives_the_same_log_probs_on_episodes(small):
+    """``--share-prompt`` encodes a group's opening once; the episodes after it (observations
+    included in the attention) give the same log-probs as the unshared forward."""
+    from rlxf.configs.grpo import GRPOConfig
+    from rlxf.recipes.grpo_step import completion_logps
+
+    model, _ = small
+    episodes = _episodes(HFEngine, small, SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=2))
+    r = episodes.rollouts
+    input_ids, attention = r.sequences()
+    P = r.prompt_ids.shape[1]
+    plain = GRPOConfig(env="calculator", group_size=2)
+    shared = GRPOConfig(env="calculator", group_size=2, share_prompt=True, micro_batch_size=2)
+    with torch.no_grad():
+        a = completion_logps(model, input_ids, attention, P, plain)
+        b = completion_logps(model, input_ids, attention, P, shared)
+    mask = r.completion_mask.bool()
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+
+
+def test_a_python_class_is_an_env_and_is_recorded_by_name(tmp_path):
+    from rlxf.config import save_yaml
+    from rlxf.configs.grpo import GRPOConfig
+    from rlxf.envs import CalculatorEnv
+
+    from rlxf.config import build_config
+
+    cfg = GRPOConfig(env=CalculatorEnv)
+    assert build_config(GRPOConfig, {"env": CalculatorEnv}) == cfg
+    assert cfg.env_label == "rlxf.envs.calculator:CalculatorEnv"
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert "env: rlxf.envs.calculator:CalculatorEnv" in (tmp_path / "c.yaml").read_text()

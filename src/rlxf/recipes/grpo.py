@@ -11,6 +11,12 @@ One step, top to bottom:
          ℓ_{i,t} = −min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) + β · KL_k3(π_θ ‖ π_ref)
       aggregated by ``loss_agg`` (token-mean | seq-mean-token-mean | seq-mean-token-sum-norm …)
 
+With ``--env`` (docs/methods/tools.md) the engine runs multi-turn episodes instead
+(:class:`rlxf.rollout.multiturn.EnvRollout`, after an optional SFT warm-up on the environment's
+demonstrations): the reward scores the final model turn, plus the environment's step rewards, and
+the tool's output tokens are in the context but not in the loss mask, so the same step trains on
+the model's own tokens only.
+
 Presets fill the fields left unset (``None``) and are the only place a method name decides a
 number; every resolved value is written to config.yaml:
 

@@ -62,7 +62,7 @@ class Environment(Protocol):
     def step(self, turn: str) -> tuple[str | None, float, bool]: ...
 
 
-class EnvironmentError_(RuntimeError):
+class EnvInterfaceError(RuntimeError):
     """An environment broke the interface (what it returned, and what was expected)."""
 
 
@@ -254,20 +254,20 @@ def _opening(value) -> list[dict]:
     if (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                   and isinstance(m.get("content"), str) for m in value)):
         return [dict(m) for m in value]
-    raise EnvironmentError_(f"env.reset(row) must return a non-empty list of {{'role': str, 'content': str}} "
+    raise EnvInterfaceError(f"env.reset(row) must return a non-empty list of {{'role': str, 'content': str}} "
                             f"messages or one string, got {str(value)[:120]!r}")
 
 
 def _checked_step(value, env) -> tuple[str, float, bool]:
     name = type(env).__name__
     if not (isinstance(value, tuple) and len(value) == 3):
-        raise EnvironmentError_(f"{name}.step(turn) must return (observation, reward, done), got {str(value)[:120]!r}")
+        raise EnvInterfaceError(f"{name}.step(turn) must return (observation, reward, done), got {str(value)[:120]!r}")
     observation, reward, done = value
     if not isinstance(done, bool):
-        raise EnvironmentError_(f"{name}.step: done must be a bool, got {done!r}")
+        raise EnvInterfaceError(f"{name}.step: done must be a bool, got {done!r}")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-        raise EnvironmentError_(f"{name}.step: reward must be a finite number, got {reward!r}")
+        raise EnvInterfaceError(f"{name}.step: reward must be a finite number, got {reward!r}")
     if not done and not isinstance(observation, str):
-        raise EnvironmentError_(f"{name}.step: the observation must be a string when done is False, "
+        raise EnvInterfaceError(f"{name}.step: the observation must be a string when done is False, "
                                 f"got {type(observation).__name__}")
     return observation if isinstance(observation, str) else "", float(reward), done
