@@ -187,3 +187,23 @@ def test_python_env_bounds_the_code_and_the_observation():
     env = PythonEnv(max_code_chars=10, max_observation_chars=5)
     assert env.step("<python>" + "x" * 11 + "</python>")[0] == "error: code longer than 10 characters"
     assert PythonEnv(max_observation_chars=5).step("<python>print('a' * 100)</python>")[0] == "aaaa\n"
+
+
+# -- the task ------------------------------------------------------------------------------------------
+
+def test_multiplication_task_problems_answers_and_wrong_solutions():
+    from rlxf.tasks import get_task
+
+    task = get_task("multiplication")
+    train, held_out = task.problems("train", 300, seed=0), task.problems("eval", 100, seed=0)
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}
+    for p in train[:50]:
+        a, b = p.data
+        assert 100 <= a <= 999 and 100 <= b <= 999 and p.prompt == f"{a}*{b}=?" and p.answer == str(a * b)
+        assert task.verify(task.solve(p, verbose=False), p.answer)
+        assert task.verify(task.solve(p, verbose=True), p.answer)
+        assert not task.verify(task.solve(p, verbose=False, wrong=True), p.answer)
+        assert CalculatorEnv().step(f"<calc>{p.prompt[:-2]}</calc>")[0] == p.answer
+    rows = task.preference_rows("train", 20, seed=1, kind="correctness")
+    assert all(task.verify(r["chosen"], r["answer"]) and not task.verify(r["rejected"], r["answer"]) for r in rows)
+    assert not task.verify("#12x", "12") and not task.verify("no answer", "12")

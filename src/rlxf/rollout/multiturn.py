@@ -29,8 +29,9 @@ conversation with the observation message and a generation prompt, minus the tex
 the conversation up to the end of the model's turn (the end-of-turn token). The model's own tokens
 are kept as sampled, never re-tokenised. Every engine serves this: each turn is one
 ``engine.generate`` call on the episodes still running (their contexts as prompts), so ``HFEngine``
-and ``StaticEngine`` both work unchanged; the latter simply re-encodes the context at each turn
-(no KV cache carried across turns).
+and ``StaticEngine`` both work unchanged; the latter re-encodes the context at each turn (no KV
+cache carried across turns) and hands a turn to ``HFEngine`` where it always does: an architecture it
+does not cover, or a sliding window shorter than that turn's context plus its token cap.
 """
 
 from __future__ import annotations
