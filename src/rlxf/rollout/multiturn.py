@@ -24,7 +24,8 @@ observations together). A turn is also capped by ``SamplingParams.max_new_tokens
 runs out of either budget before the environment says ``done``, or whose turn hits its token cap,
 ends with ``finish_reason = "length"`` (``--mask-truncated`` drops such episodes from the loss).
 
-Observation tokens come from the chat template itself: the text the template renders for the
+Observation tokens come from the chat template itself (with the tokenizer's special-token strings
+removed from the observation text first, so a tool cannot forge an end of turn or a role header): the text the template renders for the
 conversation with the observation message and a generation prompt, minus the text it renders for
 the conversation up to the end of the model's turn (the end-of-turn token). The model's own tokens
 are kept as sampled, never re-tokenised. Every engine serves this: each turn is one
@@ -167,7 +168,7 @@ class EnvRollout:
             episode.finish = "length"   # the turn budget ran out before a final answer
             return
         episode.messages.append({"role": "assistant", "content": text})
-        message = {"role": self.observation_role, "content": observation}
+        message = {"role": self.observation_role, "content": without_special_tokens(observation, self.tokenizer)}
         obs_ids = observation_ids(self.tokenizer, episode.messages, message)
         episode.messages.append(message)
         episode.tool_calls += 1
@@ -245,6 +246,19 @@ def conversation_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
             extra = observation_ids(tokenizer, messages[:k], message)
             ids, in_loss = ids + extra, in_loss + [0] * len(extra)
     return ids, in_loss, prompt_len
+
+
+def without_special_tokens(text: str, tokenizer) -> str:
+    """``text`` with every special-token string of the tokenizer removed (repeatedly, so removing one
+    cannot splice another together): a tool's output (a program's print, say) must not forge the
+    chat markup — an end-of-turn, a role header — that the template writes around it."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    previous = None
+    while previous != text:
+        previous = text
+        for token in specials:
+            text = text.replace(token, "")
+    return text
 
 
 # -- checking what an environment returns -----------------------------------------------------------
