@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rlxf.reporting", "rlxf.rollout"),
     ("rlxf.judges",),
     ("rlxf.rewards",),
+    ("rlxf.envs",),
     ("rlxf.configs", "rlxf.labeling"),
     ("rlxf.train",),
     ("rlxf.recipes",),

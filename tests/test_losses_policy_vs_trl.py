@@ -182,8 +182,10 @@ def test_singleton_groups_give_zero_advantages_like_trl():
 # ---------------------------------------------------------------------------------------------
 
 
-def trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_logps=None, eps=(0.2, 0.2)):
-    """TRL's GRPO loss on given token log-probs (eval mode: no gradient-accumulation scaling)."""
+def trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_logps=None, eps=(0.2, 0.2),
+                  tool_mask=None):
+    """TRL's GRPO loss on given token log-probs (eval mode: no gradient-accumulation scaling);
+    ``tool_mask``: TRL's mask of tool-output tokens (0) in multi-turn completions."""
     batch, length = logps.shape
 
     def per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kwargs):
@@ -216,8 +218,10 @@ def trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, re
         "completion_mask": mask,
         "advantages": advantages,
         "old_per_token_logps": old_logps,
-        "num_items_in_batch": mask.sum(),
+        "num_items_in_batch": mask.sum() if tool_mask is None else (mask * tool_mask.long()).sum(),
     }
+    if tool_mask is not None:
+        inputs["tool_mask"] = tool_mask.long()
     if ref_logps is not None:
         inputs["ref_per_token_logps"] = ref_logps
     loss = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)

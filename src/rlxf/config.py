@@ -196,9 +196,8 @@ def coerce(cls: type, name: str, value: Any, where: str = "config") -> Any:
     kind, optional = _base_type(hints[name])
     if kind is dict:
         return keyword_arguments(value, f"{where}: {name}")
-    if callable(value) and not isinstance(value, type) and cls.__dataclass_fields__[name].metadata.get(
-            "python_callable"):
-        return value   # a Python function given in the API, e.g. reward=my_reward
+    if callable(value) and cls.__dataclass_fields__[name].metadata.get("python_callable"):
+        return value   # a Python function or class given in the API, e.g. reward=my_reward, env=MyEnv
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -393,8 +392,10 @@ def parse_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config's fields as plain data; a Python function in a field becomes ``module:name``."""
-    return {k: callable_spec(v) if callable(v) and not isinstance(v, type) else v
+    """The config's fields as plain data; a Python function in a field (or a class in an option that
+    takes one, such as ``env``) becomes ``module:name``."""
+    takes_class = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("python_callable")}
+    return {k: callable_spec(v) if callable(v) and (not isinstance(v, type) or k in takes_class) else v
             for k, v in dataclasses.asdict(cfg).items()}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, between, check_choice, option
+from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bounds, ConfigError, between, check_choice, option
 from rlxf.configs.online import OnlineConfig
 from rlxf.configs.choices import ADVANTAGE_SCALES, AGGREGATION_MODES, KL_KINDS, POLICY_LOSSES
 
@@ -58,6 +58,17 @@ class GRPOConfig(OnlineConfig):
                                 "or --compile")
     reference: str = option("auto", "reference for the KL term or the likelihood scorer: auto (copy, or base "
                             "without adapters for LoRA), copy, lora", choices=("auto", "copy", "lora"))
+    env: str | None = option(None, "multi-turn tool use: an environment the model talks to — calculator, python "
+                             "(runs its code in the OS sandbox), module:Class or path/file.py:Class (your own code, "
+                             "run in-process); tool outputs are in the context but not in the loss "
+                             "(docs/methods/tools.md)", python_callable=True)
+    max_turns: int = option(4, "--env: most model turns per episode", bounds=AT_LEAST_ONE)
+    max_episode_tokens: int = option(128, "--env: most tokens per episode after the prompt (model turns and tool "
+                                     "outputs together; --max-new-tokens caps each turn)", bounds=AT_LEAST_ONE)
+    warmup_sft_steps: int = option(0, "--env: SFT steps on the environment's tool-call demonstrations before "
+                                   "RL (0 = none)", bounds=NON_NEGATIVE)
+    warmup_sft_lr: float = option(1e-3, "--env: learning rate of the SFT warm-up", bounds=POSITIVE)
+    warmup_sft_batch_size: int = option(32, "--env: demonstrations per SFT warm-up step", bounds=AT_LEAST_ONE)
     lr: float = option(5e-4, "learning rate (AdamW); tuned for the tiny model, as `rlxf demo` — use ~1e-6 for "
                        "real LLMs")
     max_steps: int = option(60, "rollout steps", bounds=AT_LEAST_ONE)
@@ -85,6 +96,7 @@ class GRPOConfig(OnlineConfig):
         if (self.batch_size * self.group_size) % self.mini_batches:
             raise ConfigError(f"--mini-batches {self.mini_batches} must divide batch_size × group_size = "
                               f"{self.batch_size * self.group_size}")
+        _check_env(self)
         if self.reference == "lora" and self.lora_r == 0:
             raise ConfigError("--reference lora needs a LoRA run (--lora-r > 0)")
         if self.share_prompt:
@@ -98,8 +110,37 @@ class GRPOConfig(OnlineConfig):
                                   f"be multiples of --group-size {self.group_size}")
 
     @property
+    def env_label(self) -> str | None:
+        """``--env`` as text (a Python class as ``module:Name``), or None."""
+        from rlxf.envs import env_label
+
+        return None if self.env is None else env_label(self.env)
+
+    @property
     def needs_reference(self) -> bool:
         return self.beta > 0 or (self.reward == "likelihood" and self.likelihood_scorer == "reference")
+
+
+def _check_env(cfg: GRPOConfig) -> None:
+    """Before any model loads: the environment loads and has what the options ask of it; the python
+    environment needs the OS sandbox (or --unsafe-reward-code)."""
+    if cfg.env is None:
+        if cfg.warmup_sft_steps:
+            raise ConfigError("--warmup-sft-steps trains on an environment's tool-call demonstrations; it needs --env")
+        return
+    from rlxf.envs import EnvError, get_env
+    from rlxf.rewards.base import RewardError
+
+    try:
+        factory = get_env(cfg.env, unsafe_code=cfg.unsafe_reward_code)
+        if cfg.env == "python":
+            factory()   # probes the sandbox boundary
+    except (EnvError, RewardError) as err:
+        raise ConfigError(str(err)) from err
+    target = getattr(factory, "func", factory)   # a functools.partial: its class
+    if cfg.warmup_sft_steps and not callable(getattr(target, "demonstration", None)):
+        raise ConfigError(f"--warmup-sft-steps: --env {cfg.env_label} has no demonstration(row) method to learn "
+                          "the tool-call format from; set --warmup-sft-steps 0 or add the method")
 
 
 @dataclass(frozen=True)

@@ -20,5 +20,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "sampling details": ("top_p", "top_k", "max_sample_batches", "overlong_buffer", "overlong_factor",
                          "mask_truncated"),
     "objective details": ("leave_one_out", "kl_kind", "reference"),
+    "tool use (--env)": ("max_turns", "max_episode_tokens", "warmup_sft_steps", "warmup_sft_lr",
+                         "warmup_sft_batch_size"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}

@@ -11,6 +11,12 @@ One step, top to bottom:
          ℓ_{i,t} = −min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) + β · KL_k3(π_θ ‖ π_ref)
       aggregated by ``loss_agg`` (token-mean | seq-mean-token-mean | seq-mean-token-sum-norm …)
 
+With ``--env`` (docs/methods/tools.md) the engine runs multi-turn episodes instead
+(:class:`rlxf.rollout.multiturn.EnvRollout`, after an optional SFT warm-up on the environment's
+demonstrations): the reward scores the final model turn, plus the environment's step rewards, and
+the tool's output tokens are in the context but not in the loss mask, so the same step trains on
+the model's own tokens only.
+
 Presets fill the fields left unset (``None``) and are the only place a method name decides a
 number; every resolved value is written to config.yaml:
 
@@ -46,6 +52,7 @@ import torch
 from rlxf.config import ConfigError
 from rlxf.configs.grpo import PRESETS, DAPOConfig, DrGRPOConfig, GRPOConfig, RLOOConfig
 from rlxf.recipes.common import load_model_for_training, load_split_rows, setup_logging
+from rlxf.recipes.env_warmup import env_engine
 from rlxf.recipes.grpo_step import StepContext, grpo_step
 from rlxf.recipes.online import RewardPipeline, build_engine, evaluate_greedy, load_prompts
 from rlxf.reporting import Panel
@@ -86,6 +93,9 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
                           f"does not support; run it as one process (without torchrun)")
     distributed.broadcast_parameters(model)
     engine = build_engine(cfg, model, tokenizer, max_batch_size=max(256, cfg.batch_size * cfg.group_size))
+    warmup = {}
+    if cfg.env is not None:  # multi-turn episodes with a tool (docs/methods/tools.md)
+        engine, warmup = env_engine(cfg, model, tokenizer, engine, eval_prompts, pipeline, out)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, n=cfg.group_size)
     sampler = get_sampler(cfg.sampler, len(prompts), seed=cfg.seed)
@@ -118,7 +128,8 @@ def train(cfg: GRPOConfig, *, recipe: str | None = None):
                     save_final=lambda path: save_pretrained(model, tokenizer, path,
                                                             merge_lora=cfg.merge_lora and cfg.lora_r > 0),
                     components={"sampler": sampler}, files=files, progress_metric="reward/mean",
-                    summary=lambda start, last: online_summary(cfg, start, last), reward_health=pipeline.health))
+                    summary=lambda start, last: {**online_summary(cfg, start, last), **env_summary(cfg, warmup)},
+                    reward_health=pipeline.health))
 
 
 def data_parallel_limits(cfg: GRPOConfig) -> str | None:
@@ -139,6 +150,7 @@ PANELS = [
     Panel("reward and sample accuracy", ["reward/mean", "accuracy"], split="train"),
     Panel("KL to reference", ["kl"], split="train"),
     Panel("completion length", ["completion_length"], ylabel="tokens"),
+    Panel("tool use (--env): turns and tool calls per episode", ["turns", "tool_calls"]),
     Panel("entropy (sampled-token estimate)", ["entropy"], split="train", ylabel="nats/token"),
     Panel("clip fraction / zero-advantage groups", ["clip_fraction", "frac_zero_adv"], split="train"),
     Panel("throughput", ["sample_tokens_per_s", "train_tokens_per_s"], split="train", ylabel="tokens/s"),
@@ -148,6 +160,14 @@ PANELS = [
     Panel("LMGT agreement of δ with the verifier / base reward", ["lmgt/agreement_verifier", "lmgt/agreement_base"],
           split="train", ylabel="fraction"),
 ]
+
+
+def env_summary(cfg, warmup: dict) -> dict:
+    """summary.json fields of an ``--env`` run: the environment, budgets and the SFT warm-up."""
+    if getattr(cfg, "env", None) is None:
+        return {}
+    return {"env": {"env": cfg.env_label, "max_turns": cfg.max_turns, "max_episode_tokens": cfg.max_episode_tokens,
+                    "sft_warmup": warmup or None}}
 
 
 def online_summary(cfg, start: dict, last: dict) -> dict:

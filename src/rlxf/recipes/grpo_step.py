@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlxf.losses import aggregate, clip_fraction, get_policy_loss, group_advantages, kl_penalty
-from rlxf.recipes.online import reference_answer_nll, reward_tensor
+from rlxf.recipes.online import episode_metrics, generate, reference_answer_nll, reward_tensor
 from rlxf.runtime import distributed, fsdp
 from rlxf.train import TrainingError, autocast_context, clip_and_step
 from rlxf.train.online import global_units, step_metrics
@@ -176,6 +176,7 @@ def _metrics(ctx: StepContext, batch: dict, rollouts, info: dict, correct, parts
         "sample_tokens_per_s": info["sample_tokens"] / max(info["sample_seconds"], 1e-9),
         "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
         "groups_sampled": info["groups_sampled"], **_reward_counts(info), "_rows": N,
+        **episode_metrics(info.get("episodes", {})),
         "_sample_seconds": info["sample_seconds"], "_train_seconds": train_seconds,
         "_sample_tokens": info["sample_tokens"], "_train_tokens": train_tokens,
     }
@@ -245,12 +246,14 @@ def _sample_share(engine, prompts, sampler, pipeline, cfg: GRPOConfig, step: int
     for _ in range(cfg.max_sample_batches if cfg.dynamic_sampling else 1):
         indices = sampler.sample(cfg.batch_size)[first:first + share]
         t0 = time.time()
-        out = engine.generate(prompts.prompt_ids(indices), params)
+        out, episodes = generate(engine, prompts, indices, params)
         info["sample_seconds"] += time.time() - t0
         info["sample_tokens"] += out.num_tokens()
+        for key, values in episodes.items():
+            info.setdefault("episodes", {}).setdefault(key, []).extend(values)
         rows = [prompts.rows[i] for i in indices for _ in range(G)]
         scores = pipeline(rows, out.text, out.completion_lengths().tolist(), step=step, group_size=G,
-                          overlong=overlong)
+                          overlong=overlong, env_rewards=episodes.get("env_rewards"))
         for key, stat in zip(REWARD_COUNTS, ("none", "failed", "samples")):
             info[key] += scores.stats.get(stat, 0)
         info["groups_sampled"] += len(indices)
@@ -280,18 +283,20 @@ def _merge_rows(selections, group_size):
     from rlxf.rollout import Rollouts
 
     P = max(r.prompt_ids.shape[1] for r, _ in selections)
-    C = max(int(r.completion_mask[idx].sum(-1).max()) for r, idx in selections)
+    C = max(int(r.attended_mask()[idx].sum(-1).max()) for r, idx in selections)
     pad = lambda t, w, left, value: torch.nn.functional.pad(  # noqa: E731
         t, (w - t.shape[1], 0) if left else (0, w - t.shape[1]), value=value)
-    pieces = {k: [] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logps")}
+    multi_turn = selections[0][0].context_mask is not None   # multi-turn rollouts carry their context mask
+    names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logps") + (
+        ("context_mask",) if multi_turn else ())
+    pieces = {k: [] for k in names}
     text, finish = [], []
     for r, idx in selections:
         pad_id = int(r.prompt_ids[r.prompt_mask == 0][0]) if (r.prompt_mask == 0).any() else 0
         pieces["prompt_ids"].append(pad(r.prompt_ids[idx], P, True, pad_id))
         pieces["prompt_mask"].append(pad(r.prompt_mask[idx], P, True, 0))
-        pieces["completion_ids"].append(pad(r.completion_ids[idx][:, :C], C, False, 0))
-        pieces["completion_mask"].append(pad(r.completion_mask[idx][:, :C], C, False, 0))
-        pieces["logps"].append(pad(r.logps[idx][:, :C], C, False, 0.0))
+        for name in names[2:]:
+            pieces[name].append(pad(getattr(r, name)[idx][:, :C], C, False, 0))
         text += [r.text[i] for i in idx]
         finish += [r.finish_reason[i] for i in idx]
     n = sum(len(idx) for _, idx in selections)

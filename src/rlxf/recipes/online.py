@@ -36,6 +36,27 @@ def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
     return HFEngine(model, tokenizer, max_batch_size=max_batch_size)
 
 
+def generate(engine, prompts: PromptSet, indices: list[int], params) -> tuple[object, dict]:
+    """``(Rollouts, episode info)`` for ``prompts[indices]``, ``params.n`` samples each: one
+    ``engine.generate`` call, or multi-turn episodes when ``engine`` is an
+    :class:`~rlxf.rollout.multiturn.EnvRollout` (its environments reset with the rows). The info
+    holds per-sample ``env_rewards``, ``turns`` and ``tool_calls`` for episodes, else nothing."""
+    if hasattr(engine, "generate_episodes"):
+        rows = [{k: v for k, v in prompts.rows[i].items() if k != "prompt_ids"} for i in indices]
+        episodes = engine.generate_episodes(rows, params)
+        return episodes.rollouts, {"env_rewards": episodes.env_rewards, "turns": episodes.turns,
+                                   "tool_calls": episodes.tool_calls}
+    return engine.generate(prompts.prompt_ids(indices), params), {}
+
+
+def episode_metrics(episodes: dict) -> dict:
+    """Mean turns and tool calls per episode (nothing for single-turn rollouts)."""
+    if not episodes:
+        return {}
+    n = max(1, len(episodes["turns"]))
+    return {"turns": sum(episodes["turns"]) / n, "tool_calls": sum(episodes["tool_calls"]) / n}
+
+
 # -- prompts ------------------------------------------------------------------------------------
 
 @dataclass
@@ -130,7 +151,10 @@ class RewardPipeline:
         return [None] * len(rows)
 
     def __call__(self, rows: list[dict], completions: list[str], lengths: list[int], *, step: int,
-                 group_size: int, overlong: tuple[int, int, float] | None = None) -> Scores:
+                 group_size: int, overlong: tuple[int, int, float] | None = None,
+                 env_rewards: list[float] | None = None) -> Scores:
+        """Score one rollout batch; ``env_rewards`` (multi-turn episodes: each episode's summed step
+        rewards) are added to the total as the part ``env``."""
         from rlxf.rewards import call_reward, kimi_length_reward, overlong_penalty
 
         prompts = [r["prompt"] for r in rows]
@@ -156,6 +180,9 @@ class RewardPipeline:
             penalty = overlong_penalty(lengths, max_len, buffer, factor=factor)
             parts["overlong"] = penalty
             total = [_add(t, 1.0, v) for t, v in zip(total, penalty)]
+        if env_rewards is not None:
+            parts["env"] = list(env_rewards)
+            total = [_add(t, 1.0, v) for t, v in zip(total, env_rewards)]
         return Scores(rewards=total, correct=correct, parts=parts, stats=stats)
 
 
@@ -195,14 +222,17 @@ def evaluate_greedy(engine, prompts: PromptSet, pipeline: RewardPipeline, *, max
     if not len(prompts):
         return {}
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
-    texts, lengths, truncated = [], [], 0
+    texts, lengths, truncated, episodes = [], [], 0, {}
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
-        out = engine.generate(prompts.prompt_ids(idx), params)
+        out, info = generate(engine, prompts, idx, params)
+        for key, values in info.items():
+            episodes.setdefault(key, []).extend(values)
         texts += out.text
         lengths += out.completion_lengths().tolist()
         truncated += sum(r == "length" for r in out.finish_reason)
-    metrics = {"completion_length": sum(lengths) / len(lengths), "truncated_fraction": truncated / len(lengths)}
+    metrics = {"completion_length": sum(lengths) / len(lengths), "truncated_fraction": truncated / len(lengths),
+               **episode_metrics(episodes)}
     correct = pipeline.verify(texts, prompts.rows)
     if all(c is not None for c in correct):
         metrics["task_accuracy"] = sum(correct) / len(correct)

@@ -100,12 +100,19 @@ class Rollouts:
     """``[N]`` long, which prompt of the call each row answers (``0, 0, …, 1, 1, …``)."""
     group_size: int = 1
     """Samples per prompt (``SamplingParams.n``)."""
+    context_mask: Tensor | None = None
+    """``[N, C]`` long or None. Multi-turn rollouts (:mod:`rlxf.rollout.multiturn`): 1 on every token
+    of the episode after the prompt — the model's turns *and* the environment's observations — which
+    the model attends to; ``completion_mask`` is then 1 on the model's own tokens only (the loss
+    mask), and observation tokens carry log-prob 0. None: the same as ``completion_mask``."""
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
         pairs = (("prompt_mask", self.prompt_mask, self.prompt_ids),
                  ("completion_mask", self.completion_mask, self.completion_ids),
                  ("logps", self.logps, self.completion_ids))
+        if self.context_mask is not None:
+            pairs += (("context_mask", self.context_mask, self.completion_ids),)
         for name, tensor, like in pairs:
             if tensor.shape != like.shape:
                 raise ValueError(f"Rollouts.{name} has shape {tuple(tensor.shape)}, expected "
@@ -128,15 +135,21 @@ class Rollouts:
         """``[N]`` long: generated tokens per row."""
         return self.completion_mask.sum(-1)
 
+    def attended_mask(self) -> Tensor:
+        """``[N, C]``: the completion tokens the model attends to (``context_mask`` when set, else
+        ``completion_mask``)."""
+        return self.completion_mask if self.context_mask is None else self.context_mask
+
     def sequences(self) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)``, both ``[N, P + C]``: prompt then completion.
 
-        Padding is on both sides; ``rlxf.models.token_logps`` accepts that, and
+        The attention mask covers observation tokens too (:meth:`attended_mask`). Padding is on
+        both sides; ``rlxf.models.token_logps`` accepts that, and
         ``token_logps(model, input_ids, attention_mask, temperature=τ)[:, P - 1:]`` is aligned with
         ``logps`` and ``completion_mask`` (it recomputes them on the training side).
         """
         input_ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)          # [N, P + C]
-        attention_mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)   # [N, P + C]
+        attention_mask = torch.cat([self.prompt_mask, self.attended_mask()], dim=1)   # [N, P + C]
         return input_ids, attention_mask
 
     def rows(self, start: int, stop: int) -> Rollouts:
