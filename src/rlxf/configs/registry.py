@@ -56,7 +56,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("orpo", "rlxf.configs.preference:ORPOConfig", "rlxf.recipes.preference:train",
            "odds-ratio preference optimisation (reference-free)", "offline", examples=("configs/orpo_tiny.yaml",)),
     Recipe("grpo", "rlxf.configs.grpo:GRPOConfig", _GRPO,
-           "GRPO: group-relative policy optimisation with any reward", "online", examples=("configs/grpo_tiny.yaml",)),
+           "GRPO: group-relative policy optimisation with any reward", "online", examples=("configs/grpo_tiny.yaml", "configs/grpo_calculator_tiny.yaml")),
     Recipe("dr_grpo", "rlxf.configs.grpo:DrGRPOConfig", _GRPO,
            "Dr. GRPO: no std scaling, constant length normaliser", "online", examples=("configs/dr_grpo_tiny.yaml",)),
     Recipe("dapo", "rlxf.configs.grpo:DAPOConfig", _GRPO,
