@@ -1,0 +1,209 @@
+"""LoRA and QLoRA (docs/qlora.md): 4-bit NF4 loading through bitsandbytes (its CPU backend), the
+folded weight ``W + s·BA`` against a float64 reference, ``final/merged`` as a plain transformers
+model, the static engine sampling from LoRA and QLoRA policies with the HF engine's greedy tokens,
+the options' errors, and token-bounded no-grad batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlxf.config import ConfigError
+from rlxf.data import token_bounded_slices
+from rlxf.models import apply_lora, load_policy, load_tokenizer
+from rlxf.rollout import HFEngine, SamplingParams, StaticEngine
+from rlxf.rollout.static_engine import static_engine_support
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def _lora(model, seed: int = 0, scale: float = 0.5, r: int = 4):
+    """LoRA on q,k,v,o with non-zero B (fresh adapters are the identity: nothing to fold)."""
+    model = apply_lora(model, r=r, alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def _sharpen(model, factor: float = 4.0):
+    """Scale the base linear weights (before quantising) so greedy paths are decisive, not near-ties."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(factor)
+    return model
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+
+def _slices_reference(lengths, max_rows, max_tokens):
+    """Slow reference: scan every cut, keep the greedy one."""
+    out, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while (end < len(lengths) and end + 1 - start <= max_rows
+               and (end + 1 - start) * max(lengths[start:end + 1]) <= max_tokens):
+            end += 1
+        out.append(slice(start, end))
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_bounded_slices_against_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 200, (int(torch.randint(0, 60, (1,), generator=gen)),), generator=gen).tolist()
+    max_rows, max_tokens = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(50, 900, (1,), generator=gen))
+    got = token_bounded_slices(lengths, max_rows=max_rows, max_tokens=max_tokens)
+    assert got == _slices_reference(lengths, max_rows, max_tokens)
+    assert [i for s in got for i in range(s.start, s.stop)] == list(range(len(lengths)))   # every row once, in order
+    for s in got:
+        rows = s.stop - s.start
+        assert rows <= max_rows and (rows == 1 or rows * max(lengths[s]) <= max_tokens)
+
+
+def test_token_bounded_slices_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="max_rows"):
+        token_bounded_slices([3], max_rows=0, max_tokens=10)
+
+
+def test_folded_weight_equals_float64_reference():
+    """``W + (α/r)·B A`` per adapted layer, summed in float64 by hand, for a plain and a 4-bit base."""
+    from rlxf.models.quantize import dequantized_weight, folded_weight
+
+    for quantize in ("none", "nf4"):
+        model = _lora(load_policy("tiny", dtype="float32", device="cpu", quantize=quantize))
+        layer = model.get_base_model().model.layers[1].self_attn.q_proj
+        base = dequantized_weight(layer.get_base_layer()).double()
+        expected = base + (8 / 4) * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        got = folded_weight(layer, torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        with model.disable_adapter():    # adapters off: the (dequantised) base alone
+            torch.testing.assert_close(folded_weight(layer, torch.float64), base)
+
+
+def test_nf4_linear_layers_are_4bit_and_close_to_the_full_weights():
+    from rlxf.models.quantize import dequantized_weight, is_quantized
+
+    full = load_policy("tiny", dtype="float32", device="cpu")
+    quant = load_policy("tiny", device="cpu", quantize="nf4", double_quant=True)
+    assert is_quantized(quant) and not is_quantized(full)
+    layer = quant.model.layers[0].mlp.up_proj
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() * 2 == layer.in_features * layer.out_features
+    assert quant.model.embed_tokens.weight.dtype == torch.bfloat16
+    w = full.model.layers[0].mlp.up_proj.weight
+    err = (dequantized_weight(layer).float() - w).abs().mean() / w.abs().mean()
+    # NF4's 16 levels per 64-weight block: a mean relative error of ~10% (the QLoRA paper's Fig. 2 scale)
+    assert 0.02 < err < 0.2, err
+
+
+# -- options -------------------------------------------------------------------------------------
+
+def test_quantize_needs_lora_and_double_quant_needs_quantize():
+    from rlxf.configs.preference import PreferenceConfig
+
+    with pytest.raises(ConfigError, match="--lora-r"):
+        PreferenceConfig(quantize="nf4")
+    with pytest.raises(ConfigError, match="--quantize nf4"):
+        PreferenceConfig(lora_r=8, double_quant=True)
+    with pytest.raises(ConfigError, match="not one of"):
+        PreferenceConfig(lora_r=8, quantize="int3")
+    assert PreferenceConfig(lora_r=8, quantize="nf4", double_quant=True).quantize == "nf4"
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
+    import sys
+
+    from rlxf.models.quantize import quantization_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # import bitsandbytes raises ImportError
+    with pytest.raises(ImportError, match="pip install 'bitsandbytes>=0.46'"):
+        quantization_config("nf4")
+
+
+def test_old_bitsandbytes_is_a_clear_error(monkeypatch):
+    from rlxf.models.quantize import require_bitsandbytes
+
+    monkeypatch.setattr(bnb, "__version__", "0.43.1")
+    with pytest.raises(ImportError, match="needs bitsandbytes >= 0.46, found 0.43.1"):
+        require_bitsandbytes()
+
+
+# -- merged model ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_merged_model_loads_in_plain_transformers_and_equals_the_policy(quantize, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlxf.models import save_pretrained
+
+    policy = _lora(load_policy("tiny", dtype="float32", device="cpu", quantize=quantize))
+    save_pretrained(policy, tokenizer, tmp_path / "final", merge_lora=True)
+    config_text = (tmp_path / "final/merged/config.json").read_text()
+    assert "quantization_config" not in config_text
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final/merged", dtype="auto")
+    assert merged.dtype == (torch.bfloat16 if quantize == "nf4" else torch.float32)
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+    ids = torch.tensor([tokenizer("12+34=5")["input_ids"]])
+    with torch.no_grad():
+        want, got = policy(ids).logits.float(), merged(ids).logits.float()
+    # nf4: the policy adds the fp32 LoRA output to a bf16 matmul; the merged weight is rounded to bf16 once
+    tol = 0.1 if quantize == "nf4" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert policy.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() > 0
+
+
+# -- the static engine serves adapter policies -----------------------------------------------------
+
+@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_static_engine_samples_lora_policies_with_hf_greedy_tokens(quantize, tokenizer):
+    torch.manual_seed(0)
+    base = load_policy("tiny", dtype="float32", device="cpu")
+    if quantize == "nf4":   # quantise the sharpened weights: load from a saved copy
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _sharpen(base).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            base = load_policy(tmp, device="cpu", quantize="nf4")
+    else:
+        _sharpen(base)
+    policy = _lora(base, scale=0.3)
+    assert static_engine_support(policy) is None
+    prompts = [tokenizer(p)["input_ids"] for p in ("12+34=", "7=", "99+1=")]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, n=2)
+    ref = HFEngine(policy, tokenizer).generate(prompts, params)
+    engine = StaticEngine(policy, tokenizer, sync_every=4)
+    out = engine.generate(prompts, params)
+    assert engine.stats["fallback_calls"] == 0
+    assert torch.equal(out.completion_ids, ref.completion_ids) and out.text == ref.text
+    tol = 0.05 if quantize == "nf4" else 1e-4
+    torch.testing.assert_close(out.logps, ref.logps, rtol=tol, atol=tol)
+    # the policy is left as it was: its own LoRA layers are back, and a changed adapter shows next call
+    q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ in ("Linear", "Linear4bit") and hasattr(q_proj, "lora_A")
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)
+    again = engine.generate(prompts, params)
+    assert torch.equal(again.completion_ids, HFEngine(policy, tokenizer).generate(prompts, params).completion_ids)
+    assert not torch.equal(again.completion_ids, out.completion_ids)
+
+
+def test_static_engine_falls_back_for_adapters_that_do_not_fold(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(load_policy("tiny", dtype="float32", device="cpu"),
+                            LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in static_engine_support(policy)
