@@ -134,8 +134,8 @@ def merged_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
 
     A 4-bit base is dequantised, so the result loads with plain transformers (no bitsandbytes): in
     bfloat16 (the compute dtype) unless ``dtype`` says otherwise; a full-precision base keeps its
-    dtype. Only the folded and dequantised weights are new tensors; every other parameter is shared
-    with ``model`` (so merging needs memory for the adapted layers only, not a second model). A
+    dtype. The result lives on the CPU, built one tensor at a time (on a CPU-resident ``model`` only
+    the folded and dequantised weights are new tensors; the rest are shared with it). A
     head that peft trains whole (``modules_to_save``, e.g. a reward model's ``score``) is taken from
     its trained copy.
     """
@@ -150,7 +150,8 @@ def merged_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
     config.dtype = dtype
     with torch.device("meta"):
         fresh = type(base)(config)
-    state = {name: _merged_tensor(base, name, dtype) for name in fresh.state_dict()}
+    # one layer at a time onto the CPU: merging never holds a second model on the accelerator
+    state = {name: _merged_tensor(base, name, dtype).to("cpu") for name in fresh.state_dict()}
     fresh.load_state_dict(state, assign=True, strict=True)
     fresh.tie_weights()
     return fresh.eval()
