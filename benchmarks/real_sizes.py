@@ -191,8 +191,7 @@ def rlxf_grpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda:
     entry.train_fn()(cfg)
     rows = [r for r in _metrics(Path(values["output_dir"]) / "metrics.jsonl") if r.get("split") == "train"]
     rates = [r["sample_tokens_per_s"] for r in rows if "sample_tokens_per_s" in r]
-    return {"sample_tokens_per_s": statistics.median(rates[1:] or rates), "sample_tokens_per_s_by_step": rates,
-            "engine": "see the run log (StaticEngine falls back to HFEngine only with a logged reason)"}
+    return {"sample_tokens_per_s": statistics.median(rates[1:] or rates), "sample_tokens_per_s_by_step": rates}
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -346,7 +345,11 @@ def _spawn(name: str, args, out: Path, model_dir: Path) -> dict:
     if proc.returncode or not result_file.exists():
         tail = log.read_text().strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: " + " / ".join(tail)}
-    return json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text())
+    fallback = [line for line in log.read_text().splitlines() if "falling back to HFEngine" in line]
+    if name.startswith("rlxf grpo"):
+        result["engine"] = f"HFEngine ({fallback[0].strip()})" if fallback else "StaticEngine"
+    return result
 
 
 if __name__ == "__main__":

@@ -77,6 +77,53 @@ def test_token_bounded_slices_rejects_bad_bounds():
         token_bounded_slices([3], max_rows=0, max_tokens=10)
 
 
+def test_reference_and_eval_batches_stay_within_a_training_micro_batch():
+    """At the 8B benchmark's shape (2 pairs a micro-batch, 956-token pairs) the reference pass used
+    64-pair batches: 32× the tokens of a training micro-batch. Now each holds at most 2 pairs."""
+    from rlxf.configs.preference import PreferenceConfig
+    from rlxf.recipes.preference import nograd_batches
+
+    cfg = PreferenceConfig(batch_size=2, max_length=1100, max_prompt_length=300, eval_batch_size=64)
+    examples = [{"prompt_ids": [5] * 256, "chosen_ids": [6] * 700, "rejected_ids": [7] * (690 + i % 11)}
+                for i in range(100)]
+    parts = nograd_batches(cfg, examples)
+    assert [i for p in parts for i in range(p.start, p.stop)] == list(range(100))
+    assert max(p.stop - p.start for p in parts) == 2
+    short = [{"prompt_ids": [5] * 5, "chosen_ids": [6] * 4, "rejected_ids": [7] * 3} for _ in range(100)]
+    assert [p.stop - p.start for p in nograd_batches(cfg, short)] == [64, 36]   # eval_batch_size still caps
+
+
+def test_lora_on_cuda_keeps_the_frozen_base_in_bf16(monkeypatch):
+    from rlxf.configs.preference import PreferenceConfig
+    from rlxf.recipes.common import training_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert training_dtype(PreferenceConfig(lora_r=16), cuda) == torch.bfloat16
+    assert training_dtype(PreferenceConfig(), cuda) == torch.float32          # full fine-tuning: fp32 masters
+    assert training_dtype(PreferenceConfig(lora_r=16), cpu) == torch.float32
+    assert training_dtype(PreferenceConfig(lora_r=16, dtype="float32"), cuda) == torch.float32
+
+
+def test_lora_trains_only_the_adapters_in_fp32_over_a_bf16_base():
+    """What the optimiser holds state for: the adapters alone, in fp32, whatever the base dtype."""
+    from rlxf.train.common import build_optimizer
+
+    for quantize in ("nf4",):
+        model = apply_lora(load_policy("tiny", device="cpu", quantize=quantize), r=4)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        assert all(p.dtype == torch.float32 for p in trainable.values())
+        assert all(p.dtype in (torch.bfloat16, torch.uint8) for n, p in model.named_parameters() if "lora_" not in n)
+
+        class Cfg:
+            lr, adam_beta1, adam_beta2, weight_decay = 1e-3, 0.9, 0.999, 0.0
+
+        optimizer = build_optimizer(model, Cfg)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert held == {id(p) for p in trainable.values()}
+
+
 def test_folded_weight_equals_float64_reference():
     """``W + (α/r)·B A`` per adapted layer, summed in float64 by hand, for a plain and a 4-bit base."""
     from rlxf.models.quantize import dequantized_weight, folded_weight
@@ -245,12 +292,13 @@ def test_qlora_dpo_steps_stay_close_to_bf16_lora(tmp_path):
 
 @pytest.mark.slow
 def test_qlora_dpo_learns_the_preference_task(tmp_path):
-    """QLoRA (NF4 base, double quantisation, LoRA r = 8 on q, k, v, o) DPO on the tiny model.
-    Measured: see the assertion's comment."""
-    summary, _ = _dpo(tmp_path, "learn", quantize="nf4", double_quant=True, max_steps=60, task_size=960,
+    """QLoRA (NF4 base, LoRA r = 8 on q, k, v, o) DPO on the tiny model, 60 steps × 16 pairs,
+    256 held-out pairs. Measured 2026-12-07 (2-core CPU): implicit-reward accuracy 0.502 → 0.840, margin 0.10 (step 5) → 6.84 (step 60).
+    Full fine-tuning reaches 0.912 in 150 steps (tests/test_learning.py)."""
+    summary, _ = _dpo(tmp_path, "learn", quantize="nf4", max_steps=60, task_size=960,
                       eval_size=256, warmup_steps=5)
     assert summary["start/accuracy"] == pytest.approx(0.5, abs=0.02)   # policy == reference at step 0
-    assert summary["final/accuracy"] >= LEARN_BOUND, summary["eval_final"]
+    assert summary["final/accuracy"] >= 0.78, summary["eval_final"]
     assert summary["final/rewards/margin"] > summary["start/rewards/margin"] + 0.3
 
 
