@@ -1,7 +1,7 @@
 """Real model sizes on one GPU: rlxf LoRA / QLoRA DPO and ORPO, TRL + peft (+ bitsandbytes), and
 rlxf GRPO with LoRA, side by side at the Llama-3-8B shape (random init), same data, same card.
 
-    python benchmarks/real_sizes.py --out runs/real_sizes            # everything (~8 min on one H100)
+    python benchmarks/real_sizes.py --out runs/real_sizes            # everything (~9 min on one H100)
     python benchmarks/real_sizes.py --out /tmp/rs --only 'rlxf dpo'  # a subset (regex on the variant name)
     python benchmarks/real_sizes.py --out /tmp/rs --quick --cpu      # the wiring on a small shape, CPU
 
@@ -15,7 +15,9 @@ rlxf GRPO with LoRA, side by side at the Llama-3-8B shape (random init), same da
    ``max_memory_reserved`` over the whole process (loading, reference log-probs, training, eval);
 4. records a ``torch.cuda.memory._record_memory_history`` snapshot of the first two steps of the
    rlxf LoRA DPO run (``memory-rlxf-dpo.pickle``: open it at pytorch.org/memory_viz);
-5. writes ``results.json`` and ``results.md`` after every variant.
+5. writes ``results.json`` and ``results.md`` after every variant; a later command with the same
+   ``--out`` on the same card adds its variants to them (so the TRL variants can run in a second
+   command when their wheels travel separately).
 
 TRL, datasets, dill, multiprocess, xxhash and bitsandbytes need not be installed: their wheels in
 ``benchmarks/wheels/`` (``pip download --no-deps`` them there; see benchmarks/README.md) are
@@ -47,8 +49,8 @@ SHAPE_QUICK = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, 
 WORK = dict(pairs=128, prompt_chars=256, completion_chars=700, batch=2, accum=4, steps=8, timed_from=2,
             lora_r=16, lora_targets="q_proj,k_proj,v_proj,o_proj", max_length=1100, max_prompt_length=300,
             grpo_prompts=16, grpo_group=8, grpo_new_tokens=128, grpo_steps=3)
-VARIANTS = ("rlxf dpo lora", "rlxf orpo lora", "rlxf dpo qlora", "rlxf orpo qlora", "trl dpo peft",
-            "trl dpo peft qlora", "rlxf grpo lora")
+VARIANTS = ("rlxf dpo lora", "rlxf orpo lora", "rlxf dpo qlora", "rlxf orpo qlora", "rlxf grpo lora",
+            "trl dpo peft", "trl dpo peft qlora")
 WHEEL_PACKAGES = ("trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec", "pyarrow", "bitsandbytes")
 
 
@@ -218,7 +220,7 @@ class _memory_history:
         import rlxf.train.offline as offline
 
         self.original = offline.clip_and_step
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
+        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
 
         def counted(*args, **kwargs):
             result = self.original(*args, **kwargs)
@@ -324,6 +326,11 @@ def main(argv=None) -> int:
     meta.update(build_model_dir(model_dir, SHAPE_QUICK if args.quick else SHAPE_8B, "cuda" if cuda else "cpu"))
     write_pairs(data, work)
     results = {"meta": meta, "variants": {}}
+    previous = out / "results.json"
+    if previous.exists():   # a second command on the same machine and --out adds its variants to the first's
+        earlier = json.loads(previous.read_text())
+        if earlier.get("meta", {}).get("device") == meta["device"]:
+            results["variants"] = earlier.get("variants", {})
     for name in VARIANTS:
         if args.only and not re.search(args.only, name):
             continue

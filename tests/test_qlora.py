@@ -210,6 +210,26 @@ def test_merged_model_loads_in_plain_transformers_and_equals_the_policy(quantize
     assert policy.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() > 0
 
 
+def test_merged_reward_model_keeps_its_trained_score_head(tokenizer, tmp_path):
+    """A LoRA reward model on a 4-bit body: merged body dequantised, the ``score`` head peft trains
+    whole (``modules_to_save``) taken from its trained copy, not the frozen original."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlxf.models import load_reward_model, save_pretrained
+
+    model = apply_lora(load_reward_model("tiny", device="cpu", quantize="nf4", pad_token_id=0), r=4,
+                       task_type="SEQ_CLS")
+    with torch.no_grad():
+        model.get_base_model().score.modules_to_save["default"].weight.add_(1.0)
+    save_pretrained(model, tokenizer, tmp_path / "final", merge_lora=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final/merged")
+    torch.testing.assert_close(merged.score.weight.float(),
+                               model.get_base_model().score.modules_to_save["default"].weight.float())
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits.float(), model(ids).logits.float(), rtol=0.1, atol=0.1)
+
+
 # -- the static engine serves adapter policies -----------------------------------------------------
 
 @pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
