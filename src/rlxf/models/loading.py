@@ -335,7 +335,10 @@ def _quantized_kwargs(quantize: str, double_quant: bool, dtype: torch.dtype, dev
     config = quantization_config(quantize, double_quant=double_quant)
     if config is None:
         return {}, dtype
-    return {"quantization_config": config, "device_map": {"": device}}, COMPUTE_DTYPE
+    # accelerate's device map wants a CUDA index, not the bare "cuda" device
+    place = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
+        else str(device)
+    return {"quantization_config": config, "device_map": {"": place}}, COMPUTE_DTYPE
 
 
 def _load_adapter_policy(adapter_dir: Path, *, dtype, device, trust_remote_code, resize_to, pad_token_id,
