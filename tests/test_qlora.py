@@ -294,29 +294,31 @@ def _dpo(tmp_path, name: str, **overrides) -> tuple[dict, list[dict]]:
 
 @pytest.mark.slow
 def test_qlora_dpo_steps_stay_close_to_bf16_lora(tmp_path):
-    """8 DPO steps, same data and seed: LoRA on a bf16 base vs on its NF4 copy. Measured (2-core
-    CPU): losses 0.6921/0.6916, 0.6559/0.6591, 0.6723/0.6469, 0.6642/0.6427 at steps 2/4/6/8,
-    held-out accuracy 0.8125 for both. NF4's error (~10% of the mean weight) moves every log-prob a
-    little, so the runs are close, not equal: the loss may differ by 0.05 (a quarter of its drop
-    from log 2 over these steps) and the chosen log-probs by 10%."""
-    common = dict(dtype="bfloat16", max_steps=8, task_size=128, eval_size=64, log_every=2, warmup_steps=2)
+    """6 DPO steps, same data and seed: LoRA on a bf16 base vs on its NF4 copy. Measured
+    2026-12-07 (2-core CPU), bf16 / NF4: losses 0.6886 / 0.6881, 0.6686 / 0.6555, 0.6172 / 0.6102 at
+    steps 2 / 4 / 6; chosen log-probs −4.151 / −4.155, −9.008 / −9.079, −4.059 / −4.058; held-out
+    accuracy 0.750 / 0.781. NF4's error (~10% of the mean weight) moves every log-prob a little, so
+    the runs are close, not equal: the loss may differ by 0.05 (two thirds of its drop from log 2
+    over these steps; measured ≤ 0.013) and the chosen log-probs by 5% (measured ≤ 0.8%)."""
+    common = dict(dtype="bfloat16", max_steps=6, task_size=96, eval_size=32, log_every=2, warmup_steps=2)
     runs = {q: _dpo(tmp_path, q, quantize=q, **common) for q in ("none", "nf4")}
     (full_summary, full), (quant_summary, quant) = runs["none"], runs["nf4"]
-    assert [r["step"] for r in full] == [r["step"] for r in quant] == [2, 4, 6, 8]
+    assert [r["step"] for r in full] == [r["step"] for r in quant] == [2, 4, 6]
     for a, b in zip(full, quant):
         assert abs(a["loss"] - b["loss"]) <= 0.05, (a["loss"], b["loss"])
-        assert abs(a["logps/chosen"] - b["logps/chosen"]) <= 0.10 * abs(a["logps/chosen"])
+        assert abs(a["logps/chosen"] - b["logps/chosen"]) <= 0.05 * abs(a["logps/chosen"])
     assert abs(quant_summary["final/accuracy"] - full_summary["final/accuracy"]) <= 0.1
-    assert quant[-1]["loss"] < 0.68 and full[-1]["loss"] < 0.68   # both learn: log 2 = 0.693 at the start
+    assert quant[-1]["loss"] < 0.65 and full[-1]["loss"] < 0.65   # both learn: log 2 = 0.693 at the start
 
 
 @pytest.mark.slow
 def test_qlora_dpo_learns_the_preference_task(tmp_path):
-    """QLoRA (NF4 base, LoRA r = 8 on q, k, v, o) DPO on the tiny model, 60 steps × 16 pairs,
-    256 held-out pairs. Measured 2026-12-07 (2-core CPU): implicit-reward accuracy 0.502 → 0.840, margin 0.10 (step 5) → 6.84 (step 60).
+    """QLoRA (NF4 base, LoRA r = 8 on q, k, v, o) DPO on the tiny model, 30 steps × 16 pairs,
+    128 held-out pairs. Measured 2026-12-07 (2-core CPU): implicit-reward accuracy 0.500 → 0.828,
+    margin 0 → 2.72 (60 steps on 256 held-out pairs: 0.502 → 0.840).
     Full fine-tuning reaches 0.912 in 150 steps (tests/test_learning.py)."""
-    summary, _ = _dpo(tmp_path, "learn", quantize="nf4", max_steps=60, task_size=960,
-                      eval_size=256, warmup_steps=5)
+    summary, _ = _dpo(tmp_path, "learn", quantize="nf4", max_steps=30, task_size=480,
+                      eval_size=128, warmup_steps=3)
     assert summary["start/accuracy"] == pytest.approx(0.5, abs=0.02)   # policy == reference at step 0
     assert summary["final/accuracy"] >= 0.78, summary["eval_final"]
     assert summary["final/rewards/margin"] > summary["start/rewards/margin"] + 0.3
