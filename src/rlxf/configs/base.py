@@ -52,7 +52,8 @@ class RunConfig:
     resume: bool = option(False, "continue from the newest complete checkpoint in output_dir")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "parameter dtype: auto (fp32 master weights; with --autocast, bf16 compute on "
-                        "CUDA) | float32 | bfloat16 | float16")
+                        "CUDA; with LoRA on CUDA the frozen base is bf16 and the adapters fp32) | float32 | "
+                        "bfloat16 | float16")
     autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32 (mixed precision)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     compile: bool = option(False, "torch.compile each decoder layer, and the static engine's decode step in "
@@ -73,7 +74,13 @@ class RunConfig:
                         "with FSDP2 (docs/distributed.md#sharded-training-fsdp2)")
     fsdp_cpu_offload: bool = option(False, "with --fsdp on CUDA: keep the shards, their gradients and the optimiser "
                                     "state in host memory (the optimiser steps on the CPU)")
-    merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs")
+    merge_lora: bool = option(True, "also write the merged model to final/merged for LoRA runs (a plain "
+                              "bf16 model when --quantize dequantises it)")
+    quantize: str = option("none", "store the frozen base weights quantised: nf4 = 4-bit NormalFloat through "
+                           "bitsandbytes, trained through LoRA adapters (QLoRA; needs --lora-r > 0), or none",
+                           choices=("none", "nf4"))
+    double_quant: bool = option(False, "with --quantize nf4: also quantise the per-block scales (QLoRA's "
+                                "double quantisation, about 0.37 bits a weight less)")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard)")
     progress: bool = option(True, "show a progress bar")
@@ -82,6 +89,13 @@ class RunConfig:
     def __post_init__(self):
         check_numbers(self)  # every numeric field of the (sub)class, before any other check uses one
         check_choice(self, "schedule")
+        check_choice(self, "quantize")
+        if self.quantize != "none" and self.lora_r == 0:
+            raise ConfigError(f"--quantize {self.quantize} freezes the base weights in 4 bits, so only LoRA adapters "
+                              "can train: add --lora-r (e.g. --lora-r 16), or drop --quantize")
+        if self.double_quant and self.quantize == "none":
+            raise ConfigError("--double-quant quantises the scales of quantised weights: add --quantize nf4, or "
+                              "drop --double-quant")
         if self.activation_memory_budget < 1 and not self.compile:
             raise ConfigError("--activation-memory-budget applies to the compiled layers: add --compile "
                               "(or use --gradient-checkpointing without it)")

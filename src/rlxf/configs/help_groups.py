@@ -10,7 +10,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "memory and speed": ("dtype", "autocast", "gradient_checkpointing", "compile", "activation_memory_budget",
                          "threads", "engine", "share_prompt", "dp_rollouts", "precompute_ref"),
     "sharding (FSDP2)": ("fsdp_cpu_offload",),
-    "LoRA": ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora"),
+    "LoRA": ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora", "double_quant"),
     "model loading": ("trust_remote_code", "disable_dropout"),
     "reward: judges (--reward lmgt, d_rlaif)": ("judge", "judge_model", "judge_prompts", "lmgt_base", "lmgt_scale",
                                                 "lmgt_decay", "lmgt_call_fraction", "lmgt_knowledge"),

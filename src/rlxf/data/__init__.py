@@ -11,7 +11,7 @@ The pipeline a recipe runs::
 Formats and policies are documented in docs/data.md.
 """
 
-from rlxf.data.batching import EpochBatcher, collate_preference, collate_sft
+from rlxf.data.batching import EpochBatcher, collate_preference, collate_sft, token_bounded_slices
 from rlxf.data.formats import KINDS, DataError, validate_rows
 from rlxf.data.loading import load_rows
 from rlxf.data.tokenize import TokenStats, tokenize_preference, tokenize_prompts, tokenize_sft
@@ -19,6 +19,7 @@ from rlxf.data.samplers import SAMPLERS, APSSampler, PromptSampler, UniformSampl
 from rlxf.data.long2short import long_short_pairs, shortest_correct_rows
 
 __all__ = ["KINDS", "DataError", "EpochBatcher", "TokenStats", "collate_preference", "collate_sft",
-           "load_rows", "tokenize_preference", "tokenize_prompts", "tokenize_sft", "validate_rows"]
+           "load_rows", "token_bounded_slices", "tokenize_preference", "tokenize_prompts", "tokenize_sft",
+           "validate_rows"]
 __all__ += ["SAMPLERS", "APSSampler", "PromptSampler", "UniformSampler", "get_sampler",
             "long_short_pairs", "shortest_correct_rows"]

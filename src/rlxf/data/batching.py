@@ -20,6 +20,30 @@ from rlxf.data.formats import DataError
 
 # -- collation ----------------------------------------------------------------------------------
 
+def token_bounded_slices(lengths: list[int], *, max_rows: int, max_tokens: int) -> list[slice]:
+    """Cut rows ``0..N-1`` (in order) into consecutive slices of at most ``max_rows`` rows whose
+    padded size, rows × the longest of their ``lengths``, stays within ``max_tokens``.
+
+    Forward passes without gradients (reference log-probs, evaluation) use it so that their
+    activations never outgrow what a training micro-batch holds: ``max_rows`` alone lets a batch
+    of long rows take many times a training step's memory. A row longer than ``max_tokens`` gets a
+    slice of its own. Greedy: each slice takes rows while both bounds hold.
+    """
+    if max_rows < 1 or max_tokens < 1:
+        raise ValueError(f"max_rows and max_tokens must be >= 1, got {max_rows} and {max_tokens}")
+    slices, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest_with = max(longest, length)
+        rows = i - start
+        if rows and (rows + 1 > max_rows or (rows + 1) * longest_with > max_tokens):
+            slices.append(slice(start, i))
+            start, longest_with = i, length
+        longest = longest_with
+    if start < len(lengths):
+        slices.append(slice(start, len(lengths)))
+    return slices
+
+
 def collate_sft(examples: list[dict], pad_id: int | None) -> dict:
     """Stack SFT examples (``input_ids``, ``completion_mask``) into ``[B, T]`` long tensors."""
     _check_batch(examples, pad_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import copy
 import logging
 import os
 import shutil
@@ -152,7 +151,8 @@ def ensure_pad_token(tokenizer) -> bool:
 
 def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                 device: str | torch.device | None = None, trust_remote_code: bool = False,
-                resize_to: int | None = None, pad_token_id: int | None = None):
+                resize_to: int | None = None, pad_token_id: int | None = None, quantize: str = "none",
+                double_quant: bool = False):
     """Load a causal LM (``AutoModelForCausalLM``, safetensors only) onto ``device`` in ``dtype``.
 
     ``name_or_path`` is ``tiny``, a local HF directory, or a Hub id. A directory holding only a
@@ -161,7 +161,9 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     :func:`resolve_dtype`, :func:`resolve_device`). ``resize_to`` grows the token embeddings to
     that many rows when the tokenizer gained tokens (never shrinks: many checkpoints pad their
     vocabulary beyond the tokenizer). ``pad_token_id`` is written into the model and generation
-    configs.
+    configs. ``quantize="nf4"`` stores the linear layers' weights in 4-bit NF4 (QLoRA, through
+    bitsandbytes; ``double_quant`` also quantises their scales) and everything else in bfloat16,
+    whatever ``dtype`` says (docs/qlora.md); such a model trains only through LoRA adapters.
     """
     from transformers import AutoModelForCausalLM
 
@@ -172,21 +174,23 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     if adapter_dir is not None:
         return _load_adapter_policy(adapter_dir, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, resize_to=resize_to,
-                                    pad_token_id=pad_token_id)
+                                    pad_token_id=pad_token_id, quantize=quantize, double_quant=double_quant)
+    kwargs, dtype = _quantized_kwargs(quantize, double_quant, dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, **_dtype_kwarg(dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+            source, **_dtype_kwarg(dtype), **kwargs, use_safetensors=True, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _load_error(name_or_path, source, err, what="model") from err
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
     _set_pad_token_id(model, pad_token_id)
-    return model.to(device)
+    return model if kwargs else model.to(device)
 
 
 def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                       device: str | torch.device | None = None, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None, resize_to: int | None = None):
+                      pad_token_id: int | None = None, resize_to: int | None = None, quantize: str = "none",
+                      double_quant: bool = False):
     """Load a scalar reward model (``AutoModelForSequenceClassification``, ``num_labels=1``).
 
     From a causal-LM checkpoint the body is reused and a fresh ``score`` head is initialised
@@ -194,13 +198,16 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
     ``config.pad_token_id`` is set (``pad_token_id`` or the checkpoint's, else its EOS id) so that
     a plain ``model(...)`` call reads the score at the last non-pad token; :func:`rlxf.models.
     logprobs.reward_scores` reads it from the attention mask instead, which is also right when
-    pad == EOS. ``resize_to`` grows the embeddings (a pad token was added), as in :func:`load_policy`.
+    pad == EOS. ``resize_to`` grows the embeddings (a pad token was added), and ``quantize`` /
+    ``double_quant`` store the body's linear layers in 4-bit NF4 (the ``score`` head stays in
+    bfloat16), as in :func:`load_policy`.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     device = resolve_device(device if device is not None else "auto")
     dtype = resolve_dtype(dtype if dtype is not None else "auto", device)
     source = _check_source(name_or_path)
+    kwargs, dtype = _quantized_kwargs(quantize, double_quant, dtype, device)
     try:
         config = AutoConfig.from_pretrained(source, num_labels=1, trust_remote_code=trust_remote_code)
         if pad_token_id is not None:
@@ -209,13 +216,13 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
             eos = getattr(config, "eos_token_id", None)
             config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, **_dtype_kwarg(dtype), use_safetensors=True,
+            source, config=config, **_dtype_kwarg(dtype), **kwargs, use_safetensors=True,
             trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _load_error(name_or_path, source, err, what="reward model") from err
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
-    return model.to(device)
+    return model if kwargs else model.to(device)
 
 
 def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
@@ -225,8 +232,9 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bo
     ``path`` is moved aside and deleted only after the rename, so at every moment ``path`` is either
     the old complete save or the new one. A PEFT model saves its adapter
     (``adapter_model.safetensors``); with ``merge_lora=True`` the merged model is also written to
-    ``path/merged`` (plain transformers can load it). Merging works on a copy of the model, so it
-    needs memory for one more copy of the weights; the live model is left untouched. Returns ``path``.
+    ``path/merged`` (plain transformers can load it; a 4-bit base is dequantised to bfloat16). Merging
+    builds new tensors only for the adapted and quantised layers (:func:`rlxf.models.quantize.merged_model`)
+    and leaves the live model untouched. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +247,9 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bo
         if merge_lora:
             if not is_peft_model(model):
                 raise ValueError("merge_lora=True needs a PEFT (LoRA) model; this model has no adapter")
-            merged = copy.deepcopy(model).merge_and_unload()
+            from rlxf.models.quantize import merged_model
+
+            merged = merged_model(model)
             merged.save_pretrained(str(tmp / "merged"))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "merged"))
@@ -319,7 +329,22 @@ def _adapter_only_dir(source: str) -> Path | None:
     return None
 
 
-def _load_adapter_policy(adapter_dir: Path, *, dtype, device, trust_remote_code, resize_to, pad_token_id):
+def _quantized_kwargs(quantize: str, double_quant: bool, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[dict, torch.dtype]:
+    """(extra ``from_pretrained`` arguments, dtype of the unquantised weights) for ``quantize``."""
+    from rlxf.models.quantize import COMPUTE_DTYPE, quantization_config
+
+    config = quantization_config(quantize, double_quant=double_quant)
+    if config is None:
+        return {}, dtype
+    # accelerate's device map wants a CUDA index, not the bare "cuda" device
+    place = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
+        else str(device)
+    return {"quantization_config": config, "device_map": {"": place}}, COMPUTE_DTYPE
+
+
+def _load_adapter_policy(adapter_dir: Path, *, dtype, device, trust_remote_code, resize_to, pad_token_id,
+                         quantize="none", double_quant=False):
     import json
 
     from peft import PeftModel
@@ -329,8 +354,9 @@ def _load_adapter_policy(adapter_dir: Path, *, dtype, device, trust_remote_code,
         raise ValueError(f"{adapter_dir}/adapter_config.json does not name its base model "
                          "(base_model_name_or_path)")
     base = load_policy(base_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                       resize_to=resize_to, pad_token_id=pad_token_id)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True).to(device)
+                       resize_to=resize_to, pad_token_id=pad_token_id, quantize=quantize, double_quant=double_quant)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return model if quantize != "none" else model.to(device)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -41,7 +41,10 @@ class ValueModel(nn.Module):
 
     @classmethod
     def value_head(cls, policy: nn.Module) -> ValueModel:
-        """A zero-initialised scalar head on the policy's own body (weights shared, not copied)."""
+        """A zero-initialised scalar head on the policy's own body (weights shared, not copied).
+
+        The head is trained, so it is float32 even over a bf16 body (a LoRA or QLoRA policy's
+        frozen base): the body's hidden states are cast to it."""
         base = policy.get_base_model() if is_peft_model(policy) else policy
         body = getattr(base, base.base_model_prefix, None)
         if body is None:
@@ -49,7 +52,7 @@ class ValueModel(nn.Module):
                              f"(attribute '{base.base_model_prefix}'); use a separate value model")
         hidden = base.config.hidden_size
         param = next(base.parameters())
-        head = nn.Linear(hidden, 1, device=param.device, dtype=param.dtype)
+        head = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return cls(body, head, shared=True)
@@ -58,7 +61,7 @@ class ValueModel(nn.Module):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)            # [B, T]
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state                           # [B, T, H]
-        return self.head(hidden).squeeze(-1).float()                                    # [B, T]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()        # [B, T]
 
     def own_parameters(self):
         """Parameters the critic adds to training: the head only when the body is the policy's."""

@@ -38,7 +38,7 @@ def setup_logging() -> None:
 def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     """(model, tokenizer) on the configured device/dtype, with LoRA and checkpointing applied."""
     from rlxf.models import (apply_lora, ensure_pad_token, load_policy, load_reward_model, load_tokenizer,
-                             resolve_device, resolve_dtype)
+                             resolve_device)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -46,12 +46,12 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     try:
         device = distributed.init(cfg.device, single=sharded) if distributed.active() or sharded \
             else resolve_device(cfg.device)
-        # training keeps fp32 master weights by default; bf16 compute comes from autocast on CUDA
-        dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+        dtype = training_dtype(cfg, device)
     except ValueError as exc:
         raise ConfigError(f"--device/--dtype: {exc}") from None
     t0 = time.time()
-    log.info("loading model %s onto %s (%s)%s", cfg.model, device, str(dtype).removeprefix("torch."),
+    log.info("loading model %s onto %s (%s%s)%s", cfg.model, device, str(dtype).removeprefix("torch."),
+             f", linear layers in 4-bit {cfg.quantize}" if cfg.quantize != "none" else "",
              "" if cfg.model == "tiny" or Path(cfg.model).expanduser().exists() else
              " from the Hugging Face Hub cache, downloading it first if it is not there")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -62,10 +62,11 @@ def load_model_for_training(cfg: RunConfig, *, reward_model: bool = False):
     load_device = torch.device("cpu") if sharded else device
     if reward_model:
         model = load_reward_model(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code,
-                                  pad_token_id=tokenizer.pad_token_id, resize_to=resize)
+                                  pad_token_id=tokenizer.pad_token_id, resize_to=resize, quantize=cfg.quantize,
+                                  double_quant=cfg.double_quant)
     else:
         model = load_policy(cfg.model, dtype=dtype, device=load_device, trust_remote_code=cfg.trust_remote_code,
-                            resize_to=resize)
+                            resize_to=resize, quantize=cfg.quantize, double_quant=cfg.double_quant)
     log.info("model %s loaded in %.1f s: %.2fM parameters", cfg.model, time.time() - t0,
              sum(p.numel() for p in model.parameters()) / 1e6)
     if cfg.gradient_checkpointing:
@@ -112,6 +113,20 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
         raise ConfigError(str(exc)) from None
     log.info("FSDP2: %d decoder layers and the root sharded over %d process(es)%s", layers,
              distributed.world_size(), ", shards offloaded to the CPU" if cpu_offload else "")
+
+
+def training_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """The dtype the model loads in: ``--dtype``, or for ``auto`` fp32 master weights (bf16 compute
+    comes from autocast on CUDA), except that a LoRA run on CUDA keeps its frozen base in bf16 (the
+    base gets no updates, so fp32 copies of it would only double its memory; peft keeps the
+    adapters in fp32). ``--quantize`` loads the unquantised weights in bf16 whatever this says."""
+    from rlxf.models import resolve_dtype
+
+    if cfg.dtype != "auto":
+        return resolve_dtype(cfg.dtype, device)
+    if cfg.lora_r > 0 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -50,6 +50,8 @@ def build_value_model(cfg: PPOConfig, policy, tokenizer, device, dtype):
     if cfg.value_model == "head":
         return ValueModel.value_head(policy)
     source = cfg.reward_model if cfg.value_model == "reward_model" else cfg.model
+    if cfg.dtype == "auto":   # the critic trains all its weights: fp32 masters, as full fine-tuning
+        dtype = torch.float32
     critic = load_reward_model(source, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                pad_token_id=tokenizer.pad_token_id,
                                resize_to=policy.get_input_embeddings().num_embeddings)

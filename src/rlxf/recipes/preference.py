@@ -86,6 +86,19 @@ def _shared_pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.
     return seq[0::2], seq[1::2], {"mean_chosen": means[0::2], "mean_rejected": means[1::2]}
 
 
+def nograd_batches(cfg: PreferenceConfig, examples: list[dict]) -> list[slice]:
+    """Slices of ``examples`` for forward passes without gradients (reference log-probs, eval): at most
+    ``eval_batch_size`` pairs and at most the padded tokens of one training micro-batch
+    (``2 · batch_size · max_length``), so that these passes never need more activation memory than a
+    training step (a 64-pair batch of 956-token pairs held ≈ 10 GB of MLP activations at the
+    Llama-3-8B shape; docs/performance.md)."""
+    from rlxf.data import token_bounded_slices
+
+    lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    return token_bounded_slices([2 * n for n in lengths], max_rows=cfg.eval_batch_size,
+                                max_tokens=2 * cfg.batch_size * cfg.max_length)
+
+
 def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict], pad_id: int, cache_dir: Path,
                          device: torch.device) -> None:
     """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
@@ -102,14 +115,14 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
         # under torchrun each process scores a contiguous share and the shares are gathered in order
         rank, world = distributed.rank(), distributed.world_size()
         mine = examples[rank * len(examples) // world:(rank + 1) * len(examples) // world]
-        rows = []
-        progress = PhaseProgress("reference log-probs", -(-len(mine) // cfg.eval_batch_size), unit="batches",
-                                 detail=f"of {cfg.eval_batch_size} pairs, computed once and cached")
+        rows, batches = [], nograd_batches(cfg, mine)
+        progress = PhaseProgress("reference log-probs", len(batches), unit="batches",
+                                 detail=f"of up to {cfg.eval_batch_size} pairs, computed once and cached")
         # --fsdp: the shares may take different numbers of batches, so the reference is gathered whole
         # first and no forward is a collective
         with torch.no_grad(), fsdp.gathered(reference.model):
-            for start in range(0, len(mine), cfg.eval_batch_size):
-                batch = collate_preference(mine[start:start + cfg.eval_batch_size], pad_id)
+            for part in batches:
+                batch = collate_preference(mine[part], pad_id)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if cfg.share_prompt:
                     chosen, rejected, _ = _shared_pair_logps(reference.shared_prompt_logps, batch, cfg.length_norm)
@@ -255,8 +268,8 @@ class PreferenceStep:
         if not eval_ex:
             return {}
         losses, extras, pairs = [], {}, []
-        for start in range(0, len(eval_ex), cfg.eval_batch_size):
-            batch = self.collate(eval_ex[start:start + cfg.eval_batch_size])
+        for part in nograd_batches(cfg, eval_ex):
+            batch = self.collate(eval_ex[part])
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             l, extra, p = self.forward(batch)
             losses.append(l.float().cpu())

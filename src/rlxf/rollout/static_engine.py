@@ -35,8 +35,12 @@ steps (on CUDA without a host sync: the answer of an earlier check, copied behin
 completion is trimmed to the last step any row was active, so the result equals a loop that stops at
 the first all-finished step.
 
-Falls back to ``HFEngine`` (same arguments) for other architectures, PEFT models, sliding-window
-attention shorter than the sequence, and rope types whose frequencies depend on the length.
+A LoRA policy (and a QLoRA one, 4-bit base) decodes through plain stand-ins of its adapted and
+quantised layers holding ``W + s·BA``, refreshed before every call (:mod:`rlxf.rollout.folding`).
+
+Falls back to ``HFEngine`` (same arguments) for other architectures, adapters that do not fold
+(DoRA, adapters on embeddings, ...), sliding-window attention shorter than the sequence, and rope
+types whose frequencies depend on the length.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -53,6 +58,7 @@ from torch import Tensor, nn
 
 from rlxf.rollout import kernels
 from rlxf.models.loading import eval_mode, is_peft_model
+from rlxf.rollout.folding import FoldedLinears, folding_support, needs_folding
 from rlxf.models.logprobs import logps_from_logits
 from rlxf.rollout.hf_engine import HFEngine
 from rlxf.rollout.sampling import (DecodedBatch, StopChecker, assemble_rollouts, check_prompts, left_padded,
@@ -96,7 +102,10 @@ _LINEAR_DEFAULT: tuple = ()
 def static_engine_support(model: nn.Module) -> str | None:
     """None when :class:`StaticEngine` can run ``model`` natively; else the reason it falls back."""
     if is_peft_model(model):
-        return "PEFT model (adapters): use HFEngine"
+        why_not = folding_support(model)
+        if why_not:
+            return f"PEFT model whose adapters do not fold into plain weights ({why_not}): use HFEngine"
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -188,6 +197,10 @@ class StaticEngine:
         self.unsupported = static_engine_support(model)
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
+        # the module tree the decode step reads: the model itself, or a LoRA/QLoRA policy's base
+        # model with plain stand-ins swapped in for its adapted and 4-bit layers during each call
+        self._folds = FoldedLinears(model) if not self.unsupported and needs_folding(model) else None
+        self._native = self._folds.base if self._folds is not None else model
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
         self._compiled = {}
         self.stats = {"graph_captures": 0, "fallback_calls": 0, "device_sampling_calls": 0}
@@ -215,7 +228,8 @@ class StaticEngine:
                                      enabled=on_device and params.seed is not None)
         # the static KV cache holds the parameters' dtype, so decode runs in it: an enclosing autocast
         # (bf16 mixed-precision training) is switched off here rather than mixing dtypes in the cache
-        with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False), fork:
+        with torch.no_grad(), eval_mode(self.model), torch.autocast(device.type, enabled=False), fork, \
+                self._folded():
             starts = range(0, len(rows), self.max_batch_size)
             if on_device:
                 batches = [self._generate_batch_on_device(rows[i:i + self.max_batch_size], params, device,
@@ -233,8 +247,20 @@ class StaticEngine:
         return assemble_rollouts(self.tokenizer, self.pad_token_id, rows, batches, params, device)
 
     def release(self) -> None:
-        """Drop the captured graphs and their KV caches (frees their GPU memory)."""
+        """Drop the captured graphs, their KV caches and a LoRA policy's folded weights (frees their memory)."""
         self._states.clear()
+        if self._folds is not None:
+            self._folds.release()
+
+    @contextmanager
+    def _folded(self):
+        """For a LoRA/QLoRA policy: refresh the folded weights and swap them in for the call."""
+        if self._folds is None:
+            yield
+            return
+        self._folds.refresh()
+        with self._folds.swapped():
+            yield
 
     # -- one micro-batch ------------------------------------------------------------------------
 
@@ -244,7 +270,7 @@ class StaticEngine:
             longest = max(len(p) for p in prompt_ids) + params.max_new_tokens
         except TypeError:
             return None  # let check_prompts raise its message
-        for layer in self.model.model.layers:
+        for layer in self._native.model.layers:
             window = getattr(layer.self_attn, "sliding_window", None)
             if window is not None and window < longest:
                 return f"sliding window {window} < sequence length {longest}"
@@ -370,12 +396,12 @@ class StaticEngine:
 
     def _kernels_failed(self, device: torch.device) -> str | None:
         """Why the Triton kernels cannot be used on ``device`` after a first check (None: they can)."""
-        spec = _head_spec(self.model)
-        dtype = self.model.get_input_embeddings().weight.dtype
+        spec = _head_spec(self._native)
+        dtype = self._native.get_input_embeddings().weight.dtype
         return kernels.probe(device, dtype, spec["n_kv"], spec["groups"], spec["head_dim"])
 
     def _attention_kind(self, device: torch.device, batch: int, length: int) -> str:
-        spec = _head_spec(self.model)
+        spec = _head_spec(self._native)
         why_not = kernels.attention_supported(spec["head_dim"], spec["groups"])
         if self.decode_attention == "triton":
             if not kernels.available(device):
@@ -405,7 +431,7 @@ class StaticEngine:
         elif not fuse:
             why_not = "it reads the fused q/k/v and gate/up copies (fuse_projections is off)"
         else:
-            why_not = _linear_kernel_support(self.model) or self._kernels_failed(device)
+            why_not = _linear_kernel_support(self._native) or self._kernels_failed(device)
         if why_not and self.linear_kernel:
             raise ValueError(f"linear_kernel={sorted(self.linear_kernel)} cannot run here: {why_not}; pass "
                              "linear_kernel=None to choose automatically")
@@ -414,7 +440,7 @@ class StaticEngine:
         return wanted
 
     def _state(self, batch: int, length: int, device: torch.device) -> _DecodeState:
-        params = tuple(p.data_ptr() for p in self.model.parameters())
+        params = tuple(p.data_ptr() for p in self._native.parameters())
         key = (batch, length, str(device))
         state = self._states.get(key)
         if state is not None and state.param_ptrs == params:
@@ -442,7 +468,7 @@ class StaticEngine:
                 raise RuntimeError(f"sampling_kernel=True: the kernels failed their first check on {device}: "
                                    f"{failed}; pass sampling_kernel=None to fall back to the torch sampling")
         attention = self._attention_kind(device, batch, length)
-        state = _DecodeState.build(self.model, batch, length, device, param_ptrs=params, fuse=fuse,
+        state = _DecodeState.build(self._native, batch, length, device, param_ptrs=params, fuse=fuse,
                                    attention=attention, sampling_kernel=bool(sampler),
                                    linear_kernel=self._linear_kind(device, attention, fuse))
         state.step_fn = self._maybe_compile(_decode_step, "decode")
