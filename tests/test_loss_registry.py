@@ -15,10 +15,12 @@ from rlxf.losses import (
     PREFERENCE_LOSSES,
     RPO_DISTANCES,
     PreferenceInputs,
+    cispo_loss,
     clipped_policy_loss,
     dpo_loss,
     get_policy_loss,
     get_preference_loss,
+    gspo_loss,
     ipo_loss,
     orpo_loss,
     policy_loss_names,
@@ -56,6 +58,12 @@ DECLARED = {
 DIRECT_POLICY = {
     "clipped": lambda logps, old, adv, mask, eps_low, eps_high: clipped_policy_loss(
         logps, old, adv, eps_low=eps_low, eps_high=eps_high),
+    "gspo": lambda logps, old, adv, mask, eps_low, eps_high: gspo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high),
+    "gspo_token": lambda logps, old, adv, mask, eps_low, eps_high: gspo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high, token_level=True),
+    "cispo": lambda logps, old, adv, mask, eps_low, eps_high: cispo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high),
 }
 
 FAST = {"task_size": 96, "eval_size": 32, "batch_size": 8, "eval_batch_size": 32, "progress": False,
@@ -190,11 +198,11 @@ def test_preference_inputs_are_checked():
 
 
 def test_unknown_names_list_the_registered_losses():
-    with pytest.raises(ValueError, match="unknown preference loss 'simpo'") as info:
-        get_preference_loss("simpo")
+    with pytest.raises(ValueError, match="unknown preference loss 'slic'") as info:
+        get_preference_loss("slic")
     assert all(name in str(info.value) for name in PREFERENCE_LOSSES)
-    with pytest.raises(ValueError, match="unknown policy loss 'gspo'; registered policy losses: clipped"):
-        get_policy_loss("gspo")
+    with pytest.raises(ValueError, match="unknown policy loss 'sapo'; registered policy losses: clipped, gspo"):
+        get_policy_loss("sapo")
 
 
 @pytest.fixture

@@ -18,6 +18,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "reward: model-written code": ("unsafe_reward_code",),
     "sampling details": ("top_p", "top_k", "max_sample_batches", "overlong_buffer", "overlong_factor",
                          "mask_truncated"),
-    "objective details": ("leave_one_out", "kl_kind", "reference"),
+    "objective details": ("leave_one_out", "kl_kind", "reference", "kl_reward_coef"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
