@@ -28,6 +28,7 @@ from rlxf.losses import (
     register_policy_loss,
     register_preference_loss,
     rpo_loss,
+    simpo_loss,
 )
 from rlxf.losses import registry
 
@@ -46,6 +47,7 @@ DIRECT_PREFERENCE = {
                                  x.chosen_scores, x.rejected_scores, beta=c.beta, eta=c.rpo_eta,
                                  distance=c.rpo_distance),
     "orpo": lambda x, c: orpo_loss(x.chosen_mean_logps, x.rejected_mean_logps, x.chosen_nll, lam=c.orpo_lambda),
+    "simpo": lambda x, c: simpo_loss(x.chosen_mean_logps, x.rejected_mean_logps, beta=c.beta, gamma=c.simpo_gamma),
 }
 # name -> (needs_reference, needs_scores, includes_nll, options)
 DECLARED = {
@@ -54,6 +56,7 @@ DECLARED = {
     "cdpo": (True, False, False, {"beta": "beta", "label_smoothing": "label_smoothing"}),
     "rpo": (True, True, False, {"beta": "beta", "eta": "rpo_eta", "distance": "rpo_distance"}),
     "orpo": (False, False, True, {"lam": "orpo_lambda"}),
+    "simpo": (False, False, False, {"beta": "beta", "gamma": "simpo_gamma"}),
 }
 DIRECT_POLICY = {
     "clipped": lambda logps, old, adv, mask, eps_low, eps_high: clipped_policy_loss(
@@ -93,7 +96,8 @@ def random_inputs(seed: int, batch: int, *, reference: bool = True, scores: bool
 
 
 def config_values(distance: str = "bwd_kl") -> SimpleNamespace:
-    return SimpleNamespace(beta=0.3, label_smoothing=0.15, rpo_eta=0.7, rpo_distance=distance, orpo_lambda=0.25)
+    return SimpleNamespace(beta=0.3, label_smoothing=0.15, rpo_eta=0.7, rpo_distance=distance, orpo_lambda=0.25,
+                           simpo_gamma=0.4)
 
 
 def grads(loss: torch.Tensor, inputs: PreferenceInputs) -> list[torch.Tensor]:
@@ -155,6 +159,10 @@ def test_preference_options_are_fields_of_the_recipe_config_and_read_from_it():
     assert get_preference_loss("rpo").params(RPOConfig(rpo_distance="sq")) == {"beta": 0.2, "eta": 1.0,
                                                                                "distance": "sq"}
     assert get_preference_loss("orpo").params(ORPOConfig(orpo_lambda=0.5)) == {"lam": 0.5}
+    assert get_preference_loss("simpo").params(PreferenceConfig(loss="simpo")) == {"beta": 2.0, "gamma": 1.0}
+    assert get_preference_loss("simpo").params(PreferenceConfig(loss="simpo", beta=2.5, simpo_gamma=0.3)) == {
+        "beta": 2.5, "gamma": 0.3}
+    assert PreferenceConfig(loss="dpo").beta == 0.1  # the β default of losses whose function has none
     with pytest.raises(AttributeError, match="rpo_eta"):
         get_preference_loss("rpo").params(SimpleNamespace(beta=0.1, rpo_distance="sq"))
 

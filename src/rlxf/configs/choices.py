@@ -9,5 +9,5 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 ADVANTAGE_ESTIMATORS = ("group", "reinforce_pp", "reinforce_pp_baseline")  # the GRPO family's --advantage
 RPO_DISTANCES = ("bwd_kl", "fwd_kl", "sq")
 POLICY_LOSSES = ("clipped", "gspo", "gspo_token", "cispo")
-PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo")
+PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo", "simpo")
 COOPER_NEGATIVES = ("slip", "mixed")  # negatives of the VerifyRM update: rlxf.rewards.cooper

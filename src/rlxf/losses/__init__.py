@@ -30,6 +30,7 @@ from rlxf.losses.preference import (
     orpo_loss,
     preference_metrics,
     rpo_loss,
+    simpo_loss,
 )
 from rlxf.losses.registry import (
     POLICY_LOSSES,
@@ -57,6 +58,7 @@ __all__ = [
     "orpo_loss",
     "preference_metrics",
     "rpo_loss",
+    "simpo_loss",
     # policy.py: per-token [B, T] losses, aggregation, advantages, KL control
     "ADVANTAGE_SCALES",
     "AGGREGATION_MODES",

@@ -34,7 +34,7 @@ import torch
 from rlxf.losses.policy import _check_same_shape, clip_fraction, clipped_policy_loss
 from rlxf.losses.policy_variants import (cispo_clip_fraction, cispo_loss, gspo_clip_fraction, gspo_loss,
                                          gspo_token_loss)
-from rlxf.losses.preference import _check_pairs, dpo_loss, ipo_loss, orpo_loss, rpo_loss
+from rlxf.losses.preference import _check_pairs, dpo_loss, ipo_loss, orpo_loss, rpo_loss, simpo_loss
 
 PolicyLossFn = Callable[..., torch.Tensor]
 
@@ -247,6 +247,12 @@ class PreferenceLoss:
     options: tuple[tuple[str, str], ...]
     summary: str
 
+    def option_defaults(self) -> dict[str, Any]:
+        """``{config option: default}`` for each keyword of ``fn`` that has a default (the paper's value)."""
+        params = inspect.signature(self.fn).parameters
+        return {option: params[keyword].default for keyword, option in self.options
+                if keyword in params and params[keyword].default is not inspect.Parameter.empty}
+
     def params(self, config: Any) -> dict[str, Any]:
         """The keyword arguments of ``fn``, read from the attributes of ``config`` that ``options`` names."""
         missing = [option for _, option in self.options if not hasattr(config, option)]
@@ -374,6 +380,16 @@ def orpo(inputs: PreferenceInputs, *, lam: float) -> torch.Tensor:
     and the chosen NLL, each [B]; returns [B].
     """
     return orpo_loss(inputs.chosen_mean_logps, inputs.rejected_mean_logps, inputs.chosen_nll, lam=lam)
+
+
+@register_preference_loss("simpo", needs_reference=False, options={"beta": "beta", "gamma": "simpo_gamma"})
+def simpo(inputs: PreferenceInputs, *, beta: float = 2.0, gamma: float = 1.0) -> torch.Tensor:
+    """SimPO: −log σ(β·mean log π(y_w) − β·mean log π(y_l) − γ); no reference.
+
+    Source: Meng et al. (arXiv 2405.14734 Eq. 6); `simpo_loss`. Reads the mean token log-probs,
+    each [B]; returns [B]. The keyword defaults are the paper's β = 2 and γ = 1 (γ/β = 0.5).
+    """
+    return simpo_loss(inputs.chosen_mean_logps, inputs.rejected_mean_logps, beta=beta, gamma=gamma)
 
 
 POLICY_LOSSES = policy_loss_names()  # the built-in names; the recipes' config choices
