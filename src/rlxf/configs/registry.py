@@ -55,6 +55,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "NVIDIA reward-aware preference optimisation (scored pairs)", "offline", examples=("configs/rpo_tiny.yaml",)),
     Recipe("orpo", "rlxf.configs.preference:ORPOConfig", "rlxf.recipes.preference:train",
            "odds-ratio preference optimisation (reference-free)", "offline", examples=("configs/orpo_tiny.yaml",)),
+    Recipe("kto", "rlxf.configs.kto:KTOConfig", "rlxf.recipes.kto:train",
+           "KTO on unpaired thumbs-up/down examples (pairs are split)", "offline", examples=("configs/kto_tiny.yaml",)),
     Recipe("grpo", "rlxf.configs.grpo:GRPOConfig", _GRPO,
            "GRPO: group-relative policy optimisation with any reward", "online", examples=("configs/grpo_tiny.yaml",)),
     Recipe("dr_grpo", "rlxf.configs.grpo:DrGRPOConfig", _GRPO,
