@@ -21,9 +21,14 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def recipe_for(path: Path) -> str:
-    """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo files → dpo; gspo/cispo → grpo)."""
+    """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo/simpo files → dpo;
+    gspo/cispo → grpo)."""
     if path.stem.startswith(("gspo", "cispo")):  # presets of a policy loss on `rlxf grpo`
         return "grpo"
+    if path.stem.startswith("online_dpo"):
+        return "online-dpo"
+    if path.stem.startswith("kto"):
+        return "kto"
     for prefix in ("rm", "sft", "rpo", "orpo", "dr_grpo", "grpo", "dapo", "rloo", "ppo", "cooper"):
         if path.stem.startswith(prefix):
             return prefix

@@ -131,6 +131,7 @@ def test_unpaired_rows_and_pairs_are_read_and_split():
     assert skipped == 0 and [(r["prompt"], r["completion"], r["label"]) for r in out] == [
         ("1+1=", "#2", True), ("2+2=", "#5", False), ("3+3=", "#6", True), ("3+3=", "#7", False)]
     assert out[0]["labeler"] == "ann" and out[3]["pair_kind"] == "correctness"
+    assert "pair_id" not in out[0] and out[2]["pair_id"] == out[3]["pair_id"] == 2
 
 
 @pytest.mark.parametrize("row,match", [

@@ -186,15 +186,17 @@ def _normalise_kto(row: dict) -> dict:
 def unpair_rows(rows: list[dict]) -> list[dict]:
     """KTO rows from normalised ``kto`` rows: each pair becomes a desirable row (its chosen completion) and
     an undesirable one (its rejected completion), as TRL's ``unpair_preference_dataset``; unpaired rows
-    pass unchanged. Extra fields are kept on both halves; ``pair_kind`` says where a row came from."""
+    pass unchanged. Extra fields are kept on both halves; ``pair_kind`` says where a row came from and
+    ``pair_id`` (the same on both halves) which pair."""
     out = []
     for row in rows:
         if "label" in row:
             out.append(row)
             continue
         extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected", *SCORE_FIELDS, PROBABILITY_FIELD)}
-        out.append({**extra, "completion": row["chosen"], "label": True})
-        out.append({**extra, "completion": row["rejected"], "label": False})
+        pair = {"pair_id": len(out)}  # the desirable half's position: evaluation ranks the two halves
+        out.append({**extra, **pair, "completion": row["chosen"], "label": True})
+        out.append({**extra, **pair, "completion": row["rejected"], "label": False})
     return out
 
 

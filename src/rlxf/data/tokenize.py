@@ -79,12 +79,12 @@ def tokenize_sft(rows: list[dict], tokenizer, *, max_length: int,
 def tokenize_kto(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                  truncation: str = "truncate") -> tuple[list[dict], TokenStats]:
     """Encode unpaired KTO rows (`rlxf.data.formats.unpair_rows`) as ``{"prompt_ids", "completion_ids",
-    "label", "pair_kind"}``; the completion ends with eos unless truncated."""
+    "label", "pair_kind", "pair_id"}``; the completion ends with eos unless truncated."""
     return _fit_rows(rows, tokenizer, ("completion",), "kto", max_length=max_length,
                      max_prompt_length=max_prompt_length, truncation=truncation,
                      build=lambda row, prompt_ids, completions: {
                          "prompt_ids": prompt_ids, "completion_ids": completions[0], "label": row["label"],
-                         "pair_kind": row.get("pair_kind")})
+                         "pair_kind": row.get("pair_kind"), "pair_id": row.get("pair_id")})
 
 
 def tokenize_preference(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,

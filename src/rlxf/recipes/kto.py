@@ -7,7 +7,7 @@
       → z_0 = max(0, mean KL of the mismatched rows), detached (averaged over processes under torchrun)
       → losses.kto_loss: λ_y − v(x, y) → mean over the batch → AdamW step
       → eval: KTO loss, z_0, implicit-reward accuracy (desirable above 0, undesirable below), per pair
-        kind, and greedy task accuracy
+        kind, the pair accuracy of rows split from pairs (desirable above undesirable), greedy task accuracy
 
 Deviations: the reference runs on every batch (no precompute cache: the KL rows change with the
 batch order); the loss is the mean over the batch's examples, so λ_D and λ_U weigh examples, as in
@@ -56,14 +56,15 @@ def train(cfg: KTOConfig):
     step = KTOStep(cfg, model, tokenizer, Reference.build(model, mode), eval_ex)
     data_info = {"train_examples": len(train_ex), "train_desirable": desirable, "eval_examples": len(eval_ex),
                  "tokenization": stats.as_dict(), "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
-    panels = [Panel("implicit-reward accuracy", ["accuracy"], ylabel="fraction"),
+    panels = [Panel("implicit-reward accuracy", ["accuracy", "pair_accuracy"], ylabel="fraction"),
               Panel("implicit rewards", ["rewards/desirable", "rewards/undesirable"]),
               Panel("KL reference point z_0", ["kl"]), Panel("loss", ["loss"]),
               Panel("task accuracy (greedy)", ["task_accuracy"], split="eval"),
               Panel("learning rate", ["lr"], split="train")]
     return fit(cfg, recipe="kto", out=out, model=model, tokenizer=tokenizer, train_examples=train_ex,
                collate=step.collate, loss_fn=step.loss_fn, evaluate=step.evaluate, panels=panels,
-               headline={"accuracy": "max", "loss": "min", "task_accuracy": "max"}, save_final=step.save_final,
+               headline={"accuracy": "max", "pair_accuracy": "max", "loss": "min", "task_accuracy": "max"},
+               save_final=step.save_final,
                extra_summary=lambda: {"data": data_info})
 
 
@@ -127,6 +128,7 @@ class KTOStep:
                    **_reward_metrics(rewards, labels)}
         signed = torch.where(labels, rewards, -rewards)  # > 0: the reward points the label's way
         metrics.update(win_rates_by_kind(signed, [e.get("pair_kind") for e in self.eval_ex]))
+        metrics.update(_pair_accuracy(rewards, self.eval_ex))
         metrics.update(task_eval_metrics(self.cfg, self.model, self.tokenizer))
         return metrics
 
@@ -142,6 +144,19 @@ def _global_reference_point(kl_logps: torch.Tensor, ref_kl: torch.Tensor) -> tor
         return kto_reference_point(kl_logps, ref_kl)
     local = (kl_logps - ref_kl).mean().detach().float().cpu()
     return torch.stack(distributed.gather(local)).mean().clamp(min=0).to(kl_logps.device)
+
+
+def _pair_accuracy(rewards: torch.Tensor, examples: list[dict]) -> dict:
+    """``pair_accuracy``: for eval rows split from pairs, the share of pairs whose desirable half has the
+    higher implicit reward (ties ½), the accuracy DPO reports; {} when no pair kept both halves."""
+    halves: dict = {}
+    for reward, e in zip(rewards.tolist(), examples):
+        if e.get("pair_id") is not None:
+            halves.setdefault(e["pair_id"], {})[e["label"]] = reward
+    margins = torch.tensor([h[True] - h[False] for h in halves.values() if len(h) == 2])
+    if not len(margins):
+        return {}
+    return {"pair_accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()}
 
 
 def _reward_metrics(rewards: torch.Tensor, labels: torch.Tensor) -> dict:
