@@ -474,7 +474,8 @@ def test_an_integer_too_large_for_a_float_is_a_config_error():
 # -- documentation stays true to the flags ---------------------------------------------------------
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo",
-              "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper"}
+              "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper", "kto.md": "kto",
+              "online-dpo.md": "online-dpo"}
 def _all_command_flags() -> set[str]:
     """Every option string of every rlxf subcommand (nested ones such as `zoo build` included)."""
     import argparse
