@@ -21,7 +21,14 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def recipe_for(path: Path) -> str:
-    """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo files → dpo)."""
+    """configs/<name>.yaml → the recipe that reads it (its name's prefix; dpo/ipo/cdpo/simpo files → dpo;
+    gspo/cispo → grpo)."""
+    if path.stem.startswith(("gspo", "cispo")):  # presets of a policy loss on `rlxf grpo`
+        return "grpo"
+    if path.stem.startswith("online_dpo"):
+        return "online-dpo"
+    if path.stem.startswith("kto"):
+        return "kto"
     for prefix in ("rm", "sft", "rpo", "orpo", "dr_grpo", "grpo", "dapo", "rloo", "ppo", "cooper"):
         if path.stem.startswith(prefix):
             return prefix
@@ -392,7 +399,9 @@ def test_every_numeric_field_refuses_values_outside_its_range(cls, name, kind, b
     (["sft", "--threads", "-4"], "--threads -4 is out of range: it must be an integer >= 0"),
     (["sft", "--log-every", "0"], "--log-every 0 is out of range: it must be an integer >= 1"),
     (["sft", "--seed", "-1"], "--seed -1 is out of range: it must be an integer in [0, 4294967295]"),
-    (["grpo", "--eps-low", "1"], "--eps-low 1.0 is out of range: it must be a finite number in [0, 1)"),
+    (["grpo", "--eps-low", "1.5"], "--eps-low 1.5 is out of range: it must be a finite number in [0, 1]"),
+    (["grpo", "--eps-low", "1"], "--eps-low / --eps-high for --policy-loss clipped: clipped_policy_loss: eps_low must "
+                                 "lie in [0, 1) so that 1 − eps_low > 0; got 1.0"),
     (["grpo", "--temperature", "0"], "--temperature 0.0 is out of range: it must be a finite number > 0"),
     (["ppo", "--gamma", "1.5"], "--gamma 1.5 is out of range: it must be a finite number in [0, 1]"),
     (["grpo", "--overlong-buffer", "-2"], "--overlong-buffer -2 is out of range: it must be an integer >= 0, or -1"),
@@ -465,7 +474,8 @@ def test_an_integer_too_large_for_a_float_is_a_config_error():
 # -- documentation stays true to the flags ---------------------------------------------------------
 
 DOC_RECIPE = {"sft.md": "sft", "reward-model.md": "rm", "dpo.md": "dpo", "rpo.md": "rpo", "orpo.md": "orpo",
-              "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper", "tools.md": "grpo"}
+              "grpo.md": "grpo", "ppo.md": "ppo", "cooper.md": "cooper", "kto.md": "kto",
+              "online-dpo.md": "online-dpo", "tools.md": "grpo"}
 def _all_command_flags() -> set[str]:
     """Every option string of every rlxf subcommand (nested ones such as `zoo build` included)."""
     import argparse

@@ -151,7 +151,10 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(loss_agg, tiny_random_
                                           ("rloo", {}), ("grpo", {"ppo_epochs": 2, "mini_batches": 2}),
                                           ("grpo", {"sampler": "aps", "length_reward_weight": 0.5,
                                                     "format_weight": 0.1}),
-                                          ("grpo", {"engine": "static"})])
+                                          ("grpo", {"engine": "static"}),
+                                          ("grpo", {"policy_loss": "gspo", "mini_batches": 2}),
+                                          ("grpo", {"policy_loss": "cispo", "loss_agg": "token-mean",
+                                                    "advantage": "reinforce_pp_baseline", "ppo_epochs": 2})])
 def test_every_preset_runs_and_writes_the_run_files(preset, extra, tiny_random_model_dir, tmp_path):
     out = tmp_path / "run"
     argv = [preset, *_flags({**FAST, "model": tiny_random_model_dir, "output_dir": out, "max_steps": 2, **extra})]

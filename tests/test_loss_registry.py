@@ -15,10 +15,12 @@ from rlxf.losses import (
     PREFERENCE_LOSSES,
     RPO_DISTANCES,
     PreferenceInputs,
+    cispo_loss,
     clipped_policy_loss,
     dpo_loss,
     get_policy_loss,
     get_preference_loss,
+    gspo_loss,
     ipo_loss,
     orpo_loss,
     policy_loss_names,
@@ -26,6 +28,7 @@ from rlxf.losses import (
     register_policy_loss,
     register_preference_loss,
     rpo_loss,
+    simpo_loss,
 )
 from rlxf.losses import registry
 
@@ -44,6 +47,7 @@ DIRECT_PREFERENCE = {
                                  x.chosen_scores, x.rejected_scores, beta=c.beta, eta=c.rpo_eta,
                                  distance=c.rpo_distance),
     "orpo": lambda x, c: orpo_loss(x.chosen_mean_logps, x.rejected_mean_logps, x.chosen_nll, lam=c.orpo_lambda),
+    "simpo": lambda x, c: simpo_loss(x.chosen_mean_logps, x.rejected_mean_logps, beta=c.beta, gamma=c.simpo_gamma),
 }
 # name -> (needs_reference, needs_scores, includes_nll, options)
 DECLARED = {
@@ -52,10 +56,17 @@ DECLARED = {
     "cdpo": (True, False, False, {"beta": "beta", "label_smoothing": "label_smoothing"}),
     "rpo": (True, True, False, {"beta": "beta", "eta": "rpo_eta", "distance": "rpo_distance"}),
     "orpo": (False, False, True, {"lam": "orpo_lambda"}),
+    "simpo": (False, False, False, {"beta": "beta", "gamma": "simpo_gamma"}),
 }
 DIRECT_POLICY = {
     "clipped": lambda logps, old, adv, mask, eps_low, eps_high: clipped_policy_loss(
         logps, old, adv, eps_low=eps_low, eps_high=eps_high),
+    "gspo": lambda logps, old, adv, mask, eps_low, eps_high: gspo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high),
+    "gspo_token": lambda logps, old, adv, mask, eps_low, eps_high: gspo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high, token_level=True),
+    "cispo": lambda logps, old, adv, mask, eps_low, eps_high: cispo_loss(
+        logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high),
 }
 
 FAST = {"task_size": 96, "eval_size": 32, "batch_size": 8, "eval_batch_size": 32, "progress": False,
@@ -85,7 +96,8 @@ def random_inputs(seed: int, batch: int, *, reference: bool = True, scores: bool
 
 
 def config_values(distance: str = "bwd_kl") -> SimpleNamespace:
-    return SimpleNamespace(beta=0.3, label_smoothing=0.15, rpo_eta=0.7, rpo_distance=distance, orpo_lambda=0.25)
+    return SimpleNamespace(beta=0.3, label_smoothing=0.15, rpo_eta=0.7, rpo_distance=distance, orpo_lambda=0.25,
+                           simpo_gamma=0.4)
 
 
 def grads(loss: torch.Tensor, inputs: PreferenceInputs) -> list[torch.Tensor]:
@@ -147,6 +159,10 @@ def test_preference_options_are_fields_of_the_recipe_config_and_read_from_it():
     assert get_preference_loss("rpo").params(RPOConfig(rpo_distance="sq")) == {"beta": 0.2, "eta": 1.0,
                                                                                "distance": "sq"}
     assert get_preference_loss("orpo").params(ORPOConfig(orpo_lambda=0.5)) == {"lam": 0.5}
+    assert get_preference_loss("simpo").params(PreferenceConfig(loss="simpo")) == {"beta": 2.0, "gamma": 1.0}
+    assert get_preference_loss("simpo").params(PreferenceConfig(loss="simpo", beta=2.5, simpo_gamma=0.3)) == {
+        "beta": 2.5, "gamma": 0.3}
+    assert PreferenceConfig(loss="dpo").beta == 0.1  # the β default of losses whose function has none
     with pytest.raises(AttributeError, match="rpo_eta"):
         get_preference_loss("rpo").params(SimpleNamespace(beta=0.1, rpo_distance="sq"))
 
@@ -190,11 +206,11 @@ def test_preference_inputs_are_checked():
 
 
 def test_unknown_names_list_the_registered_losses():
-    with pytest.raises(ValueError, match="unknown preference loss 'simpo'") as info:
-        get_preference_loss("simpo")
+    with pytest.raises(ValueError, match="unknown preference loss 'slic'") as info:
+        get_preference_loss("slic")
     assert all(name in str(info.value) for name in PREFERENCE_LOSSES)
-    with pytest.raises(ValueError, match="unknown policy loss 'gspo'; registered policy losses: clipped"):
-        get_policy_loss("gspo")
+    with pytest.raises(ValueError, match="unknown policy loss 'sapo'; registered policy losses: clipped, gspo"):
+        get_policy_loss("sapo")
 
 
 @pytest.fixture

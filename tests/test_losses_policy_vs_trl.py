@@ -19,7 +19,8 @@ import pytest
 import torch
 from packaging.version import Version
 
-from rlxf.losses import aggregate, clip_fraction, clipped_policy_loss, group_advantages, kl_penalty
+from rlxf.losses import (aggregate, cispo_loss, clip_fraction, clipped_policy_loss, group_advantages, gspo_loss,
+                         kl_penalty, policy_clip_fraction)
 
 trl = pytest.importorskip("trl")
 if Version(trl.__version__) < Version("1.16"):
@@ -183,7 +184,7 @@ def test_singleton_groups_give_zero_advantages_like_trl():
 
 
 def trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, ref_logps=None, eps=(0.2, 0.2),
-                  tool_mask=None):
+                  tool_mask=None, level="token"):
     """TRL's GRPO loss on given token log-probs (eval mode: no gradient-accumulation scaling);
     ``tool_mask``: TRL's mask of tool-output tokens (0) in multi-turn completions."""
     batch, length = logps.shape
@@ -200,7 +201,7 @@ def trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, beta=0.0, re
         aux_loss_enabled=False,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         loss_type=loss_type,
         epsilon_low=eps[0],
         epsilon_high=eps[1],
@@ -282,6 +283,66 @@ def test_clip_fraction_and_kl_match_trl_metrics(seed):
     assert ours_clip > 0  # the case actually exercises clipping
     ours_kl = aggregate(kl_penalty(logps, ref, kind="k3"), mask, mode="token-mean")
     assert ours_kl.item() == pytest.approx(metrics["kl"], rel=1e-12)
+
+
+def assert_same_value_and_gradient(ours_fn, theirs_fn, logps):
+    ours_leaf, theirs_leaf = logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
+    ours, theirs = ours_fn(ours_leaf), theirs_fn(theirs_leaf)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_leaf.grad, theirs_leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eps", [(3e-4, 4e-4), (0.2, 0.28)])
+@pytest.mark.parametrize("token_level", [False, True])
+@pytest.mark.parametrize("per_token_advantages", [False, True])
+def test_gspo_matches_trl_sequence_level_importance_sampling(seed, eps, token_level, per_token_advantages):
+    # TRL: importance_sampling_level="sequence" with loss_type "grpo" (its mean over sequences); GSPO-token
+    # has the same value, and the same gradient for one advantage per sequence
+    logps, old, _, advantages, mask = random_batch(seed)
+    old = logps - 0.02 * (logps - old)  # sequence ratios near 1, so that both branches of the clip occur
+    if per_token_advantages:
+        if token_level:
+            pytest.skip("with per-token advantages GSPO-token's gradient differs from GSPO's by design")
+        advantages = torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert_same_value_and_gradient(
+        lambda x: aggregate(gspo_loss(x, old, advantages, mask, eps_low=eps[0], eps_high=eps[1],
+                                      token_level=token_level), mask, mode="seq-mean-token-mean"),
+        lambda x: trl_grpo_loss(x, old, advantages, mask, loss_type="grpo", eps=eps, level="sequence")[0],
+        logps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gspo_clip_fraction_matches_trl_on_equal_lengths(seed):
+    # TRL's sequence-level region mean counts sequences, rlxf's counts tokens: equal when all lengths are
+    logps, old, _, advantages, mask = random_batch(seed, batch=32)
+    old = logps - 0.002 * (logps - old)
+    mask = torch.ones_like(mask)
+    _, metrics = trl_grpo_loss(logps, old, advantages, mask, loss_type="grpo", eps=(3e-4, 4e-4), level="sequence")
+    ours = policy_clip_fraction("gspo")(logps, old, advantages, mask, eps_low=3e-4, eps_high=4e-4)
+    assert ours == pytest.approx(metrics["clip_ratio/region_mean"], abs=1e-7)
+    assert 0 < ours < 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eps_high", [4.0, 0.28])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_cispo_matches_trl(seed, eps_high, beta):
+    # TRL clamps the weight at epsilon_high itself and has no lower bound: rlxf's eps_low = 1 and 1 + eps_high
+    logps, old, ref, advantages, mask = random_batch(seed)
+    old = old - 0.5 * torch.rand(old.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def ours(x):
+        per_token = cispo_loss(x, old, advantages, mask, eps_low=1.0, eps_high=eps_high)
+        if beta:
+            per_token = per_token + beta * kl_penalty(x, ref, kind="k3")
+        return aggregate(per_token, mask, mode="token-mean")
+
+    assert_same_value_and_gradient(
+        ours, lambda x: trl_grpo_loss(x, old, advantages, mask, loss_type="cispo", beta=beta, ref_logps=ref,
+                                      eps=(0.2, 1.0 + eps_high))[0], logps)
 
 
 # ---------------------------------------------------------------------------------------------

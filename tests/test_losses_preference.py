@@ -15,6 +15,7 @@ from rlxf.losses import (
     orpo_loss,
     preference_metrics,
     rpo_loss,
+    simpo_loss,
 )
 
 SEEDS = [0, 1, 2]
@@ -524,3 +525,46 @@ def test_preference_metrics_is_pure_and_detached():
     assert metrics["rewards/margin"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
     for x, y in zip(logps, before, strict=True):
         torch.testing.assert_close(x.detach(), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimPO (Meng et al., arXiv 2405.14734 Eq. 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_simpo(chosen_mean, rejected_mean, beta, gamma):
+    return -ref_log_sigmoid(beta * chosen_mean - beta * rejected_mean - gamma)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (2.5, 1.375), (0.1, 0.0)])
+def test_simpo_matches_reference(seed, beta, gamma):
+    g = torch.Generator().manual_seed(seed)
+    chosen = -3 * torch.rand(16, generator=g, dtype=torch.float64)
+    rejected = -3 * torch.rand(16, generator=g, dtype=torch.float64)
+    got = simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+    want = [ref_simpo(c, r, beta, gamma) for c, r in zip(chosen.tolist(), rejected.tolist())]
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_hand_simpo_and_its_gradient():
+    # mean log-probs −1 and −2, β = 2, γ = 1: −log σ(2·1 − 1) = log(1 + e^−1); d/d chosen = −β σ(−1)
+    chosen = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-2.0], dtype=torch.float64)
+    loss = simpo_loss(chosen, rejected, beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))
+    loss.backward()
+    assert chosen.grad.item() == pytest.approx(-2.0 / (1 + math.e))
+    torch.autograd.gradcheck(lambda c, r: simpo_loss(c, r, beta=2.0, gamma=0.5),
+                             (chosen.detach().requires_grad_(), rejected.requires_grad_()))
+
+
+def test_simpo_target_margin_and_bad_values():
+    chosen, rejected = torch.tensor([-1.0]), torch.tensor([-1.5])
+    # a margin below γ/β still costs more than log 2; above it, less
+    assert simpo_loss(chosen, rejected, beta=2.0, gamma=1.5).item() > math.log(2)
+    assert simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).item() < math.log(2)
+    with pytest.raises(ValueError, match="beta > 0"):
+        simpo_loss(chosen, rejected, beta=0.0)
+    with pytest.raises(ValueError, match="gamma >= 0"):
+        simpo_loss(chosen, rejected, gamma=-1.0)

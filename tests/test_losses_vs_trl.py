@@ -15,7 +15,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from rlxf.losses import bradley_terry_loss, dpo_loss, ipo_loss, orpo_loss, preference_metrics
+from rlxf.losses import bradley_terry_loss, dpo_loss, ipo_loss, orpo_loss, preference_metrics, simpo_loss
 
 trl = pytest.importorskip("trl")
 if Version(trl.__version__) < Version("1.16"):
@@ -23,6 +23,7 @@ if Version(trl.__version__) < Version("1.16"):
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 trl_reward = pytest.importorskip("trl.trainer.reward_trainer")
 trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
 
 
 def fake_accelerator():
@@ -222,3 +223,26 @@ def test_orpo_guard_where_trl_gives_nan():
     ours = orpo_loss(chosen, rejected, torch.zeros(2), lam=0.1)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours[0], ours[1])  # equal likelihoods → −λ log σ(0) either way
+
+
+# ---------------------------------------------------------------------------------------------
+# SimPO: trl.experimental.cpo.CPOTrainer.cpo_loss with loss_type="simpo"
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (2.5, 1.375), (0.1, 0.5)])
+def test_simpo_matches_trl_cpo_simpo(seed, beta, gamma):
+    # TRL's CPO with loss_type="simpo" reads average log-probs: −log σ(β(Δ − γ/β)), simpo_gamma = γ
+    g = torch.Generator().manual_seed(seed)
+    chosen = (-3 * torch.rand(8, generator=g, dtype=torch.float64)).requires_grad_()
+    rejected = (-3 * torch.rand(8, generator=g, dtype=torch.float64)).requires_grad_()
+    trainer = SimpleNamespace(alpha=0.0, accelerator=fake_accelerator(), loss_type="simpo", beta=beta,
+                              simpo_gamma=gamma, label_smoothing=0.0)
+    theirs, *_ = trl_cpo.CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    ours = simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ours_grad = torch.autograd.grad(ours.sum(), (chosen, rejected))
+    theirs_grad = torch.autograd.grad(theirs.sum(), (chosen, rejected))
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -71,9 +71,22 @@ def test_bad_values_are_config_errors(values, match):
         build_config(PPOConfig, values)
 
 
+def test_clip_range_follows_the_policy_loss():
+    base = {"value_model": "policy", "reward": "verifiable"}
+    assert (build_config(PPOConfig, base).eps, build_config(PPOConfig, base).eps_high) == (0.2, 0.2)
+    cfg = build_config(PPOConfig, {**base, "policy_loss": "gspo_token"})
+    assert (cfg.eps, cfg.eps_high) == (3e-4, 4e-4)
+    cfg = build_config(PPOConfig, {**base, "eps": 0.1})
+    assert (cfg.eps, cfg.eps_high) == (0.1, 0.1)
+    cfg = build_config(PPOConfig, {**base, "policy_loss": "cispo"})
+    assert (cfg.eps, cfg.eps_high) == (1.0, 4.0)
+    with pytest.raises(ConfigError, match="eps_low must lie in \\[0, 1\\)"):
+        build_config(PPOConfig, {**base, "eps": 1.0})
+
+
 @pytest.mark.parametrize("extra", [
     {"reward": "reward_model", "value_model": "reward_model"},
-    {"reward": "verifiable", "value_model": "policy"},
+    {"reward": "verifiable", "value_model": "policy", "policy_loss": "gspo_token"},
     {"reward": "verifiable", "value_model": "head", "kl_target": 0.5, "group_size": 2},
 ])
 def test_ppo_runs_and_writes_the_run_files(extra, tiny_random_model_dir, tmp_path):

@@ -6,7 +6,8 @@ a test checks that they agree."""
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+ADVANTAGE_ESTIMATORS = ("group", "reinforce_pp", "reinforce_pp_baseline")  # the GRPO family's --advantage
 RPO_DISTANCES = ("bwd_kl", "fwd_kl", "sq")
-POLICY_LOSSES = ("clipped",)
-PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo")
+POLICY_LOSSES = ("clipped", "gspo", "gspo_token", "cispo")
+PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo", "simpo")
 COOPER_NEGATIVES = ("slip", "mixed")  # negatives of the VerifyRM update: rlxf.rewards.cooper

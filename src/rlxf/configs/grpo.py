@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bounds, ConfigError, between, check_choice, option
-from rlxf.configs.online import OnlineConfig
-from rlxf.configs.choices import ADVANTAGE_SCALES, AGGREGATION_MODES, KL_KINDS, POLICY_LOSSES
+from rlxf.configs.online import OnlineConfig, resolve_clip_range
+from rlxf.configs.choices import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, AGGREGATION_MODES, KL_KINDS, POLICY_LOSSES
 
 
 PRESETS: dict[str, dict] = {
@@ -26,13 +26,20 @@ class GRPOConfig(OnlineConfig):
     """Config of ``rlxf grpo``; fields left as None take the preset's value (see the module docstring)."""
 
     preset: str = option("grpo", "named variant that fills unset fields", choices=tuple(PRESETS))
+    advantage: str = option("group", "advantage estimator: group-relative (--advantage-scale, --leave-one-out), "
+                            "or REINFORCE++ (token KL in the reward, reward-to-go, whitened over the batch; "
+                            "_baseline subtracts the group mean reward first)", choices=ADVANTAGE_ESTIMATORS)
+    kl_reward_coef: float = option(0.01, "REINFORCE++: β of the per-token k1 KL to the reference in the reward "
+                                   "(0 = no reference model)", bounds=NON_NEGATIVE)
     advantage_scale: str | None = option(None, "divide group-centred rewards by the group std, the batch std, "
                                          "or nothing (None = preset)", choices=ADVANTAGE_SCALES)
     leave_one_out: bool | None = option(None, "RLOO baseline: mean of the other G−1 rewards (None = preset)")
     loss_agg: str | None = option(None, "how per-token losses become one number (None = preset)",
                                   choices=AGGREGATION_MODES)
-    eps_low: float = option(0.2, "clip range below 1: ρ ≥ 1 − eps_low", bounds=between(0, 1, high_open=True))
-    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = preset; DAPO 0.28)",
+    eps_low: float | None = option(None, "clip range below 1: ρ ≥ 1 − eps_low (None = the policy loss's "
+                                   "default: clipped 0.2, gspo 3e-4, cispo 1 = no lower bound)", bounds=between(0, 1))
+    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = the policy loss's "
+                                    "default: clipped eps_low or the preset's (DAPO 0.28), gspo 4e-4, cispo 4)",
                                     bounds=NON_NEGATIVE)
     beta: float | None = option(None, "KL-in-loss coefficient β (0 = no reference model; None = preset)",
                                 bounds=NON_NEGATIVE)
@@ -78,11 +85,14 @@ class GRPOConfig(OnlineConfig):
         super().__post_init__()
         for name in ("preset", "kl_kind", "reference"):
             check_choice(self, name)
+        check_choice(self, "policy_loss")
+        check_choice(self, "advantage")
         preset = PRESETS[self.preset]
+        if self.advantage != "group" and self.beta is None:
+            object.__setattr__(self, "beta", 0.0)  # REINFORCE++ keeps its KL in the reward, not in the loss
+        resolve_clip_range(self, "eps_low", "eps_high", preset_high=preset["eps_high"])
         for name, value in preset.items():
             if getattr(self, name) is None:
-                if name == "eps_high" and value is None:
-                    value = self.eps_low
                 object.__setattr__(self, name, value)
         if self.overlong_buffer == -1:
             object.__setattr__(self, "overlong_buffer", max(1, self.max_new_tokens // 4))
@@ -118,7 +128,13 @@ class GRPOConfig(OnlineConfig):
 
     @property
     def needs_reference(self) -> bool:
-        return self.beta > 0 or (self.reward == "likelihood" and self.likelihood_scorer == "reference")
+        return (self.beta > 0 or self.kl_in_reward > 0
+                or (self.reward == "likelihood" and self.likelihood_scorer == "reference"))
+
+    @property
+    def kl_in_reward(self) -> float:
+        """β of the KL term in the reward: ``kl_reward_coef`` under REINFORCE++, else 0."""
+        return self.kl_reward_coef if self.advantage != "group" else 0.0
 
 
 def _check_env(cfg: GRPOConfig) -> None:

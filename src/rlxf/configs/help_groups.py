@@ -19,7 +19,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "reward: model-written code": ("unsafe_reward_code",),
     "sampling details": ("top_p", "top_k", "max_sample_batches", "overlong_buffer", "overlong_factor",
                          "mask_truncated"),
-    "objective details": ("leave_one_out", "kl_kind", "reference"),
+    "objective details": ("leave_one_out", "kl_kind", "reference", "kl_reward_coef"),
     "tool use (--env)": ("max_turns", "max_episode_tokens", "warmup_sft_steps", "warmup_sft_lr",
                          "warmup_sft_batch_size"),
 }

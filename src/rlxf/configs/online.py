@@ -126,6 +126,36 @@ def _is_sandboxed(spec: str) -> bool:
     return spec.startswith(SANDBOX_PREFIX) or is_generated_file(spec)
 
 
+def resolve_clip_range(cfg, low: str, high: str, preset_high: float | None = None) -> None:
+    """Fill the clip-range fields ``low`` / ``high`` of ``cfg`` left None, and check them with its policy loss.
+
+    The PPO clipped loss keeps its symmetric default (eps_high = eps_low) unless the preset gives
+    eps_high (DAPO's 0.28); any other loss takes its own paper defaults
+    (`rlxf.losses.policy_loss_defaults`: GSPO 3e-4 / 4e-4, CISPO 1 / 4). The loss itself checks
+    the range on a one-token batch, so a range it refuses fails here, before any model loads.
+    """
+    import torch
+
+    from rlxf.losses import get_policy_loss, policy_loss_defaults  # torch: only when a config is built
+
+    defaults = policy_loss_defaults(cfg.policy_loss)
+    if getattr(cfg, low) is None:
+        object.__setattr__(cfg, low, defaults["eps_low"])
+    if getattr(cfg, high) is None:
+        if cfg.policy_loss == "clipped":
+            value = preset_high if preset_high is not None else getattr(cfg, low)
+        else:
+            value = defaults["eps_high"]
+        object.__setattr__(cfg, high, value)
+    one = torch.zeros(1, 1)
+    try:
+        get_policy_loss(cfg.policy_loss)(one, one, one[0], one + 1, eps_low=getattr(cfg, low),
+                                         eps_high=getattr(cfg, high))
+    except ValueError as err:
+        raise ConfigError(f"--{low.replace('_', '-')} / --{high.replace('_', '-')} for --policy-loss "
+                          f"{cfg.policy_loss}: {err}") from err
+
+
 def _check_sandboxed_reward(spec, unsafe: bool) -> None:
     """Before any model loads: a model-written reward needs the OS boundary (or --unsafe-reward-code),
     and a file with a malformed provenance header is refused."""

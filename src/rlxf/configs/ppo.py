@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlxf.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, between, check_choice, option
-from rlxf.configs.online import OnlineConfig
+from rlxf.configs.online import OnlineConfig, resolve_clip_range
 from rlxf.configs.choices import KL_KINDS, POLICY_LOSSES
 
 
@@ -34,7 +34,11 @@ class PPOConfig(OnlineConfig):
     lam: float = option(0.95, "GAE λ", bounds=UNIT)
     policy_loss: str = option("clipped", "per-token policy loss, by its registered name (docs/losses.md)",
                               choices=POLICY_LOSSES)
-    eps: float = option(0.2, "policy clip range ε", bounds=between(0, 1, low_open=True, high_open=True))
+    eps: float | None = option(None, "policy clip range ε below 1: ρ ≥ 1 − ε, and above unless --eps-high (None = "
+                               "the policy loss's default: clipped 0.2, gspo 3e-4, cispo 1 = no lower bound)",
+                               bounds=between(0, 1))
+    eps_high: float | None = option(None, "clip range above 1: ρ ≤ 1 + eps_high (None = ε for clipped; gspo 4e-4, "
+                                    "cispo 4)", bounds=NON_NEGATIVE)
     value_clip: float = option(0.2, "value clip range ε_v (0 = unclipped)", bounds=NON_NEGATIVE)
     vf_coef: float = option(0.1, "value loss coefficient c_v", bounds=NON_NEGATIVE)
     whiten_advantages: bool = option(True, "whiten advantages over valid tokens of the batch")
@@ -51,8 +55,9 @@ class PPOConfig(OnlineConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("value_model", "kl_kind", "reference"):
+        for name in ("value_model", "kl_kind", "reference", "policy_loss"):
             check_choice(self, name)
+        resolve_clip_range(self, "eps", "eps_high")
         if self.value_model == "reward_model" and not self.reward_model:
             raise ConfigError("--value-model reward_model initialises the critic from --reward-model DIR; "
                               "pass it, or use --value-model policy / head")

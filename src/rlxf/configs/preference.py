@@ -15,7 +15,10 @@ class PreferenceConfig(TrainConfig):
     """Config of the preference recipe (``rlxf dpo``; ``rpo`` and ``orpo`` change the loss default)."""
 
     loss: str = option("dpo", "objective", choices=LOSSES)
-    beta: float = option(0.1, "β: implicit-reward scale (DPO/cDPO/RPO); τ for IPO", bounds=POSITIVE)
+    beta: float | None = option(None, "β: implicit-reward scale (DPO/cDPO/RPO/SimPO); τ for IPO (None = the loss's "
+                                "default: 0.1, SimPO 2.0)", bounds=POSITIVE)
+    simpo_gamma: float | None = option(None, "SimPO target reward margin γ (None = the loss's default, 1.0)",
+                                       bounds=NON_NEGATIVE)
     label_smoothing: float = option(0.1, "cDPO label-flip probability ε (loss=cdpo only)",
                                     bounds=between(0, 0.5, high_open=True))
     nll_alpha: float = option(0.0, "DPO+NLL (Pang et al. 2024): weight of the length-normalised chosen NLL",
@@ -41,6 +44,9 @@ class PreferenceConfig(TrainConfig):
         from rlxf.losses import get_preference_loss  # torch: only when a config is built
 
         entry = get_preference_loss(self.loss)
+        for name, value in {"beta": 0.1, **entry.option_defaults()}.items():
+            if getattr(self, name, 0) is None:
+                object.__setattr__(self, name, value)
         if entry.includes_nll and self.nll_alpha > 0:
             flags = ", ".join(f"--{option.replace('_', '-')}" for _, option in entry.options)
             raise ConfigError(f"--nll-alpha does not apply to {self.loss} (its NLL term is built in; weight the "

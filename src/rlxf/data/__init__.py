@@ -11,15 +11,15 @@ The pipeline a recipe runs::
 Formats and policies are documented in docs/data.md.
 """
 
-from rlxf.data.batching import EpochBatcher, collate_preference, collate_sft, token_bounded_slices
-from rlxf.data.formats import KINDS, DataError, validate_rows
+from rlxf.data.batching import EpochBatcher, collate_kto, collate_preference, collate_sft, token_bounded_slices
+from rlxf.data.formats import KINDS, DataError, unpair_rows, validate_rows
 from rlxf.data.loading import load_rows
-from rlxf.data.tokenize import TokenStats, tokenize_preference, tokenize_prompts, tokenize_sft
+from rlxf.data.tokenize import TokenStats, tokenize_kto, tokenize_preference, tokenize_prompts, tokenize_sft
 from rlxf.data.samplers import SAMPLERS, APSSampler, PromptSampler, UniformSampler, get_sampler
 from rlxf.data.long2short import long_short_pairs, shortest_correct_rows
 
-__all__ = ["KINDS", "DataError", "EpochBatcher", "TokenStats", "collate_preference", "collate_sft",
-           "load_rows", "token_bounded_slices", "tokenize_preference", "tokenize_prompts", "tokenize_sft",
-           "validate_rows"]
+__all__ = ["KINDS", "DataError", "EpochBatcher", "TokenStats", "collate_kto", "collate_preference", "collate_sft",
+           "load_rows", "token_bounded_slices", "tokenize_kto", "tokenize_preference", "tokenize_prompts",
+           "tokenize_sft", "unpair_rows", "validate_rows"]
 __all__ += ["SAMPLERS", "APSSampler", "PromptSampler", "UniformSampler", "get_sampler",
             "long_short_pairs", "shortest_correct_rows"]

@@ -97,6 +97,26 @@ def collate_preference(examples: list[dict], pad_id: int | None) -> dict:
     }
 
 
+def collate_kto(examples: list[dict], pad_id: int | None) -> dict:
+    """Stack KTO examples and their mismatched twins for the KL reference point.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]`` (prompt_i + completion_i),
+    ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T']`` (prompt_i +
+    completion_{i−1}: the batch's completions rotated by one, as TRL builds them) and ``label``
+    ``[B]`` bool. A batch of one has no other completion: its KL rows are its own (z_0 then
+    measures the policy's drift on that example).
+    """
+    _check_batch(examples, pad_id)
+    out = {"label": torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)}
+    rotated = [examples[i - 1]["completion_ids"] for i in range(len(examples))]
+    for prefix, completions in (("", [e["completion_ids"] for e in examples]), ("kl_", rotated)):
+        sequences = [e["prompt_ids"] + c for e, c in zip(examples, completions)]
+        masks = [[0] * len(e["prompt_ids"]) + [1] * len(c) for e, c in zip(examples, completions)]
+        out[f"{prefix}input_ids"], out[f"{prefix}attention_mask"] = _pad(sequences, pad_id)  # [B, T]
+        out[f"{prefix}completion_mask"], _ = _pad(masks, 0)  # [B, T]
+    return out
+
+
 def _check_batch(examples: list[dict], pad_id: int | None) -> None:
     if pad_id is None:
         raise DataError("the tokenizer has no pad token, so batches cannot be padded; set "

@@ -29,7 +29,7 @@ from numbers import Real
 
 log = logging.getLogger("rlxf.data")
 
-KINDS = ("sft", "preference", "prompt")
+KINDS = ("sft", "preference", "prompt", "kto")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SCORE_FIELDS = ("chosen_score", "rejected_score", "margin")
 PROBABILITY_FIELD = "chosen_probability"  # soft label P(chosen ≻ rejected), RLAIF (Lee et al., arXiv 2309.00267)
@@ -42,6 +42,8 @@ EXPECTED = {
            "ending with an assistant message)",
     "preference": "expected 'prompt' + 'chosen' + 'rejected', or conversational message lists",
     "prompt": "expected 'prompt': a string or a list of {'role', 'content'} messages",
+    "kto": "expected 'prompt' + 'completion' + 'label' (true = desirable, false = undesirable), or a pair "
+           "'prompt' + 'chosen' + 'rejected' (split into one desirable and one undesirable row)",
 }
 
 
@@ -168,7 +170,38 @@ def _normalise_preference(row: dict) -> dict:
     return out
 
 
-_NORMALISERS = {"prompt": _normalise_prompt, "sft": _normalise_sft, "preference": _normalise_preference}
+def _normalise_kto(row: dict) -> dict:
+    """An unpaired row (TRL's format: prompt, completion, label) or a pair, left for `unpair_rows`."""
+    _check_is_dict(row)
+    if "label" not in row:
+        if "chosen" in row or "rejected" in row:
+            return _normalise_preference(row)
+        raise RowProblem(f"field 'label' missing ({EXPECTED['kto']})")
+    if not isinstance(row["label"], bool):
+        raise RowProblem(f"field 'label' must be true or false (JSON booleans: true = desirable), got "
+                         f"{type(row['label']).__name__} {row['label']!r}")
+    return _normalise_sft({k: v for k, v in row.items() if k != "label"}) | {"label": row["label"]}
+
+
+def unpair_rows(rows: list[dict]) -> list[dict]:
+    """KTO rows from normalised ``kto`` rows: each pair becomes a desirable row (its chosen completion) and
+    an undesirable one (its rejected completion), as TRL's ``unpair_preference_dataset``; unpaired rows
+    pass unchanged. Extra fields are kept on both halves; ``pair_kind`` says where a row came from and
+    ``pair_id`` (the same on both halves) which pair."""
+    out = []
+    for row in rows:
+        if "label" in row:
+            out.append(row)
+            continue
+        extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected", *SCORE_FIELDS, PROBABILITY_FIELD)}
+        pair = {"pair_id": len(out)}  # the desirable half's position: evaluation ranks the two halves
+        out.append({**extra, **pair, "completion": row["chosen"], "label": True})
+        out.append({**extra, **pair, "completion": row["rejected"], "label": False})
+    return out
+
+
+_NORMALISERS = {"prompt": _normalise_prompt, "sft": _normalise_sft, "preference": _normalise_preference,
+                "kto": _normalise_kto}
 
 
 def split_implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:

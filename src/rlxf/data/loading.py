@@ -87,7 +87,7 @@ def _task_rows(name: str, *, kind: str, split: str, seed: int, task_size: int | 
     task = get_task(name)
     if kind == "sft":
         rows = task.sft_rows(split, n, seed, verbose_fraction=verbose_fraction)
-    elif kind == "preference":
+    elif kind in ("preference", "kto"):  # KTO unpairs the task's pairs (rlxf.data.formats.unpair_rows)
         rows = task.preference_rows(split, n, seed, kind=pair_kind)
     else:
         rows = task.prompt_rows(split, n, seed)

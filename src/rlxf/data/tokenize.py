@@ -76,26 +76,45 @@ def tokenize_sft(rows: list[dict], tokenizer, *, max_length: int,
     return examples, stats
 
 
+def tokenize_kto(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                 truncation: str = "truncate") -> tuple[list[dict], TokenStats]:
+    """Encode unpaired KTO rows (`rlxf.data.formats.unpair_rows`) as ``{"prompt_ids", "completion_ids",
+    "label", "pair_kind", "pair_id"}``; the completion ends with eos unless truncated."""
+    return _fit_rows(rows, tokenizer, ("completion",), "kto", max_length=max_length,
+                     max_prompt_length=max_prompt_length, truncation=truncation,
+                     build=lambda row, prompt_ids, completions: {
+                         "prompt_ids": prompt_ids, "completion_ids": completions[0], "label": row["label"],
+                         "pair_kind": row.get("pair_kind"), "pair_id": row.get("pair_id")})
+
+
 def tokenize_preference(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                         truncation: str = "truncate") -> tuple[list[dict], TokenStats]:
     """Encode preference rows as ``{"prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
     "rejected_score", "margin", "chosen_probability", "pair_kind"}``; chosen/rejected ids are
     completion ids, each ending with eos unless truncated; scores and the soft label are None when absent; ``pair_kind`` (None when absent) lets
     evaluation report accuracy per kind of pair."""
+    return _fit_rows(rows, tokenizer, ("chosen", "rejected"), "preference", max_length=max_length,
+                     max_prompt_length=max_prompt_length, truncation=truncation,
+                     build=lambda row, prompt_ids, completions: {
+                         "prompt_ids": prompt_ids, "chosen_ids": completions[0], "rejected_ids": completions[1],
+                         **{name: row.get(name) for name in SCORE_FIELDS},
+                         PROBABILITY_FIELD: row.get(PROBABILITY_FIELD), "pair_kind": row.get("pair_kind")})
+
+
+def _fit_rows(rows: list[dict], tokenizer, fields: tuple[str, ...], kind: str, *, max_length: int,
+              max_prompt_length: int | None, truncation: str, build) -> tuple[list[dict], TokenStats]:
+    """Encode a prompt and the completion ``fields`` of each row, apply the truncation policy, and
+    ``build(row, prompt_ids, completions)`` one example per kept row."""
     _check_limits(max_length, max_prompt_length, truncation)
-    encoded = _encode_rows(rows, tokenizer, completion_fields=("chosen", "rejected"))
+    encoded = _encode_rows(rows, tokenizer, completion_fields=fields)
     stats, examples, longest_prompt = TokenStats(rows_in=len(rows)), [], 0
     for row, (prompt_ids, completions) in zip(rows, encoded):
         longest_prompt = max(longest_prompt, len(prompt_ids))
         fitted = fit_lengths(prompt_ids, completions, max_length=max_length,
                              max_prompt_length=max_prompt_length, truncation=truncation)
         if _count(stats, fitted):
-            prompt_ids, (chosen_ids, rejected_ids) = fitted[0], fitted[1]
-            examples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-                             **{name: row.get(name) for name in SCORE_FIELDS},
-                             PROBABILITY_FIELD: row.get(PROBABILITY_FIELD),
-                             "pair_kind": row.get("pair_kind")})
-    _finish(stats, max_length, longest_prompt, "preference", truncation=truncation)
+            examples.append(build(row, fitted[0], fitted[1]))
+    _finish(stats, max_length, longest_prompt, kind, truncation=truncation)
     return examples, stats
 
 

@@ -19,6 +19,8 @@ from rlxf.losses.policy import (
     masked_whiten,
     value_loss,
 )
+from rlxf.losses.policy_variants import cispo_loss, gspo_loss
+from rlxf.losses.reinforce_pp import reinforce_pp_advantages, reinforce_pp_returns
 from rlxf.losses.preference import (
     RPO_DISTANCES,
     bradley_terry_loss,
@@ -28,6 +30,7 @@ from rlxf.losses.preference import (
     orpo_loss,
     preference_metrics,
     rpo_loss,
+    simpo_loss,
 )
 from rlxf.losses.registry import (
     POLICY_LOSSES,
@@ -37,6 +40,8 @@ from rlxf.losses.registry import (
     PreferenceLoss,
     get_policy_loss,
     get_preference_loss,
+    policy_clip_fraction,
+    policy_loss_defaults,
     policy_loss_names,
     preference_loss_names,
     register_policy_loss,
@@ -53,6 +58,7 @@ __all__ = [
     "orpo_loss",
     "preference_metrics",
     "rpo_loss",
+    "simpo_loss",
     # policy.py: per-token [B, T] losses, aggregation, advantages, KL control
     "ADVANTAGE_SCALES",
     "AGGREGATION_MODES",
@@ -67,6 +73,12 @@ __all__ = [
     "kl_penalty",
     "masked_whiten",
     "value_loss",
+    # policy_variants.py: GSPO (sequence ratio), CISPO (clipped IS weight), per-token [B, T]
+    "cispo_loss",
+    "gspo_loss",
+    # reinforce_pp.py: REINFORCE++ token returns and advantages, [N, T]
+    "reinforce_pp_advantages",
+    "reinforce_pp_returns",
     # registry.py: losses by name, one signature per kind
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
@@ -75,6 +87,8 @@ __all__ = [
     "PreferenceLoss",
     "get_policy_loss",
     "get_preference_loss",
+    "policy_clip_fraction",
+    "policy_loss_defaults",
     "policy_loss_names",
     "preference_loss_names",
     "register_policy_loss",

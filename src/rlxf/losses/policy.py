@@ -56,11 +56,21 @@ def _ratio(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp(logps - old_logps, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
 
 
-def _check_eps(fn_name: str, eps_low: float, eps_high: float) -> None:
-    if not 0.0 <= eps_low < 1.0:
-        raise ValueError(f"{fn_name}: eps_low must lie in [0, 1) so that 1 − eps_low > 0; got {eps_low}")
+def _check_eps(fn_name: str, eps_low: float, eps_high: float, *, no_lower_bound_ok: bool = False) -> None:
+    """eps_low in [0, 1) (or [0, 1] where 1 − eps_low = 0 means no lower bound) and eps_high >= 0."""
+    if no_lower_bound_ok and eps_low == 1.0:
+        pass
+    elif not 0.0 <= eps_low < 1.0:
+        limit = "[0, 1] (1 = no lower bound)" if no_lower_bound_ok else "[0, 1) so that 1 − eps_low > 0"
+        raise ValueError(f"{fn_name}: eps_low must lie in {limit}; got {eps_low}")
     if eps_high < 0.0:
         raise ValueError(f"{fn_name}: eps_high must be >= 0; got {eps_high}")
+
+
+def _token_share(active: torch.Tensor, mask: torch.Tensor) -> float:
+    """Σ m_t·active_t / Σ m_t over valid tokens (0.0 for an empty mask), in float64."""
+    valid = mask.bool()
+    return ((active & valid).sum(dtype=torch.float64) / valid.sum().clamp(min=1)).item()
 
 
 def clipped_policy_loss(
@@ -125,8 +135,7 @@ def clip_fraction(
         advantages = _per_token("clip_fraction", advantages, logps.shape)
         ratio = _ratio(logps, old_logps)  # [B, T]
         active = ((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio < 1.0 - eps_low) & (advantages < 0))
-        valid = mask.bool()
-        return ((active & valid).sum(dtype=torch.float64) / valid.sum().clamp(min=1)).item()
+        return _token_share(active, mask)
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, kind: str = "k3") -> torch.Tensor:

@@ -304,6 +304,37 @@ def orpo_loss(
     return chosen_nll - lam * F.logsigmoid(log_odds_ratio)
 
 
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """SimPO: a length-normalised log-prob margin with a target reward margin γ; no reference model.
+
+        r(x, y) = (β / |y|) · log π_θ(y|x) = β · mean_t log π_θ(y_t | x, y_<t)
+        L = −log σ( r(x, y_w) − r(x, y_l) − γ )
+
+    Source: Meng, Xia and Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+    (arXiv 2405.14734 Eq. 6). Defaults: β = 2.0 (the paper's base-model setting, §4) and γ = 1.0,
+    γ/β = 0.5 (the ratio the authors' repository suggests as a starting point). TRL's CPO trainer
+    (`loss_type="simpo"`) computes −log σ(β(Δ − γ/β)) with `simpo_gamma` = γ: the same numbers.
+
+    Args:
+        chosen_mean_logps, rejected_mean_logps: [B] mean token log-probs of each completion.
+        beta: β > 0, the reward scale.
+        gamma: γ ≥ 0, the target margin.
+
+    Returns:
+        [B] per-pair loss.
+    """
+    _check_pairs("simpo_loss", chosen_mean_logps=chosen_mean_logps, rejected_mean_logps=rejected_mean_logps)
+    if beta <= 0 or gamma < 0:
+        raise ValueError(f"simpo_loss: need beta > 0 and gamma >= 0; got beta={beta}, gamma={gamma}")
+    return -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
+
+
 def _log_barrier(scores: torch.Tensor, bound: float) -> torch.Tensor:
     """b(r) = −log(bound − r) − log(r + bound), with r clamped to (−bound + 1e-3, bound − 1e-3)."""
     r = scores.clamp(-bound + _BARRIER_EPS, bound - _BARRIER_EPS)

@@ -31,12 +31,15 @@ from typing import Any
 
 import torch
 
-from rlxf.losses.policy import _check_same_shape, clipped_policy_loss
-from rlxf.losses.preference import _check_pairs, dpo_loss, ipo_loss, orpo_loss, rpo_loss
+from rlxf.losses.policy import _check_same_shape, clip_fraction, clipped_policy_loss
+from rlxf.losses.policy_variants import (cispo_clip_fraction, cispo_loss, gspo_clip_fraction, gspo_loss,
+                                         gspo_token_loss)
+from rlxf.losses.preference import _check_pairs, dpo_loss, ipo_loss, orpo_loss, rpo_loss, simpo_loss
 
 PolicyLossFn = Callable[..., torch.Tensor]
 
 _POLICY_REGISTRY: dict[str, PolicyLossFn] = {}
+_POLICY_CLIP_FRACTION: dict[str, Callable[..., float]] = {}
 _PREFERENCE_REGISTRY: dict[str, PreferenceLoss] = {}
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -79,12 +82,18 @@ def _check_policy_signature(name: str, fn: Callable) -> None:
         )
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(
+    name: str, *, clip_fraction_fn: Callable[..., float] = clip_fraction
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: register ``fn(logps, old_logps, advantages, mask, *, eps_low, eps_high, **params)`` as ``name``.
 
     The function returns the per-token loss [B, T] (padded positions need not be zeroed;
-    `aggregate` applies the mask). Registering a taken name for another function raises
-    ValueError; a function without this signature raises TypeError.
+    `aggregate` applies the mask). Its keyword defaults of ``eps_low`` and ``eps_high`` are the
+    loss's clip range when a config leaves them unset (`policy_loss_defaults`).
+    ``clip_fraction_fn(logps, old_logps, advantages, mask, *, eps_low, eps_high) -> float`` is the
+    share of clipped tokens the recipes log (default: `clip_fraction`, the token ratio's).
+    Registering a taken name for another function raises ValueError; a function without this
+    signature raises TypeError.
     """
 
     def decorate(fn: PolicyLossFn) -> PolicyLossFn:
@@ -94,6 +103,7 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
             )
         _check_policy_signature(name, fn)
         _POLICY_REGISTRY[name] = fn
+        _POLICY_CLIP_FRACTION[name] = clip_fraction_fn
         return fn
 
     return decorate
@@ -104,6 +114,19 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in _POLICY_REGISTRY:
         raise _unknown("policy", name, _POLICY_REGISTRY)
     return _POLICY_REGISTRY[name]
+
+
+def policy_clip_fraction(name: str) -> Callable[..., float]:
+    """The clip-fraction function logged with the policy loss ``name``."""
+    get_policy_loss(name)
+    return _POLICY_CLIP_FRACTION[name]
+
+
+def policy_loss_defaults(name: str) -> dict[str, float]:
+    """``{"eps_low": ..., "eps_high": ...}``: the keyword defaults of the policy loss ``name`` (0.2 where it has none)."""
+    params = inspect.signature(get_policy_loss(name)).parameters
+    return {key: (params[key].default if key in params and params[key].default is not inspect.Parameter.empty
+                  else 0.2) for key in ("eps_low", "eps_high")}
 
 
 def policy_loss_names() -> tuple[str, ...]:
@@ -142,6 +165,13 @@ def clipped(
     """
     _check_same_shape("policy loss 'clipped'", logps=logps, mask=mask)
     return clipped_policy_loss(logps, old_logps, advantages, eps_low=eps_low, eps_high=eps_high)
+
+
+# GSPO, GSPO-token and CISPO have the registry signature as they are (rlxf.losses.policy_variants):
+# their keyword defaults are the papers' clip ranges.
+register_policy_loss("gspo", clip_fraction_fn=gspo_clip_fraction)(gspo_loss)
+register_policy_loss("gspo_token", clip_fraction_fn=gspo_clip_fraction)(gspo_token_loss)
+register_policy_loss("cispo", clip_fraction_fn=cispo_clip_fraction)(cispo_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +246,12 @@ class PreferenceLoss:
     includes_nll: bool
     options: tuple[tuple[str, str], ...]
     summary: str
+
+    def option_defaults(self) -> dict[str, Any]:
+        """``{config option: default}`` for each keyword of ``fn`` that has a default (the paper's value)."""
+        params = inspect.signature(self.fn).parameters
+        return {option: params[keyword].default for keyword, option in self.options
+                if keyword in params and params[keyword].default is not inspect.Parameter.empty}
 
     def params(self, config: Any) -> dict[str, Any]:
         """The keyword arguments of ``fn``, read from the attributes of ``config`` that ``options`` names."""
@@ -344,6 +380,16 @@ def orpo(inputs: PreferenceInputs, *, lam: float) -> torch.Tensor:
     and the chosen NLL, each [B]; returns [B].
     """
     return orpo_loss(inputs.chosen_mean_logps, inputs.rejected_mean_logps, inputs.chosen_nll, lam=lam)
+
+
+@register_preference_loss("simpo", needs_reference=False, options={"beta": "beta", "gamma": "simpo_gamma"})
+def simpo(inputs: PreferenceInputs, *, beta: float = 2.0, gamma: float = 1.0) -> torch.Tensor:
+    """SimPO: −log σ(β·mean log π(y_w) − β·mean log π(y_l) − γ); no reference.
+
+    Source: Meng et al. (arXiv 2405.14734 Eq. 6); `simpo_loss`. Reads the mean token log-probs,
+    each [B]; returns [B]. The keyword defaults are the paper's β = 2 and γ = 1 (γ/β = 0.5).
+    """
+    return simpo_loss(inputs.chosen_mean_logps, inputs.rejected_mean_logps, beta=beta, gamma=gamma)
 
 
 POLICY_LOSSES = policy_loss_names()  # the built-in names; the recipes' config choices

@@ -2,7 +2,7 @@
 
     sample_groups: the sampler picks prompts, the engine samples G completions each, the reward
       pipeline scores them ([DAPO] groups with equal rewards are dropped and more are sampled)
-    → _prepare: group advantages, the loss mask, reference / old log-probs
+    → _prepare: group advantages (or REINFORCE++'s, --advantage), the loss mask, reference / old log-probs
     → _optimise: ``ppo_epochs × mini_batches`` updates of the registered policy loss (``--policy-loss``)
       + β·KL, aggregated by ``loss_agg``, micro-batched
     → _metrics: rewards, lengths, clip fraction, entropy, KL, throughput (combined over processes)
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlxf.losses import aggregate, clip_fraction, get_policy_loss, group_advantages, kl_penalty
+from rlxf.losses import aggregate, get_policy_loss, group_advantages, kl_penalty, policy_clip_fraction
+from rlxf.losses.reinforce_pp import reinforce_pp_returns
 from rlxf.recipes.online import episode_metrics, generate, reference_answer_nll, reward_tensor
+from rlxf.recipes.ppo_step import global_whiten
 from rlxf.runtime import distributed, fsdp
 from rlxf.train import TrainingError, autocast_context, clip_and_step
 from rlxf.train.online import global_units, step_metrics
@@ -74,13 +76,11 @@ def _update_sampler(ctx: StepContext, feedback: list) -> None:
 
 
 def _prepare(ctx: StepContext, rollouts, rewards_list) -> dict:
-    """Advantages, the loss mask and the fixed log-probs (reference for β > 0; π_old when several
-    updates are taken per batch) of one rollout batch, on the model's device."""
+    """Advantages, the loss mask and the fixed log-probs (reference for β > 0 or REINFORCE++'s KL;
+    π_old when several updates are taken per batch) of one rollout batch, on the model's device."""
     cfg, model = ctx.cfg, ctx.model
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     rewards, valid = reward_tensor(rewards_list, cfg.group_size)                          # [N], [N]
-    advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
-                                  leave_one_out=cfg.leave_one_out)                         # [N]
     rollouts = rollouts.to(device)
     input_ids, attention_mask = rollouts.sequences()                                      # [N, P+C]
     P = rollouts.prompt_ids.shape[1]
@@ -91,7 +91,7 @@ def _prepare(ctx: StepContext, rollouts, rewards_list) -> dict:
     rows = torch.arange(input_ids.shape[0], device=device)
     ref_logps = old_logps = None
     with torch.no_grad(), autocast_context(cfg, device, dtype):
-        if len(rows) and cfg.beta > 0:  # a process may hold no rows this step (uneven --dp-rollouts rank0)
+        if len(rows) and (cfg.beta > 0 or cfg.kl_in_reward > 0):  # a process may hold no rows this step
             ref_logps = torch.cat([completion_logps(None, input_ids[s], attention_mask[s], P, cfg,
                                                     reference=ctx.reference) for s in _slices(rows, cfg)])
         if len(rows) and cfg.ppo_epochs * cfg.mini_batches > 1:
@@ -99,9 +99,25 @@ def _prepare(ctx: StepContext, rollouts, rewards_list) -> dict:
             old_logps = torch.cat([completion_logps(model, input_ids[s], attention_mask[s], P, cfg)
                                    for s in _slices(rows, cfg)])
             model.train()
+    advantages, kl_reward = _advantages(cfg, rewards.to(device), loss_mask, rollouts.logps, ref_logps)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_len": P, "mask": loss_mask,
-            "advantages": advantages.to(device), "rewards": rewards, "valid": valid, "ref_logps": ref_logps,
-            "old_logps": old_logps}
+            "advantages": advantages, "rewards": rewards, "valid": valid, "ref_logps": ref_logps,
+            "old_logps": old_logps, "kl_reward": kl_reward}
+
+
+def _advantages(cfg, rewards, loss_mask, sample_logps, ref_logps) -> tuple[torch.Tensor, float | None]:
+    """``--advantage``: group-relative [N], or REINFORCE++'s [N, C] whitened over every process's tokens;
+    and the mean k1 KL put in the reward (None without one)."""
+    if cfg.advantage == "group":
+        return group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale,
+                                leave_one_out=cfg.leave_one_out), None                        # [N]
+    kl = None
+    if cfg.kl_in_reward > 0 and ref_logps is not None:
+        kl = kl_penalty(sample_logps.to(ref_logps.dtype), ref_logps, kind="k1")  # [N, C] log π_old − log π_ref
+    returns = reinforce_pp_returns(rewards, loss_mask, kl=kl, beta=cfg.kl_in_reward,
+                                   group_size=cfg.group_size if cfg.advantage == "reinforce_pp_baseline" else None)
+    kl_mean = float((kl * loss_mask).sum() / loss_mask.sum().clamp(min=1)) if kl is not None else None
+    return global_whiten(returns, loss_mask), kl_mean                                         # [N, C]
 
 
 def _slices(rows: torch.Tensor, cfg) -> list[torch.Tensor]:
@@ -188,6 +204,8 @@ def _metrics(ctx: StepContext, batch: dict, rollouts, info: dict, correct, parts
             metrics[f"reward/{name}"] = sum(kept) / max(1, len(kept))
     if grad_norms:
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    if batch["kl_reward"] is not None:
+        metrics["kl"] = batch["kl_reward"]  # REINFORCE++: the k1 KL in the reward
     for k in {k for s in stats for k in s}:
         vals = [s[k] for s in stats if k in s]
         metrics[k] = max(vals) if k == "ratio_max" else sum(vals) / len(vals)
@@ -347,8 +365,8 @@ def policy_loss_terms(model, batch: dict, cfg: GRPOConfig, *, units_total: float
     loss = aggregate(per_token, mask, mode=cfg.loss_agg, max_len=cfg.max_new_tokens) * (units / units_total)
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
-        stats = {"clip_fraction": float(clip_fraction(logps, old, batch["advantages"], mask, eps_low=cfg.eps_low,
-                                                eps_high=cfg.eps_high)),
+        stats = {"clip_fraction": float(policy_clip_fraction(cfg.policy_loss)(
+                     logps, old, batch["advantages"], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high)),
                  "entropy": (-(logps * mask).sum() / n_tok).item(),
                  "ratio_max": (torch.exp(logps - old) * mask).max().item()}
         if kl is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rlxf.losses import clip_fraction, gae, get_policy_loss, kl_penalty, value_loss
+from rlxf.losses import gae, get_policy_loss, kl_penalty, policy_clip_fraction, value_loss
 from rlxf.recipes.online import reward_tensor
 from rlxf.runtime import distributed
 from rlxf.train import TrainingError, autocast_context, clip_and_step
@@ -189,7 +189,7 @@ def _optimise(ctx: PPOContext, step: int, batch: dict) -> list[dict]:
                 logps = token_logps(model, ids, att, temperature=cfg.temperature,
                                     label_mask=batch["labels"])[:, P - 1:]
                 values = values_for_completions(critic, ids, att, P)
-                pg = (policy_loss(logps, old, adv, msk, eps_low=cfg.eps, eps_high=cfg.eps) * msk).sum() / units
+                pg = (policy_loss(logps, old, adv, msk, eps_low=cfg.eps, eps_high=cfg.eps_high) * msk).sum() / units
                 vf = (value_loss(values, batch["old_values"][rows], batch["returns"][rows], msk,
                                  clip=cfg.value_clip or None) * msk).sum() / units
                 loss = pg + cfg.vf_coef * vf
@@ -209,7 +209,8 @@ def _update_stats(cfg, logps, values, batch, rows, msk, pg, vf, grad_norm) -> di
         old, adv = batch["old_logps"][rows], batch["advantages"][rows]
         moved = ((values - batch["old_values"][rows]).abs() > cfg.value_clip).float() * msk
         return {"loss/policy": pg.item(), "loss/value": vf.item(), "grad_norm": grad_norm,
-                "clip_fraction": float(clip_fraction(logps, old, adv, msk, eps_low=cfg.eps, eps_high=cfg.eps)),
+                "clip_fraction": float(policy_clip_fraction(cfg.policy_loss)(logps, old, adv, msk, eps_low=cfg.eps,
+                                                                            eps_high=cfg.eps_high)),
                 "entropy": (-(logps * msk).sum() / n_tok).item(),
                 "value_clip_fraction": moved.sum().item() / n_tok.item() if cfg.value_clip else 0.0}
 
