@@ -17,6 +17,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "reward: likelihood (--reward likelihood)": ("likelihood_kind", "likelihood_scorer"),
     "reward: Kimi length": ("length_reward_weight", "length_reward_warmup"),
     "reward: model-written code": ("unsafe_reward_code",),
+    "reward health": ("max_reward_failure_share", "reward_failure_patience"),
     "sampling details": ("top_p", "top_k", "max_sample_batches", "overlong_buffer", "overlong_factor",
                          "mask_truncated"),
     "objective details": ("leave_one_out", "kl_kind", "reference", "kl_reward_coef"),
