@@ -1,11 +1,13 @@
 """Wall time of every runnable-as-is line of the README's Quick usage, each on two pinned CPU cores.
 
 Reads the ``[as is]`` command lines of README.md's "Quick usage" block (``rlxf demo`` added), runs
-them with ``taskset`` on disjoint pairs of cores (as many at once as the machine has pairs, so each
-sees a quiet 2-core CPU), with CUDA hidden, and writes ``times.json`` and ``times.md`` (command, wall
-seconds, exit code, final held-out accuracy where the run has one) under ``--out``.
+them with ``taskset`` on disjoint groups of ``--cores-per-run`` cores (as many at once as the
+machine has groups), with CUDA hidden and as many torch threads as cores, and writes ``times.json``
+and ``times.md`` (command, wall seconds, user + system CPU seconds, exit code, final held-out
+accuracy where the run has one) under ``--out``. On a machine shared with other work the wall time
+grows and the CPU seconds stay close to what the command costs alone.
 
-    python benchmarks/cpu_times.py --out results/cpu-times [--timeout 560] [--skip cooper]
+    python benchmarks/cpu_times.py --out results/cpu-times [--timeout 560] [--skip cooper] [--cores-per-run 1]
 """
 
 from __future__ import annotations
@@ -73,19 +75,30 @@ def final_accuracy(run_dir: Path) -> float | None:
     return None
 
 
+def _cpu_seconds(path: Path) -> float | None:
+    """User + system CPU seconds of a command and the processes it waited for (``/usr/bin/time``)."""
+    try:
+        user, system = path.read_text().split()[-2:]
+        return round(float(user) + float(system), 1)
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout", type=float, default=560)
     ap.add_argument("--skip", action="append", default=[], help="skip commands containing this text")
     ap.add_argument("--work", default="/tmp/rlxf-cpu-times", help="where the runs write (kept out of --out)")
+    ap.add_argument("--cores-per-run", type=int, default=2, help="cores pinned to each command (its torch threads)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     commands = [c for c in readme_commands(ROOT / "README.md") if not any(s in c for s in args.skip)]
     cores = sorted(os.sched_getaffinity(0))
-    slots = [cores[i:i + 2] for i in range(0, len(cores) - 1, 2)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT / "src"),
+    k = args.cores_per_run
+    slots = [cores[i:i + k] for i in range(0, len(cores) - k + 1, k)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(k), "PYTHONPATH": str(ROOT / "src"),
            "TOKENIZERS_PARALLELISM": "false"}
     pending, running, results = list(enumerate(commands)), {}, {}
     start_all = time.time()
@@ -95,7 +108,8 @@ def main() -> int:
             slot = next(s for s in slots if tuple(s) not in {tuple(v[2]) for v in running.values()})
             run_dir = workdir(Path(args.work) / f"{index:02d}")
             log = open(out / f"log-{index:02d}.txt", "w")
-            cmd = ["taskset", "-c", ",".join(map(str, slot)), *to_argv(command)]
+            cmd = ["/usr/bin/time", "-o", str(out / f"cpu-{index:02d}.txt"), "-f", "%U %S",
+                   "taskset", "-c", ",".join(map(str, slot)), *to_argv(command)]
             proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[index] = (proc, time.time(), slot, command, log)
         time.sleep(1)
@@ -108,6 +122,7 @@ def main() -> int:
                 proc.wait()
             log.close()
             results[index] = {"command": command, "seconds": round(elapsed, 1), "exit": proc.returncode,
+                              "cpu_seconds": _cpu_seconds(out / f"cpu-{index:02d}.txt"),
                               "timed_out": elapsed >= args.timeout,
                               "final_accuracy": final_accuracy(Path(args.work) / f"{index:02d}")}
             print(json.dumps(results[index]), flush=True)
@@ -115,12 +130,12 @@ def main() -> int:
     rows = [results[i] for i in sorted(results)]
     cpu = re.sub(r"\s+", " ", next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
                                      if line.startswith("model name")), "?")).strip()
-    meta = {"cpu": cpu, "cores_per_run": 2, "torch_threads": 2, "date": time.strftime("%Y-%m-%d"),
+    meta = {"cpu": cpu, "cores_per_run": k, "torch_threads": k, "date": time.strftime("%Y-%m-%d"),
             "python": sys.version.split()[0], "wall_all": round(time.time() - start_all, 1)}
     (out / "times.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
-    lines = [f"CPU: {cpu}; each command pinned to 2 cores (taskset), {meta['date']}", "",
-             "| command | seconds | exit | final accuracy |", "|---|---|---|---|"]
-    lines += [f"| `{r['command']}` | {'>' if r['timed_out'] else ''}{r['seconds']:.0f} | {r['exit']} | "
+    lines = [f"CPU: {cpu}; each command pinned to {k} core(s) (taskset), {meta['date']}", "",
+             "| command | wall s | CPU s | exit | final accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['command']}` | {'>' if r['timed_out'] else ''}{r['seconds']:.0f} | {r['cpu_seconds']} | {r['exit']} | "
               f"{r['final_accuracy'] if r['final_accuracy'] is not None else ''} |" for r in rows]
     (out / "times.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
