@@ -61,19 +61,20 @@ def test_orpo_raises_log_odds_accuracy_above_90_percent(tmp_path):
 
 
 def test_simpo_widens_the_length_normalised_margin_without_a_reference(tmp_path):
-    # measured at 60 steps (docs/methods/dpo.md): accuracy 0.918 → 0.949, log-odds ratio 1.26 → 3.05;
-    # at 30 steps 0.953 and 2.35
-    summary = _run("dpo", tmp_path, loss="simpo", max_steps=30, task_size=480)
+    # measured 2026-12-07 on a shared 2-core CPU (35 s): on these 256 pairs accuracy 0.934 → 0.961, log-odds
+    # ratio 1.35 → 2.03 (60 steps on 512 pairs, docs/methods/dpo.md: 0.918 → 0.949, 1.26 → 3.05)
+    summary = _run("dpo", tmp_path, loss="simpo", max_steps=30, task_size=480, eval_size=256)
     assert summary["final/accuracy"] >= summary["start/accuracy"] + 0.015
-    assert summary["final/log_odds_ratio"] > summary["start/log_odds_ratio"] + 0.6
+    assert summary["final/log_odds_ratio"] > summary["start/log_odds_ratio"] + 0.4
 
 
 def test_kto_separates_desirable_from_undesirable_completions(tmp_path):
-    # measured (docs/methods/kto.md): implicit-reward accuracy 0.5 → 0.696 at 30 steps, 0.741 at 60
-    summary = _run("kto", tmp_path, max_steps=30, task_size=240)
+    # measured 2026-12-07 on a shared 2-core CPU (57 s): on these 128 pairs (256 rows) accuracy 0.5 → 0.660,
+    # pair accuracy 0.5 → 0.898 (60 steps on 512 pairs, docs/methods/kto.md: accuracy 0.741)
+    summary = _run("kto", tmp_path, max_steps=30, task_size=240, eval_size=128)
     assert summary["start/accuracy"] == pytest.approx(0.5)  # policy == reference: every reward ties
     assert summary["final/accuracy"] >= 0.62
-    assert summary["final/pair_accuracy"] >= 0.62
+    assert summary["final/pair_accuracy"] >= 0.75
 
 
 def test_reward_model_learns_style_pairs_but_not_yet_arithmetic_correctness(tmp_path):
