@@ -101,3 +101,26 @@ def _restore_torch_threads():
 
     yield
     torch.set_num_threads(_DEFAULT_THREADS)
+
+
+@pytest.fixture
+def label_db(tmp_path):
+    """Where a labeling test keeps its database: a SQLite file, or, with ``RLXF_LABEL_TEST_PG`` set to
+    a PostgreSQL server URL (``postgresql+psycopg://user:pw@host:5432/postgres``), a fresh database
+    on that server, dropped afterwards (docs/labeling.md, "Databases")."""
+    server = os.environ.get("RLXF_LABEL_TEST_PG")
+    if not server:
+        yield str(tmp_path / "labels.db")
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"rlxf_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()

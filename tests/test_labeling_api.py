@@ -26,8 +26,8 @@ STATIC = Path(__file__).resolve().parents[1] / "src" / "rlxf" / "labeling" / "st
 
 
 @pytest.fixture
-def lab(tmp_path):
-    engine = open_engine(str(tmp_path / "labels.db"))
+def lab(label_db):
+    engine = open_engine(label_db)
     tokens = {"boss": add_user(engine, "boss", role="owner"), "ann": add_user(engine, "ann"),
               "bob": add_user(engine, "bob"), "carol": add_user(engine, "carol", queue_names=("other",))}
     rows = [{"prompt": f"q{i}", "completions": [f"a{i}", f"b{i}"], "key": f"k{i}"} for i in range(4)]
@@ -457,7 +457,7 @@ def test_cli_stats_prints_alpha(lab, capsys):
         while (item := client.get("/api/next", headers=h).json())["id"] is not None:
             choice = 0 if item["queue"] == "pair" and (name == "ann" or item["prompt"] != "p2") else 1
             client.post("/api/label", headers=h, json={"id": item["id"], "choice": choice})
-    db = str(engine.url.database)
+    db = engine.url.render_as_string(hide_password=False)
     assert main(["label", "stats", "--db", db, "--queue", "pair"]) == 0
     out = capsys.readouterr().out
     # units [0,0], [0,0], [0,1]: o_00 = 4, o_01 = o_10 = 1, n = 6, n_0 = 5, n_1 = 1;

@@ -52,10 +52,10 @@ def label_until_done(api: Api, rng: random.Random, results: list, replay: bool) 
             results.append((item["id"], api.call("POST", "/api/label", body)[0]))
 
 
-def test_many_concurrent_labelers_never_lose_or_double_a_label(tmp_path):
+def test_many_concurrent_labelers_never_lose_or_double_a_label(label_db):
     from rlxf.labeling.server import make_server
 
-    db = str(tmp_path / "load.db")
+    db = label_db
     engine = open_engine(db)
     names = [f"l{i}" for i in range(12)]
     tokens = {n: add_user(engine, n, queue_names=("single", "triple")) for n in names}
