@@ -204,9 +204,15 @@ def test_merged_model_loads_in_plain_transformers_and_equals_the_policy(quantize
     ids = torch.tensor([tokenizer("12+34=5")["input_ids"]])
     with torch.no_grad():
         want, got = policy(ids).logits.float(), merged(ids).logits.float()
-    # nf4: the policy adds the fp32 LoRA output to a bf16 matmul; the merged weight is rounded to bf16 once
-    tol = 0.1 if quantize == "nf4" else 1e-4
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if quantize == "nf4":
+        # the policy adds the fp32 LoRA output to a bf16 matmul; the merged weight is rounded to bf16 once,
+        # so single logits (scale ~10) differ by up to ~0.2 with the thread count; the adapters themselves
+        # move the logits by 0.66 on average (7.3 at most), so a merge that lost them fails both bounds
+        diff = (got - want).abs()
+        assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert policy.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() > 0
 
 

@@ -474,9 +474,11 @@ def test_cli_serve_end_to_end():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RLXF_API_KEY"}
+    # a pytest-xdist worker ignores SIGINT, and a child inherits that; Ctrl-C must reach the server
     proc = subprocess.Popen([sys.executable, "-m", "rlxf.cli", "serve", "--host", "0.0.0.0", "--port", "0",
                              "--threads", "1", "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()  # the startup line, once the server accepts connections
         assert "no API key" in line, line + proc.stderr.read()
