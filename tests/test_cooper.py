@@ -29,13 +29,7 @@ FAST = {"task_size": 64, "eval_size": 16, "eval_generate": 16, "batch_size": 4, 
         "cooper_pretrain_steps": 2, "cooper_pretrain_batch_size": 8, "cooper_eval_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny forwards; extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flags(values: dict) -> list[str]:

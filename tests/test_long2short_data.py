@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"model": "tiny", "num_prompts": 16, "samples": 8, "threads": 1, "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(out: Path, **overrides) -> dict:

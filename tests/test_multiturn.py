@@ -14,7 +14,8 @@ from rlxf.losses.registry import policy_loss_names
 from rlxf.rollout import HFEngine, Rollouts, SamplingParams, StaticEngine
 from rlxf.rollout.multiturn import (EnvInterfaceError, EnvRollout, chat_prompt_ids, conversation_ids,
                                     observation_ids)
-from test_rollout import one_thread  # noqa: F401  (autouse: one torch thread for this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 

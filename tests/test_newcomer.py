@@ -22,13 +22,7 @@ FAST = {"task_size": 32, "eval_size": 8, "eval_generate": 4, "batch_size": 2, "g
         "max_new_tokens": 8, "progress": False, "log_every": 1, "threads": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards: extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flags(values: dict) -> list[str]:

@@ -13,13 +13,7 @@ PROMPTS = ("12+34=", "7=", "hello world!")  # different lengths: left padding is
 WEIGHT_SCALE = 10.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~100x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

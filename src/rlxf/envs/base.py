@@ -4,14 +4,15 @@ per turn found by a pattern, and demonstrations of the call for the SFT warm-up.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 
 
-class ToolEnv:
+class ToolEnv(ABC):
     """One episode with a tool: ``reset(row)`` opens with the row's ``prompt`` as the user message
     (after ``system_prompt`` when given); ``step(turn)`` runs the first call of the turn that
     ``CALL_RE`` finds and returns what :meth:`run` made of it, or ends the episode when the turn has
     no call (it is the final answer). Step rewards are 0: ``--reward`` scores the final answer, so
-    the tool itself pays nothing. Subclasses set ``CALL_RE``, ``call_text`` and :meth:`run`."""
+    the tool itself pays nothing. Subclasses set ``CALL_RE`` and implement :meth:`run`, :meth:`call_text` and :meth:`demo_observation`."""
 
     CALL_RE: re.Pattern = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
 
@@ -28,17 +29,17 @@ class ToolEnv:
             return None, 0.0, True
         return self.run(match.group(1)), 0.0, False
 
+    @abstractmethod
     def run(self, call: str) -> str:
         """The observation for one call's text."""
-        raise NotImplementedError
 
+    @abstractmethod
     def call_text(self, expression: str) -> str:
         """The model turn that asks the tool to compute ``expression`` (for demonstrations)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def demo_observation(self, value: int | float) -> str:
         """What the tool answers to :meth:`call_text` (for demonstrations, without running the tool)."""
-        raise NotImplementedError
 
     def demonstration(self, row: dict) -> list[dict] | None:
         """The worked conversation for a row whose prompt is an arithmetic expression followed by
