@@ -13,6 +13,9 @@ rlxf GRPO with LoRA, side by side at the Llama-3-8B shape (random init), same da
    2 pairs × 4 accumulation steps, gradient checkpointing, 8 optimiser steps; the steady-state
    s/step is the median of steps 3-8, the peaks are ``torch.cuda.max_memory_allocated`` and
    ``max_memory_reserved`` over the whole process (loading, reference log-probs, training, eval);
+   the GRPO variants sample with the static engine, ``rlxf grpo lora`` with the adapters folded into
+   plain weights and ``rlxf grpo lora lowrank`` with the low-rank update applied in the decode step
+   (``--adapter-sampling fold|lowrank``);
 4. records a ``torch.cuda.memory._record_memory_history`` snapshot of the first two steps of the
    rlxf LoRA DPO run (``memory-rlxf-dpo.pickle``: open it at pytorch.org/memory_viz);
 5. writes ``results.json`` and ``results.md`` after every variant; a later command with the same
@@ -50,7 +53,7 @@ WORK = dict(pairs=128, prompt_chars=256, completion_chars=700, batch=2, accum=4,
             lora_r=16, lora_targets="q_proj,k_proj,v_proj,o_proj", max_length=1100, max_prompt_length=300,
             grpo_prompts=16, grpo_group=8, grpo_new_tokens=128, grpo_steps=3)
 VARIANTS = ("rlxf dpo lora", "rlxf orpo lora", "rlxf dpo qlora", "rlxf orpo qlora", "rlxf grpo lora",
-            "trl dpo peft", "trl dpo peft qlora")
+            "rlxf grpo lora lowrank", "trl dpo peft", "trl dpo peft qlora")
 WHEEL_PACKAGES = ("trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec", "pyarrow", "bitsandbytes")
 
 
@@ -188,6 +191,7 @@ def rlxf_grpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda:
                   group_size=work["grpo_group"], max_new_tokens=work["grpo_new_tokens"],
                   max_steps=work["grpo_steps"], gradient_checkpointing=True, log_every=1, eval_every=0,
                   eval_size=32, eval_generate=work["grpo_prompts"], merge_lora=False, progress=False, device="cuda" if cuda else "cpu",
+                  engine="static", adapter_sampling="lowrank" if name.endswith("lowrank") else "fold",
                   output_dir=str(out / "runs" / name.replace(" ", "-")))
     cfg = build_config(entry.config_class(), values)
     entry.train_fn()(cfg)

@@ -1,7 +1,8 @@
 """LoRA and QLoRA (docs/qlora.md): 4-bit NF4 loading through bitsandbytes (its CPU backend), the
 folded weight ``W + s·BA`` against a float64 reference, ``final/merged`` as a plain transformers
-model, the static engine sampling from LoRA and QLoRA policies with the HF engine's greedy tokens,
-the options' errors, and token-bounded no-grad batches."""
+model, the static engine sampling from LoRA and QLoRA policies with the HF engine's greedy tokens
+(adapters folded into plain weights, or applied as a low-rank update in the decode step), the
+options' errors, and token-bounded no-grad batches."""
 
 from __future__ import annotations
 
@@ -238,8 +239,8 @@ def test_merged_reward_model_keeps_its_trained_score_head(tokenizer, tmp_path):
 
 # -- the static engine serves adapter policies -----------------------------------------------------
 
-@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
-def test_static_engine_samples_lora_policies_with_hf_greedy_tokens(quantize, tokenizer):
+def _sharp_lora_policy(quantize: str, tokenizer):
+    """The tiny model, sharpened, (quantised,) with random LoRA adapters on q, k, v, o."""
     torch.manual_seed(0)
     base = load_policy("tiny", dtype="float32", device="cpu")
     if quantize == "nf4":   # quantise the sharpened weights: load from a saved copy
@@ -251,17 +252,31 @@ def test_static_engine_samples_lora_policies_with_hf_greedy_tokens(quantize, tok
             base = load_policy(tmp, device="cpu", quantize="nf4")
     else:
         _sharpen(base)
-    policy = _lora(base, scale=0.3)
+    return _lora(base, scale=0.3)
+
+
+PROMPTS = ("12+34=", "7=", "99+1=")
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, n=2)
+
+
+@pytest.mark.parametrize("adapters", ["fold", "lowrank"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_static_engine_samples_lora_policies_with_hf_greedy_tokens(quantize, adapters, tokenizer):
+    policy = _sharp_lora_policy(quantize, tokenizer)
     assert static_engine_support(policy) is None
-    prompts = [tokenizer(p)["input_ids"] for p in ("12+34=", "7=", "99+1=")]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, n=2)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = GREEDY
     ref = HFEngine(policy, tokenizer).generate(prompts, params)
-    engine = StaticEngine(policy, tokenizer, sync_every=4)
+    engine = StaticEngine(policy, tokenizer, sync_every=4, adapters=adapters)
     out = engine.generate(prompts, params)
     assert engine.stats["fallback_calls"] == 0
     assert torch.equal(out.completion_ids, ref.completion_ids) and out.text == ref.text
-    tol = 0.05 if quantize == "nf4" else 1e-4
+    # bf16 (nf4's compute dtype): fold rounds W + s·BA once; lowrank rounds A, s·B and x·A, so single
+    # log-probs differ more (measured: max 0.069, mean 0.011) and on average less (fold: 0.058, 0.016)
+    tol = {"none": 1e-4, "nf4": 0.05 if adapters == "fold" else 0.1}[quantize]
     torch.testing.assert_close(out.logps, ref.logps, rtol=tol, atol=tol)
+    if quantize == "nf4":
+        assert (out.logps - ref.logps).abs().mean() < 0.03
     # the policy is left as it was: its own LoRA layers are back, and a changed adapter shows next call
     q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ in ("Linear", "Linear4bit") and hasattr(q_proj, "lora_A")
@@ -280,6 +295,98 @@ def test_static_engine_falls_back_for_adapters_that_do_not_fold(tokenizer):
     policy = get_peft_model(load_policy("tiny", dtype="float32", device="cpu"),
                             LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     assert "DoRA" in static_engine_support(policy)
+    for adapters in ("fold", "lowrank"):
+        assert "DoRA" in StaticEngine(policy, tokenizer, adapters=adapters).unsupported
+    # any other peft LoRA variant (aLoRA, ...) replaces the forward W x + s·B(A x): not served either
+    plain = _lora(load_policy("tiny", dtype="float32", device="cpu"))
+    assert static_engine_support(plain) is None
+
+    class SomeVariant:
+        pass
+
+    plain.get_base_model().model.layers[1].self_attn.v_proj.lora_variant["default"] = SomeVariant()
+    assert "layers.1.self_attn.v_proj: a SomeVariant adapter" in static_engine_support(plain)
+
+
+def test_lowrank_adapters_equal_folded_ones_leave_the_policy_as_it_was_and_follow_an_optimizer_step(tokenizer):
+    """``adapters="lowrank"`` (fused projections requested: the engine runs them one by one; sampling
+    in the step, as on CUDA) gives the fold mode's and HFEngine's greedy tokens, modifies no parameter
+    of the policy, and samples from the new adapters after an optimiser step."""
+    policy = _sharp_lora_policy("none", tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    before = {name: param.detach().clone() for name, param in policy.named_parameters()}
+    lowrank = StaticEngine(policy, tokenizer, sync_every=4, adapters="lowrank", fuse_projections=True,
+                           device_sampling=True)
+    folded = StaticEngine(policy, tokenizer, sync_every=4, adapters="fold")
+    ref = HFEngine(policy, tokenizer).generate(prompts, GREEDY)
+    out = lowrank.generate(prompts, GREEDY)
+    assert lowrank.stats["fallback_calls"] == 0
+    assert torch.equal(out.completion_ids, ref.completion_ids)
+    assert torch.equal(out.completion_ids, folded.generate(prompts, GREEDY).completion_ids)
+    torch.testing.assert_close(out.logps, ref.logps, rtol=1e-4, atol=1e-4)
+    for name, param in policy.named_parameters():
+        assert torch.equal(param, before[name]), name
+    assert all(type(m).__name__ != "LowRankLinear" for m in policy.modules())
+
+    trainable = [param for param in policy.parameters() if param.requires_grad]
+    assert trainable and all("lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.SGD(trainable, lr=3.0)
+    ids = torch.tensor([tokenizer("12+34=46 7=7")["input_ids"]])
+    policy.train()
+    policy(ids).logits.logsumexp(-1).mean().backward()   # any loss that moves A and B
+    optimizer.step()
+    policy.eval()
+    again = lowrank.generate(prompts, GREEDY)
+    assert torch.equal(again.completion_ids, HFEngine(policy, tokenizer).generate(prompts, GREEDY).completion_ids)
+    assert not torch.equal(again.completion_ids, out.completion_ids)
+
+
+@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_lowrank_stand_ins_hold_only_the_low_rank_factors(quantize, tokenizer):
+    """No weight-sized copy in the low-rank mode: each stand-in calls the adapted layer's own base
+    layer, and every other tensor it holds is at most ``r × max(in, out)``; other 4-bit layers are not
+    replaced. The fold mode's stand-ins, checked the same way, do hold weight-sized copies."""
+    from peft.tuners.lora import LoraLayer
+
+    from rlxf.rollout.folding import LowRankLinear
+
+    policy = _sharp_lora_policy(quantize, tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    adapted = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    r = 4
+
+    def copies(engine) -> list[tuple[str, int, int]]:
+        """(name, elements, r × max(in, out)) of each stand-in tensor that is not one of the policy's own."""
+        own = {t.data_ptr() for t in policy.parameters()} | {t.data_ptr() for t in policy.buffers()}
+        found = []
+        for stand_in in engine._folds.stand_ins:
+            bound = r * max(stand_in.in_features, stand_in.out_features)
+            for name, t in [*stand_in.named_parameters(), *stand_in.named_buffers()]:
+                if t.data_ptr() not in own:
+                    found.append((name, t.numel(), bound))
+        return found
+
+    lowrank = StaticEngine(policy, tokenizer, adapters="lowrank")
+    lowrank.generate(prompts, GREEDY)
+    stand_ins = lowrank._folds.stand_ins
+    assert len(stand_ins) == len(adapted) == 4 * len(policy.get_base_model().model.layers)
+    assert all(isinstance(s, LowRankLinear) for s in stand_ins)
+    assert [s.base for s in stand_ins] == [m.get_base_layer() for m in adapted]   # the very layers, no copy
+    made = copies(lowrank)
+    assert len(made) == 2 * len(stand_ins)                                       # A and s·B of each
+    assert all(numel <= bound for _, numel, bound in made), made
+
+    folded = StaticEngine(policy, tokenizer, adapters="fold")
+    folded.generate(prompts, GREEDY)
+    assert any(numel > bound for _, numel, bound in copies(folded))
+    if quantize == "nf4":   # folding also dequantises the non-adapted 4-bit layers; the low-rank mode does not
+        assert len(folded._folds.stand_ins) > len(stand_ins)
+
+
+def test_static_engine_rejects_an_unknown_adapters_mode(tokenizer):
+    policy = _lora(load_policy("tiny", dtype="float32", device="cpu"))
+    with pytest.raises(ValueError, match="adapters must be 'fold' .* or 'lowrank'"):
+        StaticEngine(policy, tokenizer, adapters="merge")
 
 
 # -- recipes and CLI -------------------------------------------------------------------------------

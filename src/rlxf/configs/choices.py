@@ -11,3 +11,4 @@ RPO_DISTANCES = ("bwd_kl", "fwd_kl", "sq")
 POLICY_LOSSES = ("clipped", "gspo", "gspo_token", "cispo")
 PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo", "rpo", "orpo", "simpo")
 COOPER_NEGATIVES = ("slip", "mixed")  # negatives of the VerifyRM update: rlxf.rewards.cooper
+ADAPTER_MODES = ("fold", "lowrank")  # how rlxf.rollout.StaticEngine serves a LoRA policy: rlxf.rollout.folding

@@ -8,7 +8,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "optimiser": ("weight_decay", "adam_beta1", "adam_beta2"),
     "logging and checkpoints": ("keep_checkpoints", "tensorboard", "progress"),
     "memory and speed": ("dtype", "autocast", "gradient_checkpointing", "compile", "activation_memory_budget",
-                         "threads", "engine", "share_prompt", "dp_rollouts", "precompute_ref"),
+                         "threads", "engine", "adapter_sampling", "share_prompt", "dp_rollouts", "precompute_ref"),
     "sharding (FSDP2)": ("fsdp_cpu_offload",),
     "LoRA": ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora", "double_quant"),
     "model loading": ("trust_remote_code", "disable_dropout"),

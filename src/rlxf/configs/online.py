@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rlxf.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, between, callable_spec, check_choice,
                          keyword_arguments, option)
 from rlxf.configs.base import RunConfig
+from rlxf.configs.choices import ADAPTER_MODES
 
 SAMPLERS = ("uniform", "aps")
 SCORERS = ("reference", "policy")
@@ -72,6 +73,10 @@ class OnlineConfig(RunConfig):
                                        bounds=NON_NEGATIVE)
     engine: str = option("auto", "rollout engine: auto (static KV cache + CUDA graphs on CUDA, the transformers "
                          "engine on CPU), hf, static", choices=("auto", "hf", "static"))
+    adapter_sampling: str = option("fold", "how the static engine serves a LoRA/QLoRA policy: fold = W + s·BA "
+                                   "written into plain weights before each rollout (one copy of the adapted "
+                                   "layers, of every 4-bit layer with --quantize), lowrank = W x + s·B(A x) in "
+                                   "each decode step (no copy, more kernels a step)", choices=ADAPTER_MODES)
     sampler: str = option("uniform", "which prompts each step trains on: uniform epochs or adaptive "
                           "perplexity-aware sampling", choices=SAMPLERS)
     eval_generate: int = option(200, "greedy held-out evaluation on N eval prompts at each eval", bounds=AT_LEAST_ONE)
@@ -83,7 +88,8 @@ class OnlineConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts", "engine", "dp_rollouts"):
+        for name in ("likelihood_kind", "likelihood_scorer", "sampler", "judge_prompts", "engine", "dp_rollouts",
+                     "adapter_sampling"):
             check_choice(self, name)
         if self.fsdp and self.engine == "static":
             raise ConfigError("--engine static captures the weights' addresses in CUDA graphs, which FSDP2 frees and "

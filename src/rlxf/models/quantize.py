@@ -99,6 +99,8 @@ def fold_support(module: nn.Module) -> str | None:
             return "LoRA bias terms"
         if adapter not in getattr(module, "lora_A", {}):
             return f"adapter {adapter!r} is not a low-rank (lora_A/lora_B) adapter"
+        if adapter in getattr(module, "lora_variant", {}):
+            return f"a {type(module.lora_variant[adapter]).__name__} adapter (its forward is not W x + s·B(A x))"
     return None
 
 

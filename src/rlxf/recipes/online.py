@@ -24,7 +24,8 @@ log = logging.getLogger("rlxf.online")
 def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
     """The rollout engine sampling from ``model`` in place: ``StaticEngine`` (static KV cache, CUDA-graph
     decode; it falls back to ``HFEngine`` for architectures it does not cover) on CUDA with
-    ``--engine auto``, else ``HFEngine``. Both return the same ``Rollouts`` (greedy tokens equal, tested)."""
+    ``--engine auto``, else ``HFEngine``; ``--adapter-sampling`` says how the static engine serves a
+    LoRA/QLoRA policy. Both return the same ``Rollouts`` (greedy tokens equal, tested)."""
     from rlxf.rollout import HFEngine, StaticEngine
 
     device = next(model.parameters()).device
@@ -32,7 +33,7 @@ def build_engine(cfg: OnlineConfig, model, tokenizer, *, max_batch_size: int):
     use_static = cfg.engine == "static" or (cfg.engine == "auto" and device.type == "cuda" and not cfg.fsdp)
     if use_static:
         return StaticEngine(model, tokenizer, max_batch_size=max_batch_size,
-                            compile=cfg.compile and device.type == "cuda")
+                            compile=cfg.compile and device.type == "cuda", adapters=cfg.adapter_sampling)
     return HFEngine(model, tokenizer, max_batch_size=max_batch_size)
 
 

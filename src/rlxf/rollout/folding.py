@@ -1,19 +1,28 @@
-"""Plain-weight stand-ins for a LoRA (or QLoRA) policy's adapted and 4-bit linear layers.
+"""Stand-ins for a LoRA (or QLoRA) policy's adapted and 4-bit linear layers, in two kinds.
 
-:class:`rlxf.rollout.StaticEngine` decodes against ``nn.Linear`` weights. A LoRA policy computes
-``W x + s·B(A x)`` in each adapted layer, and a QLoRA policy's ``W`` is 4-bit. Before each
-``generate`` the engine writes ``W + s·BA`` (``W`` dequantised) into one plain weight per such layer
-(:func:`rlxf.models.quantize.folded_weight`), swaps those layers in for the call, and swaps the
-policy's own layers back afterwards. The policy is never modified: merging ``s·BA`` into ``W`` in
-place and subtracting it after would round a bf16 ``W`` twice and move the reference ("adapters
-off") a little at every rollout.
+:class:`rlxf.rollout.StaticEngine` decodes through the modules of the policy's base model. A LoRA
+layer computes ``W x + s·B(A x)`` (``s`` = peft's ``scaling``: ``α/r``, or ``α/√r`` with rsLoRA),
+and a QLoRA policy's ``W`` is 4-bit. Before each ``generate`` the engine fills one stand-in per such
+layer, swaps the stand-ins in for the call, and swaps the policy's own layers back afterwards
+(``adapters=`` of the engine picks the kind):
 
-The stand-ins are kept between calls and refilled in place, so the engine's captured CUDA graphs,
-which read their storage, stay valid; :meth:`FoldedLinears.release` frees them. Their memory is one
-copy of the adapted layers in the compute dtype (q, k, v, o at Llama-3-8B: 1.3 G weights, 2.7 GB in
-bf16), or of every linear layer for a 4-bit base (≈ 14 GB at 8B: QLoRA saves memory in training,
-not while sampling through this engine). docs/qlora.md compares this with applying the low-rank
-update inside the decode step.
+- ``"fold"`` (:class:`FoldedLinears`): a plain ``nn.Linear`` holding ``W + s·BA`` (``W``
+  dequantised; :func:`rlxf.models.quantize.folded_weight`) for every adapted layer, and a
+  dequantised copy of every other 4-bit layer. Each projection is one matmul, and the decode step
+  can fuse them; the price is one copy of the adapted layers in the compute dtype (q, k, v, o at
+  Llama-3-8B: 1.3 G weights, 2.7 GB in bf16), or of every linear layer for a 4-bit base (≈ 14 GB
+  at 8B: QLoRA saves memory in training, not while sampling this way).
+- ``"lowrank"`` (:class:`LowRankLinears`): a :class:`LowRankLinear` per adapted layer computing
+  ``base(x) + (x Aᵀ)(s·B)ᵀ``, where ``base`` is the layer's own base layer (the plain ``nn.Linear``
+  with its weight, or the 4-bit bitsandbytes layer, called as is) and ``A``, ``s·B`` are copies of
+  the active adapters' factors in the compute dtype (``r × in`` and ``out × r``). Other 4-bit layers
+  stay as they are. No weight-sized copy; each adapted projection costs two skinny matmuls more a
+  step, and a 4-bit base runs bitsandbytes' 4-bit matmul at every step.
+
+The policy is never modified: merging ``s·BA`` into ``W`` in place and subtracting it after would
+round a bf16 ``W`` twice and move the reference ("adapters off") a little at every rollout. The
+stand-ins are kept between calls and refilled in place, so the engine's captured CUDA graphs, which
+read their storage, stay valid; ``release()`` frees them. docs/qlora.md weighs the two kinds.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from rlxf.configs.choices import ADAPTER_MODES
 from rlxf.models.loading import is_peft_model
 from rlxf.models.quantize import fold_support, folded_weight, is_4bit_linear
 
@@ -33,7 +44,8 @@ def needs_folding(model: nn.Module) -> bool:
 
 
 def folding_support(model: nn.Module) -> str | None:
-    """None when every adapted layer of ``model`` folds into a plain weight; else why not."""
+    """None when every adapted layer of ``model`` folds into a plain weight (and so also runs as a
+    :class:`LowRankLinear`); else why not."""
     if not is_peft_model(model):
         return None
     from peft.tuners.lora import LoraLayer
@@ -51,8 +63,12 @@ def folding_support(model: nn.Module) -> str | None:
     return None
 
 
-class FoldedLinears:
-    """The stand-ins of one model: build once, :meth:`refresh` before each call, use under :meth:`swapped`."""
+class _StandIns:
+    """One model's stand-ins: build once, :meth:`refresh` before each call, use under :meth:`swapped`.
+
+    A subclass says which layers it replaces (:meth:`_replaces`), builds a stand-in for one
+    (:meth:`_stand_in`) and fills it from the layer's current weights in place (:meth:`_fill`).
+    """
 
     def __init__(self, model: nn.Module):
         from peft.tuners.lora import LoraLayer
@@ -63,16 +79,16 @@ class FoldedLinears:
         self.targets = []                                                     # (parent, attribute, layer)
         for name, module in self.base.named_modules():
             parent_name, _, attr = name.rpartition(".")
-            if name in adapted or (is_4bit_linear(module) and parent_name not in adapted):
+            if self._replaces(name in adapted, is_4bit_linear(module) and parent_name not in adapted):
                 self.targets.append((self.base.get_submodule(parent_name), attr, module))
-        self.stand_ins: list[nn.Linear] | None = None
+        self.stand_ins: list[nn.Module] | None = None
 
     def refresh(self) -> None:
-        """Write the current ``W + s·BA`` of every target into its stand-in (allocated at the first call)."""
+        """Write the current weights of every target into its stand-in (allocated at the first call)."""
         if self.stand_ins is None:
             self.stand_ins = [self._stand_in(layer) for _, _, layer in self.targets]
-        for (_, _, layer), stand_in in zip(self.targets, self.stand_ins):
-            folded_weight(layer, out=stand_in.weight.data)
+        self.stand_ins = [self._fill(layer, stand_in)
+                          for (_, _, layer), stand_in in zip(self.targets, self.stand_ins)]
 
     @contextmanager
     def swapped(self):
@@ -91,6 +107,24 @@ class FoldedLinears:
         """Free the stand-ins (the next :meth:`refresh` allocates them again)."""
         self.stand_ins = None
 
+    def _replaces(self, adapted: bool, bare_4bit: bool) -> bool:
+        raise NotImplementedError
+
+    def _stand_in(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def _fill(self, layer: nn.Module, stand_in: nn.Module) -> nn.Module:
+        """Fill ``stand_in`` from ``layer`` in place; returns it (or a new one where its shape no longer fits)."""
+        raise NotImplementedError
+
+
+class FoldedLinears(_StandIns):
+    """``adapters="fold"``: a plain ``nn.Linear`` holding ``W + s·BA`` per adapted layer, and a
+    dequantised copy of every other 4-bit layer."""
+
+    def _replaces(self, adapted: bool, bare_4bit: bool) -> bool:
+        return adapted or bare_4bit
+
     def _stand_in(self, layer: nn.Module) -> nn.Linear:
         base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
         device = base.weight.device
@@ -100,3 +134,75 @@ class FoldedLinears:
         if base.bias is not None:
             stand_in.bias = nn.Parameter(base.bias.detach().to(self.dtype), requires_grad=False)
         return stand_in
+
+    def _fill(self, layer: nn.Module, stand_in: nn.Linear) -> nn.Linear:
+        folded_weight(layer, out=stand_in.weight.data)
+        return stand_in
+
+
+class LowRankLinear(nn.Module):
+    """``base(x) + (x Aᵀ)(s·B)ᵀ``: a LoRA layer's base layer (shared, not copied) plus its low-rank
+    update from copies of the factors. ``lora_a`` ``[R, in]`` and ``lora_b`` ``[out, R]`` stack the
+    active adapters along the rank (``R = Σ r_a``; each ``B_a`` scaled by its ``s_a``); they are
+    parameters without gradients, so the engine's check of parameter addresses covers them."""
+
+    def __init__(self, base: nn.Module, rank: int, dtype: torch.dtype):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.zeros(rank, base.in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(x.dtype)
+
+
+class LowRankLinears(_StandIns):
+    """``adapters="lowrank"``: a :class:`LowRankLinear` per adapted layer; other 4-bit layers stay as they are."""
+
+    def _replaces(self, adapted: bool, bare_4bit: bool) -> bool:
+        return adapted
+
+    def _stand_in(self, layer: nn.Module) -> LowRankLinear:
+        return LowRankLinear(layer.get_base_layer(), sum(a.shape[0] for a, _, _ in _low_rank_factors(layer)),
+                             self.dtype)
+
+    @torch.no_grad()
+    def _fill(self, layer: nn.Module, stand_in: LowRankLinear) -> LowRankLinear:
+        factors = _low_rank_factors(layer)
+        if sum(a.shape[0] for a, _, _ in factors) != stand_in.lora_a.shape[0]:
+            stand_in = self._stand_in(layer)        # the active adapters' total rank changed
+        start = 0
+        for a, b, scale in factors:
+            stand_in.lora_a[start:start + a.shape[0]].copy_(a)
+            stand_in.lora_b[:, start:start + a.shape[0]].copy_(b.float() * scale)
+            start += a.shape[0]
+        if layer.disable_adapters or layer.merged:   # the base layer alone (a merged W already holds s·BA)
+            stand_in.lora_b.zero_()
+        return stand_in
+
+
+def _low_rank_factors(layer: nn.Module) -> list[tuple[Tensor, Tensor, float]]:
+    """``(A [r, in], B [out, r], s)`` of each active adapter of a LoRA ``layer``."""
+    why_not = fold_support(layer)
+    if why_not:
+        raise ValueError(f"cannot apply the adapters of {type(layer).__name__} as a low-rank update: {why_not}")
+    return [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+            for name in layer.active_adapters]
+
+
+def adapter_stand_ins(model: nn.Module, adapters: str) -> _StandIns:
+    """The stand-ins of kind ``adapters`` (one of :data:`ADAPTER_MODES`) for ``model``."""
+    if adapters not in ADAPTER_MODES:
+        raise ValueError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
+    return FoldedLinears(model) if adapters == "fold" else LowRankLinears(model)

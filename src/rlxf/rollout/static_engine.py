@@ -35,8 +35,11 @@ steps (on CUDA without a host sync: the answer of an earlier check, copied behin
 completion is trimmed to the last step any row was active, so the result equals a loop that stops at
 the first all-finished step.
 
-A LoRA policy (and a QLoRA one, 4-bit base) decodes through plain stand-ins of its adapted and
-quantised layers holding ``W + s·BA``, refreshed before every call (:mod:`rlxf.rollout.folding`).
+A LoRA policy (and a QLoRA one, 4-bit base) decodes through stand-ins of its adapted layers,
+refreshed before every call (:mod:`rlxf.rollout.folding`): with ``adapters="fold"`` (the default)
+plain ``nn.Linear`` layers holding ``W + s·BA`` (and dequantised copies of the other 4-bit
+layers), with ``adapters="lowrank"`` modules computing ``W x + s·B(A x)`` from the policy's own
+base layers and copies of the small factors.
 
 Falls back to ``HFEngine`` (same arguments) for other architectures, adapters that do not fold
 (DoRA, adapters on embeddings, ...), sliding-window attention shorter than the sequence, and rope
@@ -58,7 +61,7 @@ from torch import Tensor, nn
 
 from rlxf.rollout import kernels
 from rlxf.models.loading import eval_mode, is_peft_model
-from rlxf.rollout.folding import FoldedLinears, folding_support, needs_folding
+from rlxf.rollout.folding import ADAPTER_MODES, adapter_stand_ins, folding_support, needs_folding
 from rlxf.models.logprobs import logps_from_logits
 from rlxf.rollout.hf_engine import HFEngine
 from rlxf.rollout.sampling import (DecodedBatch, StopChecker, assemble_rollouts, check_prompts, left_padded,
@@ -152,7 +155,15 @@ class StaticEngine:
     kernel; None = on CUDA where Triton runs and the probe passes) and ``graph_steps`` (decode steps
     unrolled into one captured graph with device sampling: fewer replays and host round trips) and
     ``compile_mode`` (``torch.compile``'s ``mode``, e.g. ``"max-autotune-no-cudagraphs"`` to autotune
-    the skinny decode matmuls; the graph capture is rlxf's own either way).
+    the skinny decode matmuls; the graph capture is rlxf's own either way) and ``adapters`` (how a
+    LoRA or QLoRA policy is served, :mod:`rlxf.rollout.folding`: ``"fold"`` writes ``W + s·BA`` of
+    each adapted layer, and a dequantised copy of each other 4-bit layer, into plain weights before
+    every call: one matmul per projection and fusable projections, for one copy of those layers in
+    the compute dtype; ``"lowrank"`` computes ``W x + s·B(A x)`` in the step from the policy's own
+    base layers (4-bit ones called as they are) and copies of ``A`` and ``s·B``: no weight-sized
+    copy, two skinny matmuls more per adapted projection, and no fused projections or
+    ``linear_kernel``; docs/qlora.md weighs them; ignored for a model without adapters or 4-bit
+    layers).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 256,
@@ -161,7 +172,11 @@ class StaticEngine:
                  max_cached_graphs: int = 2, fuse_projections: bool | None = None,
                  device_sampling: bool | None = None, decode_attention: str | None = None,
                  graph_steps: int = 8, compile_mode: str | None = None,
-                 sampling_kernel: bool | None = None, linear_kernel: bool | Sequence[str] | None = None):
+                 sampling_kernel: bool | None = None, linear_kernel: bool | Sequence[str] | None = None,
+                 adapters: str = "fold"):
+        if adapters not in ADAPTER_MODES:
+            raise ValueError(f"adapters must be 'fold' (LoRA folded into plain weights) or 'lowrank' (the "
+                             f"low-rank update applied in the decode step), got {adapters!r}")
         self._fallback = HFEngine(model, tokenizer, max_batch_size=max_batch_size,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         self.model = model
@@ -198,8 +213,9 @@ class StaticEngine:
         if self.unsupported:
             log.warning("StaticEngine: %s; falling back to HFEngine", self.unsupported)
         # the module tree the decode step reads: the model itself, or a LoRA/QLoRA policy's base
-        # model with plain stand-ins swapped in for its adapted and 4-bit layers during each call
-        self._folds = FoldedLinears(model) if not self.unsupported and needs_folding(model) else None
+        # model with stand-ins swapped in for its adapted (and, folding, 4-bit) layers during each call
+        self.adapters = adapters
+        self._folds = adapter_stand_ins(model, adapters) if not self.unsupported and needs_folding(model) else None
         self._native = self._folds.base if self._folds is not None else model
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
         self._compiled = {}
@@ -247,14 +263,14 @@ class StaticEngine:
         return assemble_rollouts(self.tokenizer, self.pad_token_id, rows, batches, params, device)
 
     def release(self) -> None:
-        """Drop the captured graphs, their KV caches and a LoRA policy's folded weights (frees their memory)."""
+        """Drop the captured graphs, their KV caches and a LoRA policy's stand-ins (frees their memory)."""
         self._states.clear()
         if self._folds is not None:
             self._folds.release()
 
     @contextmanager
     def _folded(self):
-        """For a LoRA/QLoRA policy: refresh the folded weights and swap them in for the call."""
+        """For a LoRA/QLoRA policy: refresh the stand-ins and swap them in for the call."""
         if self._folds is None:
             yield
             return
