@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
     runs = {} if args.skip_baseline else {"--fsdp (no offload)": attempt(args, device, offload=False)}
     if cuda:
         runs["--fsdp --fsdp-cpu-offload"] = attempt(args, device, offload=True)
-    plans = {name: planned(args, offload="offload" in name) for name in runs}
+    plans = {name: planned(args, offload="cpu-offload" in name) for name in runs}
     results = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "command": " ".join(["torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_offload.py",
                                              *(argv if argv is not None else sys.argv[1:])]),

@@ -32,7 +32,10 @@ def _config_class(name: str):
 
 
 def _run(name: str, cfg) -> int:
+    from rlxf.runtime.distributed import finish
+
     result = get_recipe(name).train_fn()(cfg)
+    finish()
     out = result.output_dir
     if _first_process():   # one line under torchrun
         print(f"\nrlxf {name}: done. Report: {out / 'report.html'}  Summary: {out / 'summary.json'}")

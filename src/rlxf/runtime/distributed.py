@@ -123,6 +123,18 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """End a run's process group on every rank together: a barrier, then ``destroy_process_group``.
+
+    Called after a run returns normally. Without the barrier, the first rank to reach its exit tears
+    down its gloo connections while a peer may still be closing its own, which can abort that
+    process ("terminate called without an active exception") after the run itself succeeded. After
+    an error the exit hook destroys the group without waiting (a peer may never arrive)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and return its result on every rank (pickled broadcast).
 
