@@ -224,3 +224,21 @@ def test_plan_command_refuses_bad_flags(argv, message, capsys):
 def test_plan_command_needs_a_config_json(tmp_path, capsys):
     assert main(["plan", "sft", f"--model={tmp_path}"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_plan_counts_the_token_bounded_no_grad_passes_of_preference_recipes():
+    # DPO/RPO/ORPO cap a no-grad pass at one micro-batch's tokens (recipes.preference.nograd_batches),
+    # so the eval batch size does not move their plan; KTO's eval takes eval_batch_size rows a pass
+    from rlxf.configs.registry import get_recipe
+    from rlxf.config import build_config
+    from rlxf.workflows.plan import workload
+
+    def nograd(recipe, eval_batch):
+        cfg = build_config(get_recipe(recipe).config_class(), {
+            "model": str(SHAPES / "llama-3-8b"), "batch_size": 2, "max_length": 1024, "eval_batch_size": eval_batch})
+        return workload(recipe, cfg).nograd_tokens
+
+    for recipe in ("dpo", "rpo", "orpo"):
+        assert nograd(recipe, 64) == nograd(recipe, 2) == 2 * 2 * 1024
+        assert nograd(recipe, 1) == 2 * 1024
+    assert nograd("kto", 64) == 64 * 1024

@@ -50,8 +50,11 @@ def _offline(recipe: str, cfg, nproc: int, common: dict) -> Workload:
         from rlxf.losses.registry import get_preference_loss
 
         reference = get_preference_loss(cfg.loss).needs_reference and not cfg.precompute_ref and not cfg.lora_r
+    nograd_rows = cfg.eval_batch_size
+    if recipe in ("dpo", "rpo", "orpo"):   # their no-grad passes stop at one micro-batch's tokens (nograd_batches)
+        nograd_rows = min(nograd_rows, cfg.batch_size)
     return Workload(train_tokens=rows * seqs * cfg.max_length, scored_tokens=0 if recipe == "rm" else None,
-                    nograd_tokens=cfg.eval_batch_size * seqs * cfg.max_length, reference_copy=reference, **common)
+                    nograd_tokens=nograd_rows * seqs * cfg.max_length, reference_copy=reference, **common)
 
 
 def _online(recipe: str, cfg, nproc: int, common: dict) -> Workload:
