@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(items):
         names = SLOW_BY_FILE.get(item.path.name, ())
         if item.name in names or getattr(item, "originalname", item.name) in names:
             item.add_marker(pytest.mark.slow)
+    # Longest first: the learning runs (30-120 s each), then the other slow tests, then the rest, so
+    # that pytest-xdist's workers end on short tests instead of one worker finishing a long run alone.
+    items.sort(key=_start_order)
+
+
+def _start_order(item) -> int:
+    if item.get_closest_marker("slow") is None:
+        return 2
+    return 0 if item.path.name.startswith("test_learning") or "learns" in item.name else 1
 
 
 @pytest.fixture(scope="session")

@@ -166,9 +166,9 @@ def _serve(args) -> int:
                                      model_name=args.served_model_name, api_key=api_key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    print(f"rlxf serve: {server.model_name!r} at {server.base_url} "
-          f"({'API key required' if api_key else 'no API key'}; Ctrl-C stops)", flush=True)
-    try:
+    try:   # the startup line inside: a Ctrl-C that lands right after it still stops the server cleanly
+        print(f"rlxf serve: {server.model_name!r} at {server.base_url} "
+              f"({'API key required' if api_key else 'no API key'}; Ctrl-C stops)", flush=True)
         thread.join()
     except KeyboardInterrupt:
         pass
