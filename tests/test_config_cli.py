@@ -581,14 +581,19 @@ def test_activation_memory_budget_is_checked_and_needs_compile():
     assert PreferenceConfig(compile=True, activation_memory_budget=0.05).activation_memory_budget == 0.05
 
 
-def test_compile_layers_sets_the_partitioner_budget(monkeypatch):
+def test_compile_layers_sets_the_partitioner_budget():
     import torch._functorch.config as functorch_config
 
     from rlxf.models import compile_layers, load_policy
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
-    model = load_policy("tiny", dtype="float32", device="cpu")
-    assert compile_layers(model, activation_memory_budget=0.05) == len(model.model.layers)
-    assert functorch_config.activation_memory_budget == 0.05
-    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        compile_layers(model, activation_memory_budget=1.5)
+    # restored by assignment: monkeypatch's undo would delattr the key (it is not in the config
+    # module's __dict__), which hides it from every later test in this process
+    before = functorch_config.activation_memory_budget
+    try:
+        model = load_policy("tiny", dtype="float32", device="cpu")
+        assert compile_layers(model, activation_memory_budget=0.05) == len(model.model.layers)
+        assert functorch_config.activation_memory_budget == 0.05
+        with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+            compile_layers(model, activation_memory_budget=1.5)
+    finally:
+        functorch_config.activation_memory_budget = before
