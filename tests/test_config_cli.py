@@ -493,7 +493,9 @@ def _all_command_flags() -> set[str]:
 OTHER_FLAGS = _all_command_flags()  # non-recipe commands: compare, serve, text2reward, long2short-data, zoo, demo
 DOC_EXAMPLES = {"--max-st"}  # docs/cli.md: argparse accepts a prefix of --max-steps
 TORCHRUN_FLAGS = {"--standalone", "--nproc-per-node"}  # torchrun's own, in the data-parallel command lines
-BENCHMARK_FLAGS = {"--gpus", "--out", "--flags", "--recipe"}  # benchmarks/data_parallel.py's, in docs/distributed.md
+# the benchmark scripts' own flags (docs/distributed.md shows their commands), read from their argparse calls
+BENCHMARK_FLAGS = {flag for script in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                   for flag in re.findall(r'add_argument\("(--[a-z0-9-]+)"', script.read_text())}
 
 
 def _doc_path(doc: str) -> Path:
