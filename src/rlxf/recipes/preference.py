@@ -86,22 +86,37 @@ def _shared_pair_logps(logps_fn, batch: dict, length_norm: bool) -> tuple[torch.
     return seq[0::2], seq[1::2], {"mean_chosen": means[0::2], "mean_rejected": means[1::2]}
 
 
-def nograd_batches(cfg: PreferenceConfig, examples: list[dict]) -> list[slice]:
-    """Slices of ``examples`` for forward passes without gradients (reference log-probs, eval): at most
-    ``eval_batch_size`` pairs and at most the padded tokens of one training micro-batch
-    (``2 · batch_size · max_length``), so that these passes never need more activation memory than a
-    training step (a 64-pair batch of 956-token pairs held ≈ 10 GB of MLP activations at the
-    Llama-3-8B shape; docs/performance.md)."""
+def nograd_batches(cfg: PreferenceConfig, examples: list[dict]) -> list[list[int]]:
+    """Indices of ``examples`` for forward passes without gradients (reference log-probs, eval), in
+    batches of at most ``eval_batch_size`` pairs and at most the padded tokens of one training
+    micro-batch (``2 · batch_size · max_length``), so that these passes never need more activation
+    memory than a training step (a 64-pair batch of 956-token pairs held ≈ 10 GB of MLP
+    activations at the Llama-3-8B shape; docs/performance.md). Pairs are taken shortest first, so
+    a batch pads to a length close to its own rows' (on the built-in arithmetic pairs: a third
+    fewer padded tokens than in file order); callers put the results back in file order."""
     from rlxf.data import token_bounded_slices
 
     lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
-    return token_bounded_slices([2 * n for n in lengths], max_rows=cfg.eval_batch_size,
-                                max_tokens=2 * cfg.batch_size * cfg.max_length)
+    order = sorted(range(len(examples)), key=lengths.__getitem__)   # stable: ties keep file order
+    slices = token_bounded_slices([2 * lengths[i] for i in order], max_rows=cfg.eval_batch_size,
+                                  max_tokens=2 * cfg.batch_size * cfg.max_length)
+    return [order[part] for part in slices]
+
+
+def _in_file_order(batches: list[list[int]], values: torch.Tensor) -> torch.Tensor:
+    """``values`` (rows in the order of ``batches``, concatenated) put back in file order."""
+    order = torch.tensor([i for batch in batches for i in batch], dtype=torch.long)
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
 
 
 def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict], pad_id: int, cache_dir: Path,
-                         device: torch.device) -> None:
-    """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk)."""
+                         device: torch.device, *, share: bool = True) -> None:
+    """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk). Under
+    torchrun each process scores a share of ``examples`` when ``share``, else all of them in the
+    batches a single process would use (the held-out pairs: the same batches as the evaluation, so
+    the step-0 margins are exactly 0 on every process)."""
     from rlxf.data import collate_preference
     from rlxf.runtime import distributed, fsdp
 
@@ -113,7 +128,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
         log.info("reference log-probs: loaded %d pairs from %s", len(values), cache)
     else:
         # under torchrun each process scores a contiguous share and the shares are gathered in order
-        rank, world = distributed.rank(), distributed.world_size()
+        rank, world = (distributed.rank(), distributed.world_size()) if share else (0, 1)
         mine = examples[rank * len(examples) // world:(rank + 1) * len(examples) // world]
         rows, batches = [], nograd_batches(cfg, mine)
         progress = PhaseProgress("reference log-probs", len(batches), unit="batches",
@@ -122,7 +137,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
         # first and no forward is a collective
         with torch.no_grad(), fsdp.gathered(reference.model):
             for part in batches:
-                batch = collate_preference(mine[part], pad_id)
+                batch = collate_preference([mine[i] for i in part], pad_id)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if cfg.share_prompt:
                     chosen, rejected, _ = _shared_pair_logps(reference.shared_prompt_logps, batch, cfg.length_norm)
@@ -131,7 +146,7 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
                 rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
                 progress.update()
         progress.close()
-        values = torch.cat(rows) if rows else torch.zeros(0, 2)
+        values = _in_file_order(batches, torch.cat(rows)) if rows else torch.zeros(0, 2)
         if world > 1:
             values = torch.cat(distributed.gather(values))
 
@@ -167,7 +182,7 @@ def train(cfg: PreferenceConfig):
                                            for e in train_ex):
         log.warning("%s: some pairs have no chosen_score/rejected_score; using NeMo defaults %s for them",
                     cfg.loss, RPO_DEFAULT_SCORES)
-    reference = _reference(cfg, loss_entry, model, train_ex + eval_ex, tokenizer.pad_token_id, out / "cache", device)
+    reference = _reference(cfg, loss_entry, model, (train_ex, eval_ex), tokenizer.pad_token_id, out / "cache", device)
     step = PreferenceStep(cfg, loss_entry, loss_params, model, tokenizer, reference, eval_ex, device)
     data_info = {"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "tokenization": stats.as_dict(),
                  "eval_tokenization": eval_stats.as_dict() if eval_stats else None}
@@ -176,11 +191,13 @@ def train(cfg: PreferenceConfig):
                headline=_headline(loss_entry), save_final=step.save_final, extra_summary=lambda: {"data": data_info})
 
 
-def _reference(cfg: PreferenceConfig, loss_entry, model, examples: list[dict], pad_id: int, cache_dir: Path,
-               device: torch.device):
+def _reference(cfg: PreferenceConfig, loss_entry, model, groups: tuple[list[dict], list[dict]], pad_id: int,
+               cache_dir: Path, device: torch.device):
     """The frozen reference the loss needs (None for a loss without one). With ``precompute_ref`` its
-    log-probs are stored in ``examples`` first, and a full copy is then dropped: the cached values
-    are all the run needs."""
+    log-probs are stored in the examples of each group (training, held-out) first, and a full copy is
+    then dropped: the cached values are all the run needs. Each group is batched on its own, as the
+    evaluation batches the held-out pairs, so at step 0 (policy = reference) every held-out margin
+    is exactly 0."""
     from rlxf.models import Reference
 
     if not loss_entry.needs_reference:
@@ -188,7 +205,9 @@ def _reference(cfg: PreferenceConfig, loss_entry, model, examples: list[dict], p
     mode = cfg.reference if cfg.reference != "auto" else ("lora" if cfg.lora_r > 0 else "copy")
     reference = Reference.build(model, mode)
     if cfg.precompute_ref:
-        precompute_reference(cfg, reference, examples, pad_id, cache_dir, device)
+        train_ex, eval_ex = groups
+        precompute_reference(cfg, reference, train_ex, pad_id, cache_dir, device)
+        precompute_reference(cfg, reference, eval_ex, pad_id, cache_dir, device, share=False)
         if mode == "copy":
             reference = None  # the cached values are all we need: free the copy
     return reference
@@ -268,8 +287,9 @@ class PreferenceStep:
         if not eval_ex:
             return {}
         losses, extras, pairs = [], {}, []
-        for part in nograd_batches(cfg, eval_ex):
-            batch = self.collate(eval_ex[part])
+        batches = nograd_batches(cfg, eval_ex)
+        for part in batches:
+            batch = self.collate([eval_ex[i] for i in part])
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             l, extra, p = self.forward(batch)
             losses.append(l.float().cpu())
@@ -279,7 +299,7 @@ class PreferenceStep:
                 pairs.append(torch.stack([t.float().cpu() for t in p["pairs"]]))
         metrics = {"loss": torch.cat(losses).mean().item()}
         metrics.update({k: torch.cat(v).mean().item() for k, v in extras.items()})
-        kinds = [e.get("pair_kind") for e in eval_ex]
+        kinds = [eval_ex[i].get("pair_kind") for part in batches for i in part]   # the rows' order above
         if pairs:
             chosen, rejected, ref_c, ref_r = torch.cat(pairs, dim=1)  # each [N]
             metrics.update(preference_metrics(chosen, rejected, ref_c, ref_r, beta=cfg.beta))
