@@ -41,26 +41,39 @@ def build_model(path: Path, args) -> None:
     build_tokenizer().save_pretrained(path)
 
 
-def run(recipe: str, flags: list[str], nproc: int, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    rlxf = ["-m", "rlxf", recipe, *flags, f"--output-dir={out}"]
-    cmd = ([sys.executable, *rlxf] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *rlxf])
+def rlxf_command(recipe: str, flags: list[str], nproc: int) -> list[str]:
+    """``python -m rlxf RECIPE FLAGS``, under ``torchrun --nproc-per-node N`` for N > 1 or ``--fsdp``."""
+    rlxf = ["-m", "rlxf", recipe, *flags]
+    if nproc == 1 and "--fsdp" not in flags:   # --fsdp runs under torchrun, one process included
+        return [sys.executable, *rlxf]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *rlxf]
+
+
+def run(recipe: str, flags: list[str], nproc: int, out: Path, env: dict | None = None) -> dict:
+    """Run one rlxf command (its log beside ``out``); its summary figures, or ``error`` with its last line."""
+    cmd = rlxf_command(recipe, [*flags, f"--output-dir={out}"], nproc)
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path, **(env or {})}, capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rec = {"processes": nproc, "command": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
+    if proc.returncode or not (out / "summary.json").exists():
+        rec["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        return rec
     summary = json.loads((out / "summary.json").read_text())
-    rec = {"processes": nproc, "wall_s": round(time.time() - t0, 1), "train_seconds": summary["train_seconds"],
-           "peak_memory_mb": summary["peak_memory_mb"], "data_parallel": summary.get("data_parallel"),
-           "final": {k: v for k, v in summary.items() if k.startswith("final/")}}
-    if "tokens_per_s" in summary:        # offline recipes: training tokens over the training steps' seconds
-        rec["tokens_per_s"] = summary["tokens_per_s"]
-    else:                                # online recipes: sampled tokens and the step (sampling + training)
+    rec.update(train_seconds=summary["train_seconds"], peak_memory_mb=summary["peak_memory_mb"],
+               data_parallel=summary.get("data_parallel"),
+               peak_memory_mb_by_rank=(summary.get("data_parallel") or {}).get("peak_memory_mb_by_rank")
+               or [summary["peak_memory_mb"]],
+               final={k: v for k, v in summary.items() if k.startswith("final/")})
+    if "sample_seconds" in summary:      # online recipes: a step is sampling + training
+        seconds = summary["sample_seconds"] + summary["train_seconds"]
         rec.update(sample_seconds=summary["sample_seconds"], sample_tokens_per_s=summary["sample_tokens_per_s"],
-                   train_tokens_per_s=summary["train_tokens_per_s"],
-                   step_s=(summary["sample_seconds"] + summary["train_seconds"]) / summary["steps"])
+                   train_tokens_per_s=summary["train_tokens_per_s"], step_s=seconds / summary["steps"],
+                   throughput=summary["steps"] / seconds)
+    else:                                # offline recipes: training tokens over the training steps' seconds
+        rec.update(tokens_per_s=summary["tokens_per_s"], step_s=summary["train_seconds"] / summary["steps"],
+                   throughput=summary["tokens_per_s"])
     return rec
 
 
@@ -85,7 +98,10 @@ def main() -> None:
     flags = [f"--model={model}", *args.flags.split()]
     results = {"recipe": args.recipe, "flags": flags, "runs": []}
     for nproc in (1, args.gpus):
-        results["runs"].append(run(args.recipe, flags, nproc, out / f"{args.recipe}-{nproc}"))
+        rec = run(args.recipe, flags, nproc, out / f"{args.recipe}-{nproc}")
+        if "error" in rec:
+            raise SystemExit(f"{rec['command']} failed ({rec['rc']}): {rec['error']} (log: {out / args.recipe}-{nproc}.log)")
+        results["runs"].append(rec)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     one, many = results["runs"]
     offline = "tokens_per_s" in one

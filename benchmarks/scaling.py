@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_parallel import build_model as build_qwen  # noqa: E402
+from data_parallel import build_model as build_qwen, run as launch  # noqa: E402
 from real_sizes import SHAPE_8B, SHAPE_QUICK, build_model_dir  # noqa: E402
 
 OFFLINE = {"dpo": "--batch-size=64 --max-steps=20 --eval-every=0 --eval-size=64 --task-size=1280 --lr=1e-5"}
@@ -59,36 +59,6 @@ def build(shape: str, quick: bool, work: Path, device: str) -> Path:
     path = work / ("llama-quick" if quick else "llama-3-8b-shape")
     build_model_dir(path, SHAPE_QUICK if quick else SHAPE_8B, device)
     return path
-
-
-def rlxf_command(recipe: str, flags: list[str], nproc: int) -> list[str]:
-    rlxf = ["-m", "rlxf", recipe, *flags]
-    if nproc == 1 and "--fsdp" not in flags:   # --fsdp runs under torchrun, one process included
-        return [sys.executable, *rlxf]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *rlxf]
-
-
-def launch(recipe: str, flags: list[str], nproc: int, out: Path, env: dict | None = None) -> dict:
-    """Run one rlxf command; its summary figures, or its failure."""
-    cmd = rlxf_command(recipe, [*flags, f"--output-dir={out}"], nproc)
-    t0 = time.time()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
-                          capture_output=True, text=True)
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    rec = {"processes": nproc, "command": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
-    if proc.returncode or not (out / "summary.json").exists():
-        rec["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        return rec
-    s = json.loads((out / "summary.json").read_text())
-    peaks = (s.get("data_parallel") or {}).get("peak_memory_mb_by_rank") or [s.get("peak_memory_mb")]
-    rec.update(peak_memory_mb_by_rank=peaks, final={k: v for k, v in s.items() if k.startswith("final/")})
-    if "sample_seconds" in s:      # online: a step is sampling + training
-        rec.update(step_s=round((s["sample_seconds"] + s["train_seconds"]) / s["steps"], 3),
-                   sample_tokens_per_s=s["sample_tokens_per_s"], throughput=s["steps"] / (s["sample_seconds"] + s["train_seconds"]))
-    else:
-        rec.update(tokens_per_s=s["tokens_per_s"], step_s=round(s["train_seconds"] / s["steps"], 3),
-                   throughput=s["tokens_per_s"])
-    return rec
 
 
 def fits(recipe: str, flags: list[str], nproc: int, gpu_gb: float) -> bool:
