@@ -99,6 +99,42 @@ def test_launch_checks_read_the_environment(monkeypatch):
         distributed.check_launch("dpo", 8, supported=DP)
 
 
+_EXIT_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+from rlxf.runtime import distributed
+
+out = Path(sys.argv[1])
+
+class Finalised:
+    def __init__(self, path):
+        self.path = path
+
+    def __del__(self):
+        self.path.write_text("yes")
+
+KEEP = Finalised(out / "finalised")      # collected only by interpreter finalisation
+atexit.register(lambda: (out / "atexit").write_text("yes"))
+distributed._joined = sys.argv[2] == "joined"
+print("unflushed", end="")               # stays in the buffer unless flushed
+distributed.exit_process(3)
+sys.exit(5)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_process_that_joined_a_group_exits_without_finalisation(joined, tmp_path):
+    """Gloo's threads can abort a finalising interpreter after a successful run; a joined process
+    runs its atexit handlers, flushes its output and ends with its code before finalisation. One
+    that never joined a group exits the ordinary way."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), "joined" if joined else "no"],
+                          env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "unflushed", proc.stderr
+    assert (tmp_path / "atexit").exists()
+    assert proc.returncode == (3 if joined else 5)
+    assert (tmp_path / "finalised").exists() is not joined
+
+
 def test_gradient_buckets_keep_one_dtype_and_every_tensor(monkeypatch):
     monkeypatch.setattr(distributed, "_BUCKET_BYTES", 64)
     grads = [torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(20), torch.zeros(2),

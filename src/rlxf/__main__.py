@@ -1,5 +1,3 @@
-import sys
+from rlxf.cli import entry
 
-from rlxf.cli import main
-
-sys.exit(main())
+entry()

@@ -342,6 +342,16 @@ def build_parser(command: str | None = None, *, full: bool = True) -> argparse.A
     return parser
 
 
+def entry() -> None:
+    """The ``rlxf`` command and ``python -m rlxf``: :func:`main`, then the process exit. A process that
+    joined a torchrun group ends through :func:`rlxf.runtime.distributed.exit_process`."""
+    from rlxf.runtime.distributed import exit_process
+
+    code = main()
+    exit_process(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     full = "--help-all" in argv

@@ -9,8 +9,9 @@ errors and none waits forever on a rank that failed.
 
 The recipes built on :func:`rlxf.recipes.common.fit` (sft, rm, dpo, rpo, orpo) and the GRPO family
 support it (in GRPO each process samples its share of every step's prompts; see
-:mod:`rlxf.recipes.grpo`); PPO, COOPER and the multi-stage commands refuse to start under torchrun
-with a clear error.
+:mod:`rlxf.recipes.grpo`), and so do PPO, COOPER and dynamic sampling with ``--dp-rollouts rank0``
+(process 0 samples and scores the whole step, each process trains on its share of the rows). A
+reward that keeps per-process state between steps refuses to start under torchrun with a clear error.
 Why gradients by hand rather than ``DistributedDataParallel``: rlxf's log-prob path calls the
 model's body and output head separately (the fused head never builds full-vocabulary logits),
 which bypasses a DDP wrapper's forward. With ``--fsdp`` the parameters are FSDP2 shards
@@ -26,6 +27,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from datetime import timedelta
 from typing import Callable, Iterable, TypeVar
 
@@ -38,6 +40,7 @@ T = TypeVar("T")
 
 # recipes whose training loop is rlxf.recipes.common.fit, and the GRPO family (rlxf.recipes.grpo)
 _BUCKET_BYTES = 32 << 20
+_joined = False   # this process joined a process group (init); see exit_process
 _TIMEOUT = timedelta(minutes=60)   # rank 0 evaluates and writes while the others wait in a collective
 
 
@@ -97,6 +100,7 @@ def init(device_spec: str, *, single: bool = False) -> torch.device | None:
     ``cuda:LOCAL_RANK``; otherwise gloo on the CPU. Returns None outside torchrun, and under a
     one-process torchrun unless ``single`` (FSDP2 needs a group even of one process).
     """
+    global _joined
     if launched_world_size() <= 1 and not single:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -111,6 +115,7 @@ def init(device_spec: str, *, single: bool = False) -> torch.device | None:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=_TIMEOUT)
         atexit.register(_shutdown)
+        _joined = True
         if dist.get_rank() != 0:
             logging.getLogger("rlxf").setLevel(logging.WARNING)   # one log, from rank 0
         log.info("data parallel: %d processes (%s), this is rank %d on %s", dist.get_world_size(),
@@ -121,6 +126,29 @@ def init(device_spec: str, *, single: bool = False) -> torch.device | None:
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that joined a process group with ``code``, skipping interpreter finalisation.
+
+    Returns (does nothing) in a process that never joined one. Otherwise runs the ``atexit``
+    handlers (which destroy a group still open after an error), flushes the logs and standard
+    streams, and calls ``os._exit``. Why: ``destroy_process_group`` drops rlxf's handle on a gloo
+    group, but the C++ group lives on while anything else refers to it, and its worker threads can
+    release their last tensor while Python finalises; a thread that then asks for the GIL is ended
+    by CPython with ``pthread_exit``, whose forced unwind through C++ aborts the whole process
+    ("terminate called without an active exception", exit -6) after a run that succeeded. The
+    command-line entry points call this; library callers of :func:`rlxf.cli.main` are unaffected."""
+    if not _joined:
+        return
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # closed or broken pipe: nothing left to keep
+            pass
+    os._exit(code)
 
 
 def finish() -> None:
