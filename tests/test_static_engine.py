@@ -42,12 +42,17 @@ def tiny():
 
 
 def _random(kind: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A sharpened random model: ``qwen2`` (q/k/v biases) and ``qwen3`` (q/k norms) with grouped KV
+    heads, or ``llama`` with the embedded tiny model's attention (4 heads of 32, no grouping) in 2
+    layers instead of its 4."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=103, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512,
                   tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        return _sharpen(LlamaForCausalLM(LlamaConfig(**{**common, "hidden_size": 128, "num_key_value_heads": 4})))
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
