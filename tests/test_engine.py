@@ -41,8 +41,9 @@ def test_unknown_recipes_get_the_closest_name():
 @pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["dpo", "--help"], ["ppo", "--help"],
                                   ["label", "push", "--help"]])
 def test_help_imports_no_torch(argv):
-    code = ("import sys\nfrom rlxf.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % (argv,))
+    # through the command's own entry point (what `rlxf` and `python -m rlxf` run)
+    code = ("import sys\nfrom rlxf.cli import entry\nsys.argv = ['rlxf', *%r]\ntry:\n    entry()\n"
+            "except SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')" % (argv,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip().endswith("NO-TORCH"), out.stdout[-500:] + out.stderr[-500:]

@@ -344,11 +344,12 @@ def build_parser(command: str | None = None, *, full: bool = True) -> argparse.A
 
 def entry() -> None:
     """The ``rlxf`` command and ``python -m rlxf``: :func:`main`, then the process exit. A process that
-    joined a torchrun group ends through :func:`rlxf.runtime.distributed.exit_process`."""
-    from rlxf.runtime.distributed import exit_process
-
+    joined a torchrun group ends through :func:`rlxf.runtime.distributed.exit_process`; a command that
+    never loaded that module (``--help``, ``plan``, ``label``) joined none and never imports torch."""
     code = main()
-    exit_process(code)
+    distributed = sys.modules.get("rlxf.runtime.distributed")
+    if distributed is not None:
+        distributed.exit_process(code)
     sys.exit(code)
 
 
