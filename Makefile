@@ -31,7 +31,7 @@ sysdeps:
 	  fi; }
 
 # torch first, pinned: 2.13.0 is the CPU build (a range would pull a multi-GB CUDA build).
-# pip byte-compiles one file at a time; compileall does it on every core instead (half the install
+# pip byte-compiles one file at a time; compileall does it on every core instead (a third less install
 # time on 2 cores). Model families rlxf does not load and the packages' own tests are left to compile
 # on first import; a file a package ships that does not compile is reported and skipped, as pip does.
 COMPILE_SKIP := 'transformers/models/(?!(auto|llama|mistral|qwen2|qwen3)/)|/tests?/'

@@ -115,8 +115,9 @@ def precompute_reference(cfg: PreferenceConfig, reference, examples: list[dict],
                          device: torch.device, *, share: bool = True) -> None:
     """Store ``ref_chosen_logps`` / ``ref_rejected_logps`` in every example (cached on disk). Under
     torchrun each process scores a share of ``examples`` when ``share``, else all of them in the
-    batches a single process would use (the held-out pairs: the same batches as the evaluation, so
-    the step-0 margins are exactly 0 on every process)."""
+    batches a single process would use (the held-out pairs: the batches of the evaluation, which
+    process 0 runs, so the step-0 margins are exactly 0 on any number of processes; the other
+    processes repeat that pass alongside process 0 rather than wait for it)."""
     from rlxf.data import collate_preference
     from rlxf.runtime import distributed, fsdp
 

@@ -9,9 +9,10 @@ errors and none waits forever on a rank that failed.
 
 The recipes built on :func:`rlxf.recipes.common.fit` (sft, rm, dpo, rpo, orpo) and the GRPO family
 support it (in GRPO each process samples its share of every step's prompts; see
-:mod:`rlxf.recipes.grpo`), and so do PPO, COOPER and dynamic sampling with ``--dp-rollouts rank0``
-(process 0 samples and scores the whole step, each process trains on its share of the rows). A
-reward that keeps per-process state between steps refuses to start under torchrun with a clear error.
+:mod:`rlxf.recipes.grpo`; dynamic sampling draws in lockstep), and so do PPO and COOPER (with
+``--dp-rollouts rank0`` process 0 samples and scores the whole step and each process trains on its
+share of the rows). What needs a whole step in one process (the APS sampler, a reward that keeps
+per-process state between steps) refuses to start under torchrun with a clear error.
 Why gradients by hand rather than ``DistributedDataParallel``: rlxf's log-prob path calls the
 model's body and output head separately (the fused head never builds full-vocabulary logits),
 which bypasses a DDP wrapper's forward. With ``--fsdp`` the parameters are FSDP2 shards
@@ -38,10 +39,9 @@ log = logging.getLogger("rlxf")
 
 T = TypeVar("T")
 
-# recipes whose training loop is rlxf.recipes.common.fit, and the GRPO family (rlxf.recipes.grpo)
 _BUCKET_BYTES = 32 << 20
-_joined = False   # this process joined a process group (init); see exit_process
 _TIMEOUT = timedelta(minutes=60)   # rank 0 evaluates and writes while the others wait in a collective
+_joined = False   # this process joined a process group (init); see exit_process
 
 
 def launched_world_size() -> int:
@@ -154,10 +154,9 @@ def exit_process(code: int) -> None:
 def finish() -> None:
     """End a run's process group on every rank together: a barrier, then ``destroy_process_group``.
 
-    Called after a run returns normally. Without the barrier, the first rank to reach its exit tears
-    down its gloo connections while a peer may still be closing its own, which can abort that
-    process ("terminate called without an active exception") after the run itself succeeded. After
-    an error the exit hook destroys the group without waiting (a peer may never arrive)."""
+    Called after a run returns normally, so no rank closes its connections while a peer still uses
+    them; the process then ends through :func:`exit_process`. After an error the exit hook destroys
+    the group without waiting (a peer may never arrive)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
