@@ -58,10 +58,9 @@ def test_rows_without_a_known_domain_are_refused():
     assert apply_conditions([{"prompt": "p"}], DEFAULT_CONDITIONS, default_domain="sorting")[0]["domain"] == "sorting"
 
 
-def test_condition_prefix_is_identical_at_rm_training_and_scoring(tiny_random_model_dir, tmp_path, monkeypatch):
+def test_condition_prefix_is_identical_at_rm_training_and_scoring(tiny_random_model_dir, tmp_path):
     """The RM trained with --conditions saves them; the reward_model reward (what RL calls) encodes
     exactly the token ids training encoded, and reproduces the recipe's own held-out accuracy."""
-    monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: b"")  # not under test
     from rlxf.data import tokenize_preference, validate_rows
     from rlxf.workflows.cool_rlhf import rm_accuracy
     from rlxf.recipes.reward_model import RewardModelConfig, train
@@ -220,7 +219,7 @@ def _mtimes(out: Path, pattern: str) -> dict[str, float]:
 def test_two_rounds_end_to_end_then_rerun_skips_and_resumes(tiny_random_model_dir, tmp_path, monkeypatch):
     from rlxf.cli import main
 
-    # every sub-run writes a report; rendering them is most of this test's time and is tested elsewhere
+    # the panels each sub-run and the loop put in their reports (no figure is rendered)
     plots = []
     monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: plots.append(panels) or b"")
 
@@ -269,6 +268,7 @@ def test_two_rounds_end_to_end_then_rerun_skips_and_resumes(tiny_random_model_di
     assert main(["cool-rlhf", *flags, "--rm-lr=0.1"]) == 2
 
 
+@pytest.mark.report
 def test_report_plots_the_round_metrics(tmp_path):
     from rlxf.workflows.cool_rlhf import write_results
 

@@ -122,7 +122,7 @@ def test_a_server_without_an_owner_token_is_a_clear_error(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_cool_rlhf_round_with_a_labeling_server_end_to_end(live, tiny_random_model_dir, tmp_path, monkeypatch):
+def test_cool_rlhf_round_with_a_labeling_server_end_to_end(live, tiny_random_model_dir, tmp_path):
     """``rlxf cool-rlhf --labels http://...``: round 1's samples are labelled by a scripted labeler
     through the API and its pairs train the slow path; rounds.jsonl carries the human counts."""
     from test_cool_rlhf import LOOP_FAST
@@ -130,7 +130,6 @@ def test_cool_rlhf_round_with_a_labeling_server_end_to_end(live, tiny_random_mod
     from rlxf.cli import main
     from rlxf.workflows.cool_rlhf.data import read_jsonl
 
-    monkeypatch.setattr("rlxf.reporting.report._plot_png", lambda rows, panels, title: b"")
     server, labeler = live
     out = tmp_path / "cool"
     values = {**LOOP_FAST, "rounds": 1, "model": tiny_random_model_dir, "output_dir": out, "labels": server.url,

@@ -145,6 +145,7 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(loss_agg, tiny_random_
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.report
 # -- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset,extra", [("grpo", {}), ("dr_grpo", {}), ("dapo", {"max_sample_batches": 2}),

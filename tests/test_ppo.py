@@ -84,6 +84,7 @@ def test_clip_range_follows_the_policy_loss():
         build_config(PPOConfig, {**base, "eps": 1.0})
 
 
+@pytest.mark.report
 @pytest.mark.parametrize("extra", [
     {"reward": "reward_model", "value_model": "reward_model"},
     {"reward": "verifiable", "value_model": "policy", "policy_loss": "gspo_token"},

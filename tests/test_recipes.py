@@ -39,6 +39,7 @@ def _flags(values: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
 
 
+@pytest.mark.report
 @pytest.mark.parametrize("recipe,extra", [
     ("dpo", {}), ("dpo", {"loss": "ipo"}), ("dpo", {"loss": "cdpo"}), ("dpo", {"nll_alpha": 1.0}),
     ("rpo", {}), ("rpo", {"rpo_distance": "sq"}), ("orpo", {}), ("rm", {}), ("rm", {"loss": "focal"}),

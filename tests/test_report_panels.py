@@ -17,6 +17,8 @@ from rlxf.reporting import MetricsLogger, Panel, read_metrics, write_report, wri
 from rlxf.reporting.descriptions import METRICS, MetricInfo, describe, table_name
 from rlxf.reporting.report import plan_panels, report_figure
 
+pytestmark = pytest.mark.report  # renders report.png for real (tests/conftest.py)
+
 STEPS = 40
 EVAL_EVERY = 10
 PAIR_KINDS = ("conciseness", "correctness", "mixed")

@@ -19,6 +19,8 @@ from rlxf.reporting import (
     write_summary,
 )
 
+pytestmark = pytest.mark.report  # renders report.png for real (tests/conftest.py)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
