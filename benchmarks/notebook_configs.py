@@ -2,9 +2,11 @@
 random-init Llama-3-8B shape and ``configs/dpo_zephyr_7b_qlora.yaml`` on a random-init Mistral-7B
 shape, each run through the CLI with its own hyper-parameters (4-bit NF4 base, LoRA on every linear
 layer, gradient checkpointing, the merged bf16 export at the end). Only the model directory, the
-data, the step count and the evaluation size are overridden.
+data, the step count and the evaluation size are overridden. Beside each, TRL 1.16 (``DPOTrainer``,
+``trl.experimental.orpo.ORPOTrainer``) with peft and bitsandbytes, configured from the same YAML file
+(the ``trl ...`` rows; torch AdamW on both sides, where the notebooks name 8-bit or paged AdamW).
 
-    python benchmarks/notebook_configs.py --out runs/notebooks          # both (~6 min on one H100)
+    python benchmarks/notebook_configs.py --out runs/notebooks          # all four (~8 min on one H100)
     python benchmarks/notebook_configs.py --out /tmp/nb --quick --cpu   # the wiring on tiny shapes, CPU
 
 The weights are random, so the losses say nothing about quality: the runs measure s/step, peak GPU
@@ -42,6 +44,9 @@ RUNS = {
     "dpo zephyr-7b qlora": dict(recipe="dpo", config="configs/dpo_zephyr_7b_qlora.yaml", shape=SHAPE_MISTRAL_7B,
                                 prompt_chars=400, completion_chars=500, pairs=96),
 }
+# TRL 1.16 with peft and bitsandbytes on the same model, data and hyper-parameters (read from the same
+# YAML files), as the notebooks run them, except the optimiser: torch AdamW on both sides.
+RUNS.update({f"trl {name}": dict(spec, trl=True) for name, spec in list(RUNS.items())})
 
 
 def write_pairs(path: Path, pairs: int, prompt_chars: int, completion_chars: int) -> None:
@@ -60,12 +65,18 @@ def write_pairs(path: Path, pairs: int, prompt_chars: int, completion_chars: int
 
 
 def child(name: str, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
-    """One config through ``rlxf.cli.main`` in this process; its figures."""
+    """One config through ``rlxf.cli.main`` (or TRL) in this process; its figures."""
     import torch
 
     from rlxf.cli import main
 
     spec = RUNS[name]
+    if spec.get("trl"):
+        result = trl_child(name, spec, model_dir, data, out, steps, cuda)
+        if cuda:
+            result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+        return result
     run_dir = out / "runs" / name.replace(" ", "-")
     argv = [spec["recipe"], "--config", str(ROOT / spec["config"]), "--model", model_dir, "--dataset", data,
             "--eval-dataset", data, "--eval-size", "8", "--max-steps", str(steps), "--log-every", "1",
@@ -85,6 +96,59 @@ def child(name: str, model_dir: str, data: str, out: Path, steps: int, cuda: boo
     return result
 
 
+def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
+    """TRL's DPOTrainer / ORPOTrainer with a peft LoRA on a bitsandbytes 4-bit model, configured from
+    the rlxf YAML: the same NF4 settings, LoRA, batch, accumulation, lengths, β, schedule and seed."""
+    import torch
+    import yaml
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+
+    cfg = yaml.safe_load((ROOT / spec["config"]).read_text())
+    t0 = time.time()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=bool(cfg.get("double_quant")))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map={"": 0 if cuda else "cpu"})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=cfg["lora_targets"].split(","), task_type="CAUSAL_LM")
+    times, last = [], [0.0]
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+    common = dict(output_dir=str(out / "runs" / _slug(name)), per_device_train_batch_size=cfg["batch_size"],
+                  gradient_accumulation_steps=cfg["grad_accum"], max_steps=steps, learning_rate=cfg["lr"],
+                  lr_scheduler_type=cfg["schedule"], warmup_steps=cfg.get("warmup_steps", 0),
+                  weight_decay=cfg.get("weight_decay", 0.0), max_length=cfg["max_length"],
+                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                  bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
+                  dataloader_num_workers=0, seed=cfg["seed"], optim="adamw_torch")
+    if spec["recipe"] == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer_class, args = ORPOTrainer, ORPOConfig(beta=cfg["orpo_lambda"], **common)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        trainer_class, args = DPOTrainer, DPOConfig(beta=cfg["beta"], **common)
+    rows = [json.loads(line) for line in open(data)]
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                            peft_config=lora, callbacks=[Timer()])
+    last[0] = time.perf_counter()
+    trainer.train()
+    return {"exit": 0, "argv": [f"{trainer_class.__name__} from {spec['config']}"], "wall_s": round(time.time() - t0, 1),
+            "step_s": times, "s_per_step": statistics.median(times[1:] or times) if times else None,
+            "merged": False}
+
+
 def write_tables(out: Path, results: dict) -> None:
     meta = results["meta"]
     lines = [f"# Notebook configs at their shapes ({meta['device']}, {meta['date']})", "",
@@ -94,8 +158,9 @@ def write_tables(out: Path, results: dict) -> None:
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:120]} | | | | |")
             continue
+        export = "not asked" if RUNS.get(name, {}).get("trl") else ("yes" if r["merged"] else "no")
         lines.append(f"| {name} | {r['s_per_step']:.2f} | {r.get('peak_allocated_gb', '')} | "
-                     f"{r.get('peak_reserved_gb', '')} | {'yes' if r['merged'] else 'no'} | {r['wall_s']} |")
+                     f"{r.get('peak_reserved_gb', '')} | {export} | {r['wall_s']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -127,8 +192,8 @@ def main(argv=None) -> int:
         if args.only and args.only not in name:
             continue
         shape = SHAPE_QUICK if args.quick else spec["shape"]
-        results["meta"][_model_name(name, args.quick)] = build_model_dir(out / _model_name(name, args.quick), shape,
-                                                                          "cuda" if cuda else "cpu")
+        built = build_model_dir(out / _model_name(name, args.quick), shape, "cuda" if cuda else "cpu")
+        results["meta"].setdefault(_model_name(name, args.quick), built)   # the first run builds it
         scale = 16 if args.quick else 1
         write_pairs(out / f"{_slug(name)}.jsonl", spec["pairs"], spec["prompt_chars"] // scale,
                     spec["completion_chars"] // scale)
