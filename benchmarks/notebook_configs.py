@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_sizes import SHAPE_8B, SHAPE_QUICK, build_model_dir, ensure_wheels  # noqa: E402
+from real_sizes import SHAPE_8B, SHAPE_QUICK, build_model_dir, ensure_wheels, step_timer  # noqa: E402
 
 # Mistral-7B-v0.1 (Zephyr-7B's base): hidden 4096, 32 layers, MLP 14336, 32/8 heads, vocabulary 32000.
 # Built as a Llama-class model: the same layers; Mistral's 4096-token sliding window never applies
@@ -103,7 +103,7 @@ def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps
     import yaml
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     cfg = yaml.safe_load((ROOT / spec["config"]).read_text())
     t0 = time.time()
@@ -114,16 +114,7 @@ def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=cfg["lora_targets"].split(","), task_type="CAUSAL_LM")
-    times, last = [], [0.0]
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            times.append(now - last[0])
-            last[0] = now
-
+    timer = step_timer(cuda)
     common = dict(output_dir=str(out / "runs" / _slug(name)), per_device_train_batch_size=cfg["batch_size"],
                   gradient_accumulation_steps=cfg["grad_accum"], max_steps=steps, learning_rate=cfg["lr"],
                   lr_scheduler_type=cfg["schedule"], warmup_steps=cfg.get("warmup_steps", 0),
@@ -141,9 +132,10 @@ def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps
         trainer_class, args = DPOTrainer, DPOConfig(beta=cfg["beta"], **common)
     rows = [json.loads(line) for line in open(data)]
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                            peft_config=lora, callbacks=[Timer()])
-    last[0] = time.perf_counter()
+                            peft_config=lora, callbacks=[timer])
+    timer.restart()
     trainer.train()
+    times = timer.times
     return {"exit": 0, "argv": [f"{trainer_class.__name__} from {spec['config']}"], "wall_s": round(time.time() - t0, 1),
             "step_s": times, "s_per_step": statistics.median(times[1:] or times) if times else None,
             "merged": False}

@@ -144,7 +144,7 @@ def trl_dpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: b
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
     kwargs = {"dtype": torch.bfloat16}
@@ -158,16 +158,7 @@ def trl_dpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: b
         model = model.to("cuda" if cuda else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in open(data)]
-    times, last = [], [time.perf_counter()]
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            times.append(now - last[0])
-            last[0] = now
-
+    timer = step_timer(cuda)
     args = DPOConfig(output_dir=str(out / "runs" / name.replace(" ", "-")), per_device_train_batch_size=work["batch"],
                      gradient_accumulation_steps=work["accum"], max_steps=work["steps"], learning_rate=1e-5,
                      max_length=work["max_length"], gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda,
@@ -175,10 +166,33 @@ def trl_dpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: b
     peft = LoraConfig(r=work["lora_r"], lora_alpha=work["lora_r"], target_modules=work["lora_targets"].split(","),
                       task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft, callbacks=[Timer()])
-    last[0] = time.perf_counter()
+                         peft_config=peft, callbacks=[timer])
+    timer.restart()
     trainer.train()
-    return {"s_per_step": statistics.median(times[work["timed_from"]:]), "step_s": times}
+    return {"s_per_step": statistics.median(timer.times[work["timed_from"]:]), "step_s": timer.times}
+
+
+def step_timer(cuda: bool):
+    """A transformers ``TrainerCallback`` whose ``times`` are the seconds of each optimiser step
+    (CUDA synchronised at each step's end); call ``restart()`` just before ``trainer.train()``."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.last = [], time.perf_counter()
+
+        def restart(self):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
+
+    return StepTimer()
 
 
 def rlxf_grpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: bool) -> dict:
