@@ -72,7 +72,8 @@ def ensure_wheels() -> list[str]:
 
 
 def build_model_dir(path: Path, shape: dict, device: str) -> dict:
-    """A random-init Llama model of ``shape`` saved as bf16 safetensors with the tiny tokenizer."""
+    """A random-init Llama model of ``shape`` saved as bf16 safetensors with the tiny tokenizer
+    (its ``model_max_length`` set to the shape's context)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -82,6 +83,7 @@ def build_model_dir(path: Path, shape: dict, device: str) -> dict:
         return {"model_dir": str(path), "built": False}
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name("tiny"))
+    tokenizer.model_max_length = shape["max_position_embeddings"]   # the shape's context, not the tiny model's
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
     torch.manual_seed(0)
