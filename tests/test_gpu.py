@@ -25,6 +25,26 @@ def test_recipe_trains_on_cuda_with_bf16_autocast(recipe, tiny_random_model_dir,
     assert math.isfinite(summary["final/reward"] if online else summary["final/loss"])
 
 
+def test_lora_adapters_over_a_bf16_base_run_their_matmuls_in_bf16_on_cuda(tiny_random_model_dir, tmp_path):
+    """A LoRA DPO step on CUDA runs under bf16 autocast: peft's fp32 adapters multiply in bf16 (as a
+    transformers Trainer with bf16=True runs them), and the adapters stay fp32 for the optimiser."""
+    from rlxf.models import apply_lora, load_policy
+    from rlxf.train.common import autocast_context
+
+    class Cfg:
+        autocast = True
+
+    model = apply_lora(load_policy(str(tiny_random_model_dir), device="cuda"), r=4)
+    seen = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    ids = torch.randint(3, 100, (2, 17), device="cuda")
+    with autocast_context(Cfg, model):
+        model(input_ids=ids).logits.float().mean().backward()
+    assert seen == [torch.bfloat16]
+    assert lora_a.weight.dtype == torch.float32 and lora_a.weight.grad.dtype == torch.float32
+
+
 def test_token_logps_cuda_matches_cpu(tiny_random_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -152,6 +152,26 @@ def test_lora_trains_only_the_adapters_in_fp32_over_a_bf16_base():
         assert held == {id(p) for p in trainable.values()}
 
 
+def test_training_autocasts_to_bf16_when_it_trains_fp32_parameters():
+    """bf16 autocast (on CUDA) is chosen by what trains: fp32 LoRA adapters over a bf16 or 4-bit base,
+    or fp32 full weights; a bf16 model trained in bf16 and a frozen model run without it."""
+    from rlxf.train.common import autocast_context, trains_fp32
+
+    class Cfg:
+        autocast = True
+
+    bf16 = load_policy("tiny", device="cpu", dtype="bfloat16")
+    assert not trains_fp32(bf16)                                  # bf16 full fine-tuning
+    assert trains_fp32(apply_lora(bf16, r=4))                     # peft keeps the adapters in fp32
+    assert trains_fp32(apply_lora(load_policy("tiny", device="cpu", quantize="nf4"), r=4))
+    fp32 = load_policy("tiny", device="cpu")
+    assert trains_fp32(fp32)
+    fp32.requires_grad_(False)
+    assert not trains_fp32(fp32)                                   # nothing trains
+    with autocast_context(Cfg, apply_lora(load_policy("tiny", device="cpu"), r=4)):
+        assert not torch.is_autocast_enabled("cpu")               # CUDA only
+
+
 def test_folded_weight_equals_float64_reference():
     """``W + (α/r)·B A`` per adapted layer, summed in float64 by hand, for a plain and a 4-bit base."""
     from rlxf.models.quantize import dequantized_weight, folded_weight

@@ -54,7 +54,8 @@ class RunConfig:
     dtype: str = option("auto", "parameter dtype: auto (fp32 master weights; with --autocast, bf16 compute on "
                         "CUDA; with LoRA on CUDA the frozen base is bf16 and the adapters fp32) | float32 | "
                         "bfloat16 | float16")
-    autocast: bool = option(True, "bf16 autocast on CUDA when parameters are fp32 (mixed precision)")
+    autocast: bool = option(True, "bf16 autocast on CUDA when trained parameters are fp32 (mixed precision): "
+                            "full fine-tuning's fp32 weights, LoRA adapters over a bf16 or 4-bit base")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     compile: bool = option(False, "torch.compile each decoder layer, and the static engine's decode step in "
                            "online recipes (CUDA only; ignored on CPU): fewer kernels and less activation "

@@ -79,7 +79,7 @@ def _prepare(ctx: StepContext, rollouts, rewards_list) -> dict:
     """Advantages, the loss mask and the fixed log-probs (reference for β > 0 or REINFORCE++'s KL;
     π_old when several updates are taken per batch) of one rollout batch, on the model's device."""
     cfg, model = ctx.cfg, ctx.model
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     rewards, valid = reward_tensor(rewards_list, cfg.group_size)                          # [N], [N]
     rollouts = rollouts.to(device)
     input_ids, attention_mask = rollouts.sequences()                                      # [N, P+C]
@@ -90,7 +90,7 @@ def _prepare(ctx: StepContext, rollouts, rewards_list) -> dict:
         loss_mask = loss_mask * finished.unsqueeze(-1).float()
     rows = torch.arange(input_ids.shape[0], device=device)
     ref_logps = old_logps = None
-    with torch.no_grad(), autocast_context(cfg, device, dtype):
+    with torch.no_grad(), autocast_context(cfg, model):
         if len(rows) and (cfg.beta > 0 or cfg.kl_in_reward > 0):  # a process may hold no rows this step
             ref_logps = torch.cat([completion_logps(None, input_ids[s], attention_mask[s], P, cfg,
                                                     reference=ctx.reference) for s in _slices(rows, cfg)])
@@ -137,7 +137,7 @@ def _order(cfg, N: int, generator: torch.Generator) -> torch.Tensor:
 def _optimise(ctx: StepContext, step: int, batch: dict) -> tuple[list[dict], list[float]]:
     """``ppo_epochs`` passes of ``mini_batches`` optimiser updates over the batch, micro-batched."""
     cfg, model = ctx.cfg, ctx.model
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     N = batch["input_ids"].shape[0]
     mini = N // cfg.mini_batches
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -153,7 +153,7 @@ def _optimise(ctx: StepContext, step: int, batch: dict) -> tuple[list[dict], lis
             for s in _slices(rows_m, cfg):
                 micro = {k: (v[s] if torch.is_tensor(v) and k not in ("rewards", "valid") else v)
                          for k, v in batch.items()}
-                with autocast_context(cfg, device, dtype):
+                with autocast_context(cfg, model):
                     loss, terms = policy_loss_terms(model, micro, cfg, units_total=units_total)
                 if not bool(torch.isfinite(loss)):
                     bad = True

@@ -104,7 +104,7 @@ def _advantages(ctx: PPOContext, rollouts, scores) -> dict:
     from rlxf.models.value import values_for_completions
 
     cfg, model, critic = ctx.cfg, ctx.model, ctx.critic
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     score, valid = reward_tensor(scores.rewards, cfg.group_size)                          # [n], [n]
     no_eos = torch.tensor([r == "length" for r in rollouts.finish_reason])
     score = score - cfg.missing_eos_penalty * no_eos.float()
@@ -113,7 +113,7 @@ def _advantages(ctx: PPOContext, rollouts, scores) -> dict:
     P = rollouts.prompt_ids.shape[1]
     mask = rollouts.completion_mask.float() * valid.to(device).unsqueeze(-1).float()     # [n, C]
     labels = labels_from(P - 1, input_ids)                                               # head on completions only
-    with torch.no_grad(), autocast_context(cfg, device, dtype):
+    with torch.no_grad(), autocast_context(cfg, model):
         model.eval()
         critic.eval()
         old_logps = token_logps(model, input_ids, attention_mask, temperature=cfg.temperature,
@@ -165,7 +165,7 @@ def _optimise(ctx: PPOContext, step: int, batch: dict) -> list[dict]:
     from rlxf.models.value import values_for_completions
 
     cfg, model, critic = ctx.cfg, ctx.model, ctx.critic
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     rank, world = distributed.rank(), distributed.world_size()
     n, P = batch["input_ids"].shape[0], batch["prompt_len"]
     N = n * world
@@ -185,7 +185,7 @@ def _optimise(ctx: PPOContext, step: int, batch: dict) -> list[dict]:
                 distributed.average_gradients(ctx.trainable)
                 clip_and_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.max_grad_norm)
                 continue
-            with autocast_context(cfg, device, dtype):
+            with autocast_context(cfg, model):
                 logps = token_logps(model, ids, att, temperature=cfg.temperature,
                                     label_mask=batch["labels"])[:, P - 1:]
                 values = values_for_completions(critic, ids, att, P)

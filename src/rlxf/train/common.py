@@ -40,11 +40,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total: int):
         optimizer, lambda s: lr_multiplier(s, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule))
 
 
-def autocast_context(cfg, device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on CUDA for fp32 parameters (``--autocast``), else a no-op context."""
-    if device.type == "cuda" and cfg.autocast and dtype == torch.float32:
+def autocast_context(cfg, model: torch.nn.Module):
+    """bf16 autocast on CUDA (``--autocast``) when ``model`` trains fp32 parameters, else a no-op context.
+
+    Those are the fp32 master weights of full fine-tuning, and the fp32 LoRA adapters peft keeps over
+    a bf16 or 4-bit base: under autocast the adapters' matmuls run in bf16 and peft's 4-bit layers
+    skip casting each input to fp32 (as a transformers ``Trainer`` with ``bf16=True`` runs them).
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda" and cfg.autocast and trains_fp32(model):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def trains_fp32(model: torch.nn.Module) -> bool:
+    """Whether any trainable parameter of ``model`` is float32."""
+    return any(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
 
 
 def mean_metrics(items: list[dict]) -> dict:

@@ -179,11 +179,8 @@ def _resume(loop: Loop, ckpt_root: Path, state: dict) -> int:
 
 
 def _evaluate(loop: Loop, state: dict, metrics_log, at_step: int) -> dict:
-    device = next(loop.model.parameters()).device
-    dtype = next(loop.model.parameters()).dtype
-
     def evaluate() -> dict:
-        with torch.no_grad(), autocast_context(loop.cfg, device, dtype):
+        with torch.no_grad(), autocast_context(loop.cfg, loop.model):
             return loop.evaluate()
 
     loop.model.eval()

@@ -69,7 +69,6 @@ def fit(cfg, *, recipe: str, out: Path, model, tokenizer, train_examples: list,
 
 def _offline_step(cfg, model, batcher, examples, collate, loss_fn, optimizer, scheduler, ckpt_root):
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     rank, world = distributed.rank(), distributed.world_size()
 
     def step(index: int) -> dict:
@@ -82,7 +81,7 @@ def _offline_step(cfg, model, batcher, examples, collate, loss_fn, optimizer, sc
             batch = collate([examples[i] for i in rows[rank * share:(rank + 1) * share]])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
-            with autocast_context(cfg, device, dtype):
+            with autocast_context(cfg, model):
                 loss, metrics = loss_fn(batch)
             check_finite(loss, index, ckpt_root)
             (loss / cfg.grad_accum).backward()
