@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/notebooks")
     p.add_argument("--steps", type=int, default=6, help="optimiser steps a run (s/step: median of steps 2+)")
-    p.add_argument("--only", default=None, help="substring: run only the configs whose name contains it")
+    p.add_argument("--only", default=None, help="regex: run only the configs whose name matches it (e.g. '^dpo', '^trl')")
     p.add_argument("--quick", action="store_true", help="tiny shapes and data (the wiring)")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
                         "torch": torch.__version__, "installed_wheels": ensure_wheels(),
                         "command": " ".join([sys.executable, *sys.argv])}, "runs": {}}
     for name, spec in RUNS.items():
-        if args.only and args.only not in name:
+        if args.only and not re.search(args.only, name):
             continue
         shape = SHAPE_QUICK if args.quick else spec["shape"]
         built = build_model_dir(out / _model_name(name, args.quick), shape, "cuda" if cuda else "cpu")
