@@ -154,7 +154,7 @@ def test_lora_trains_only_the_adapters_in_fp32_over_a_bf16_base():
 
 def test_training_autocasts_to_bf16_when_it_trains_fp32_parameters():
     """bf16 autocast (on CUDA) is chosen by what trains: fp32 LoRA adapters over a bf16 or 4-bit base,
-    or fp32 full weights; a bf16 model trained in bf16 and a frozen model run without it."""
+    or fp32 full weights; a bf16 model trained in bf16, an fp16 base and a frozen model run without it."""
     from rlxf.train.common import autocast_context, trains_fp32
 
     class Cfg:
@@ -164,6 +164,7 @@ def test_training_autocasts_to_bf16_when_it_trains_fp32_parameters():
     assert not trains_fp32(bf16)                                  # bf16 full fine-tuning
     assert trains_fp32(apply_lora(bf16, r=4))                     # peft keeps the adapters in fp32
     assert trains_fp32(apply_lora(load_policy("tiny", device="cpu", quantize="nf4"), r=4))
+    assert not trains_fp32(apply_lora(load_policy("tiny", device="cpu", dtype="float16"), r=4))  # fp16 base
     fp32 = load_policy("tiny", device="cpu")
     assert trains_fp32(fp32)
     fp32.requires_grad_(False)

@@ -54,8 +54,10 @@ def autocast_context(cfg, model: torch.nn.Module):
 
 
 def trains_fp32(model: torch.nn.Module) -> bool:
-    """Whether any trainable parameter of ``model`` is float32."""
-    return any(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    """Whether ``model`` trains float32 parameters over float32, bf16 or 4-bit weights. A float16
+    model keeps its own precision (bf16 autocast would re-cast each frozen fp16 weight at every op)."""
+    dtypes = {(p.dtype, p.requires_grad) for p in model.parameters()}
+    return (torch.float32, True) in dtypes and not any(dtype == torch.float16 for dtype, _ in dtypes)
 
 
 def mean_metrics(items: list[dict]) -> dict:
