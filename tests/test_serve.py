@@ -51,6 +51,18 @@ def test_models_and_health(server):
     assert _request(server, "/health")[1] == {"status": "ok"}
 
 
+def test_a_vanishing_temperature_samples_greedily_instead_of_failing(server):
+    """A positive temperature too small to divide logits by (found by the HTTP fuzz test: 7e-289 made
+    every probability inf/nan and the request a 500) samples greedily, as temperature 0 does."""
+    messages = [{"role": "user", "content": "1+1=?"}]
+    greedy = _chat(server, {"messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True})
+    for temperature in (7.077922908764046e-289, 1e-9):
+        status, body, _ = _chat(server, {"messages": messages, "max_tokens": 8, "temperature": temperature,
+                                         "logprobs": True})
+        assert status == 200, body
+        assert body["choices"][0]["message"] == greedy[1]["choices"][0]["message"]
+
+
 def test_plain_openai_style_request(server):
     from rlxf.judges.local import LocalBackend, chat_prompt_ids
 

@@ -17,7 +17,7 @@ chunked (411 with neither), arriving within :data:`BODY_TIMEOUT_S` (408); strict
 ``{"role": "system"|"user"|"assistant", "content": str}`` (content may also be a list of
 ``{"type": "text", "text": str}`` parts); ``max_tokens`` (or ``max_completion_tokens``) an integer
 in 1..``max_tokens_limit`` that, with the prompt, fits the model's context; ``temperature`` in
-[0, 2] (0 = greedy); ``top_p`` in (0, 1]; ``n`` in 1..``max_n``; ``stop`` a string or up to 4
+[0, 2] (0, or below :data:`GREEDY_BELOW_TEMPERATURE`, = greedy); ``top_p`` in (0, 1]; ``n`` in 1..``max_n``; ``stop`` a string or up to 4
 strings; ``seed`` an integer in 0..2**63-1; ``logprobs`` a boolean and ``top_logprobs`` 0..20
 (needs ``logprobs: true``; the 20 is ``max_top_logprobs``, raise it to let a judge read every option
 of a model that ranks them low); ``stream: true`` is refused. A bad request gets 400 with
@@ -73,6 +73,7 @@ logger = logging.getLogger("rlxf.serve")
 DEFAULT_MAX_TOP_LOGPROBS = 20  # OpenAI's limit; --max-top-logprobs raises it (as vLLM's --max-logprobs does)
 MAX_STOP_STRINGS = 4
 MAX_TEMPERATURE = 2.0
+GREEDY_BELOW_TEMPERATURE = 1e-4  # logits / τ overflow as τ → 0; below this, sample greedily (as τ = 0)
 MAX_SEED = 2**63 - 1           # torch generators take a 64-bit seed
 BODY_TIMEOUT_S = 60.0          # seconds a client may take to send its request body (408 after)
 API_KEY_ENV = "RLXF_API_KEY"   # where `rlxf serve` reads the API key when --api-key is not given
@@ -116,6 +117,8 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, max_n: int,
     tokens_field = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
     max_tokens = _integer(body, tokens_field, None, low=1, high=max_tokens_limit)
     temperature = _number(body, "temperature", 1.0, low=0.0, high=MAX_TEMPERATURE)
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
     n = _integer(body, "n", 1, low=1, high=max_n)
     seed = _integer(body, "seed", None, low=0, high=MAX_SEED)
