@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_sizes import SHAPE_8B, SHAPE_QUICK, build_model_dir, ensure_wheels, step_timer  # noqa: E402
+from real_sizes import SHAPE_8B, SHAPE_QUICK, _step_times, build_model_dir, ensure_wheels, step_timer  # noqa: E402
 
 # Mistral-7B-v0.1 (Zephyr-7B's base): hidden 4096, 32 layers, MLP 14336, 32/8 heads, vocabulary 32000.
 # Built as a Llama-class model: the same layers; Mistral's 4096-token sliding window never applies
@@ -66,35 +66,37 @@ def write_pairs(path: Path, pairs: int, prompt_chars: int, completion_chars: int
 
 
 def child(name: str, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
-    """One config through ``rlxf.cli.main`` (or TRL) in this process; its figures."""
+    """One config through the rlxf CLI (or TRL) in this process; its figures, with the process's peaks."""
     import torch
 
+    spec = RUNS[name]
+    runner = trl_child if spec.get("trl") else rlxf_child
+    result = runner(name, spec, model_dir, data, out, steps, cuda)
+    if cuda:
+        result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    return result
+
+
+def _figures(times: list[float]) -> dict:
+    """Step times and the steady-state s/step: the median after the first step."""
+    return {"step_s": times, "s_per_step": statistics.median(times[1:] or times) if times else None}
+
+
+def rlxf_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
+    """``rlxf <recipe> --config <yaml>`` through ``rlxf.cli.main``, overriding model, data and step count."""
     from rlxf.cli import main
 
-    spec = RUNS[name]
-    if spec.get("trl"):
-        result = trl_child(name, spec, model_dir, data, out, steps, cuda)
-        if cuda:
-            result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-            result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
-        return result
-    run_dir = out / "runs" / name.replace(" ", "-")
+    run_dir = out / "runs" / _slug(name)
     argv = [spec["recipe"], "--config", str(ROOT / spec["config"]), "--model", model_dir, "--dataset", data,
             "--eval-dataset", data, "--eval-size", "8", "--max-steps", str(steps), "--log-every", "1",
             "--save-every", "0", "--progress", "false", "--output-dir", str(run_dir),
             "--device", "cuda" if cuda else "cpu"]
     t0 = time.time()
     code = main(argv)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    stamps = [r["time"] for r in rows if r.get("split") == "train"]
-    times = [b - a for a, b in zip(stamps, stamps[1:])]
-    result = {"exit": code, "argv": argv, "wall_s": round(time.time() - t0, 1), "step_s": times,
-              "s_per_step": statistics.median(times[1:] or times) if times else None,
-              "merged": (run_dir / "final" / "merged" / "config.json").exists()}
-    if cuda:
-        result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
-    return result
+    return {"exit": code, "argv": argv, "wall_s": round(time.time() - t0, 1),
+            **_figures(_step_times(run_dir / "metrics.jsonl")),
+            "merged": (run_dir / "final" / "merged" / "config.json").exists()}
 
 
 def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
@@ -136,10 +138,8 @@ def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps
                             peft_config=lora, callbacks=[timer])
     timer.restart()
     trainer.train()
-    times = timer.times
     return {"exit": 0, "argv": [f"{trainer_class.__name__} from {spec['config']}"], "wall_s": round(time.time() - t0, 1),
-            "step_s": times, "s_per_step": statistics.median(times[1:] or times) if times else None,
-            "merged": False}
+            **_figures(timer.times), "merged": False}
 
 
 def write_tables(out: Path, results: dict) -> None:
