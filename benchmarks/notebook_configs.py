@@ -48,6 +48,9 @@ RUNS = {
 # TRL 1.16 with peft and bitsandbytes on the same model, data and hyper-parameters (read from the same
 # YAML files), as the notebooks run them, except the optimiser: torch AdamW on both sides.
 RUNS.update({f"trl {name}": dict(spec, trl=True) for name, spec in list(RUNS.items())})
+# the Zephyr config with its adapters multiplying in fp32 (--autocast false): what bf16 autocast over
+# fp32 LoRA adapters changes at the same settings
+RUNS["dpo zephyr-7b qlora fp32 adapters"] = dict(RUNS["dpo zephyr-7b qlora"], extra=("--autocast", "false"))
 
 
 def write_pairs(path: Path, pairs: int, prompt_chars: int, completion_chars: int) -> None:
@@ -91,7 +94,7 @@ def rlxf_child(name: str, spec: dict, model_dir: str, data: str, out: Path, step
     argv = [spec["recipe"], "--config", str(ROOT / spec["config"]), "--model", model_dir, "--dataset", data,
             "--eval-dataset", data, "--eval-size", "8", "--max-steps", str(steps), "--log-every", "1",
             "--save-every", "0", "--progress", "false", "--output-dir", str(run_dir),
-            "--device", "cuda" if cuda else "cpu"]
+            "--device", "cuda" if cuda else "cpu", *spec.get("extra", ())]
     t0 = time.time()
     code = main(argv)
     return {"exit": code, "argv": argv, "wall_s": round(time.time() - t0, 1),

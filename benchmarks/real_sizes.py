@@ -1,7 +1,7 @@
 """Real model sizes on one GPU: rlxf LoRA / QLoRA DPO and ORPO, TRL + peft (+ bitsandbytes), and
 rlxf GRPO with LoRA, side by side at the Llama-3-8B shape (random init), same data, same card.
 
-    python benchmarks/real_sizes.py --out runs/real_sizes            # everything (~9 min on one H100)
+    python benchmarks/real_sizes.py --out runs/real_sizes            # everything (~12 min on one H100)
     python benchmarks/real_sizes.py --out /tmp/rs --only 'rlxf dpo'  # a subset (regex on the variant name)
     python benchmarks/real_sizes.py --out /tmp/rs --quick --cpu      # the wiring on a small shape, CPU
 
@@ -13,11 +13,15 @@ rlxf GRPO with LoRA, side by side at the Llama-3-8B shape (random init), same da
    2 pairs × 4 accumulation steps, gradient checkpointing, 8 optimiser steps; the steady-state
    s/step is the median of steps 3-8, the peaks are ``torch.cuda.max_memory_allocated`` and
    ``max_memory_reserved`` over the whole process (loading, reference log-probs, training, eval);
-   the GRPO variants sample with the static engine, ``rlxf grpo lora`` with the adapters folded into
-   plain weights and ``rlxf grpo lora lowrank`` with the low-rank update applied in the decode step
-   (``--adapter-sampling fold|lowrank``);
+   "fp32 adapters" variants run with ``--autocast false`` (the adapters multiply in fp32), "compile"
+   ones with ``--compile``, "compile budget" with ``--compile --activation-memory-budget 0.05`` and no
+   module checkpointing; the GRPO variants sample with the static engine, ``rlxf grpo lora`` with the
+   adapters folded into plain weights and ``rlxf grpo lora lowrank`` with the low-rank update applied
+   in the decode step (``--adapter-sampling fold|lowrank``); ``rlxf engine lora`` times the engine
+   alone on that sampling shape, with and without its fused projection copies, and profiles a call;
 4. records a ``torch.cuda.memory._record_memory_history`` snapshot of the first two steps of the
-   rlxf LoRA DPO run (``memory-rlxf-dpo.pickle``: open it at pytorch.org/memory_viz);
+   rlxf LoRA DPO run (``memory-rlxf-dpo.pickle``: open it at pytorch.org/memory_viz) and what was
+   live at its peak, by allocation site (``memory-rlxf-dpo-peak.json``);
 5. writes ``results.json`` and ``results.md`` after every variant; a later command with the same
    ``--out`` on the same card adds its variants to them (so the TRL variants can run in a second
    command when their wheels travel separately).
@@ -33,6 +37,7 @@ import argparse
 import importlib
 import json
 import os
+import pickle
 import re
 import statistics
 import subprocess
@@ -52,8 +57,11 @@ SHAPE_QUICK = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, 
 WORK = dict(pairs=128, prompt_chars=256, completion_chars=700, batch=2, accum=4, steps=8, timed_from=2,
             lora_r=16, lora_targets="q_proj,k_proj,v_proj,o_proj", max_length=1100, max_prompt_length=300,
             grpo_prompts=16, grpo_group=8, grpo_new_tokens=128, grpo_steps=3)
-VARIANTS = ("rlxf dpo lora", "rlxf orpo lora", "rlxf dpo qlora", "rlxf orpo qlora", "rlxf grpo lora",
-            "rlxf grpo lora lowrank", "trl dpo peft", "trl dpo peft qlora")
+# in the order they run (a --deadline skips the later ones); "fp32 adapters" is --autocast false (the
+# adapters multiply in fp32), "compile" is --compile (each decoder layer through torch.compile)
+VARIANTS = ("rlxf dpo lora", "trl dpo peft", "rlxf dpo lora fp32 adapters", "rlxf dpo lora compile",
+            "rlxf dpo lora compile budget", "rlxf orpo lora", "rlxf orpo lora compile", "rlxf dpo qlora", "rlxf orpo qlora", "trl dpo peft qlora",
+            "rlxf grpo lora", "rlxf grpo lora lowrank", "rlxf grpo lora compile", "rlxf engine lora")
 WHEEL_PACKAGES = ("trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec", "pyarrow", "bitsandbytes")
 
 
@@ -133,6 +141,12 @@ def rlxf_preference(name: str, model_dir: str, data: str, out: Path, work: dict,
                   output_dir=str(out / "runs" / name.replace(" ", "-")), device="cuda" if cuda else "cpu")
     if "qlora" in name:
         values.update(quantize="nf4", double_quant=True)
+    if name.endswith("fp32 adapters"):
+        values.update(autocast=False)
+    if name.endswith(("compile", "compile budget")):
+        values.update(compile=cuda)
+    if name.endswith("budget"):   # no module checkpointing: the compiled layers keep 5% of their activations
+        values.update(gradient_checkpointing=False, activation_memory_budget=0.05 if cuda else 1.0)
     cfg = build_config(entry.config_class(), values)
     snapshot = out / "memory-rlxf-dpo.pickle" if name == "rlxf dpo lora" and cuda else None
     with _memory_history(snapshot, steps=2):
@@ -208,12 +222,72 @@ def rlxf_grpo(name: str, model_dir: str, data: str, out: Path, work: dict, cuda:
                   max_steps=work["grpo_steps"], gradient_checkpointing=True, log_every=1, eval_every=0,
                   eval_size=32, eval_generate=work["grpo_prompts"], merge_lora=False, progress=False, device="cuda" if cuda else "cpu",
                   engine="static", adapter_sampling="lowrank" if name.endswith("lowrank") else "fold",
+                  compile=cuda and name.endswith("compile"),
                   output_dir=str(out / "runs" / name.replace(" ", "-")))
     cfg = build_config(entry.config_class(), values)
     entry.train_fn()(cfg)
     rows = [r for r in _metrics(Path(values["output_dir"]) / "metrics.jsonl") if r.get("split") == "train"]
     rates = [r["sample_tokens_per_s"] for r in rows if "sample_tokens_per_s" in r]
     return {"sample_tokens_per_s": statistics.median(rates[1:] or rates), "sample_tokens_per_s_by_step": rates}
+
+
+def rlxf_engine(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: bool) -> dict:
+    """The static engine alone on the GRPO variants' sampling shape (a LoRA policy, ``grpo_prompts``
+    prompts of 9 tokens × ``grpo_group`` samples × ``grpo_new_tokens``, temperature 1), with and
+    without the fused q/k/v and gate/up copies (``rlxf grpo lora compile`` measures the compiled
+    step). Each: tokens/s of
+    3 timed calls after 2 warm-up calls, the memory the engine holds, and a ``torch.profiler`` table
+    of one more call (``engine-profile-<setting>.txt``: the kernels by CUDA time)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlxf.models.loading import load_policy
+    from rlxf.models.lora import apply_lora
+    from rlxf.rollout import SamplingParams, StaticEngine
+
+    device = "cuda" if cuda else "cpu"
+    model = apply_lora(load_policy(model_dir, dtype="bfloat16", device=device), r=work["lora_r"],
+                       alpha=work["lora_r"], target_modules=work["lora_targets"].split(","))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(f"{10 + i}+{37 * i % 90}=?")["input_ids"][:9] for i in range(work["grpo_prompts"])]
+    params = SamplingParams(max_new_tokens=work["grpo_new_tokens"], temperature=1.0, n=work["grpo_group"])
+    settings = {}
+    for fuse in (True, False):
+        for compiled in (False,):
+            label = f"{'fused' if fuse else 'unfused'}{', compiled' if compiled else ''}"
+            engine = StaticEngine(model, tokenizer, max_batch_size=len(prompts) * params.n, compile=compiled and cuda,
+                                  fuse_projections=fuse, adapters="fold")
+            base = torch.cuda.memory_allocated() if cuda else 0
+            t0 = time.perf_counter()
+            for _ in range(2):
+                engine.generate(prompts, params)
+            warm_s = time.perf_counter() - t0
+            rates = []
+            for _ in range(3):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                tokens = engine.generate(prompts, params).num_tokens()
+                if cuda:
+                    torch.cuda.synchronize()
+                rates.append(tokens / (time.perf_counter() - t0))
+            held = (torch.cuda.memory_allocated() - base) / 1e9 if cuda else 0.0
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                engine.generate(prompts, params)
+                if cuda:
+                    torch.cuda.synchronize()
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            slug = label.replace(", ", "-")
+            (out / f"engine-profile-{slug}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+            settings[label] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_by_call": rates,
+                               "warmup_s": round(warm_s, 1), "engine_holds_gb": round(held, 2)}
+            engine.release()
+            del engine
+            if cuda:
+                torch.cuda.empty_cache()
+    best = max(settings.values(), key=lambda r: r["tokens_per_s"])
+    return {"sample_tokens_per_s": best["tokens_per_s"], "settings": settings}
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -226,8 +300,51 @@ def _step_times(path: Path) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def peak_breakdown(snapshot: dict, top: int = 12, marker: str = "/rlxf/") -> dict:
+    """What was live at the peak of a ``torch.cuda.memory._snapshot()`` trace, summed by allocation site.
+
+    Replays the trace's ``alloc`` / ``free_requested`` / ``free_completed`` events (a block counts from
+    its allocation to its first free event), finds the event at which the most bytes were live and
+    groups the blocks live then by the innermost stack frame whose file path holds ``marker`` (else
+    the innermost frame). Returns ``{"peak_gb", "live_blocks", "sites": [{"site", "gb", "blocks"}]}``
+    with the ``top`` largest sites; memory allocated before the recording began is not in the trace.
+    """
+    live: dict[int, tuple[int, str]] = {}
+    total = best = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for event in trace:
+            action, addr = event.get("action"), event.get("addr")
+            if action == "alloc":
+                live[addr] = (event["size"], _site(event.get("frames") or [], marker))
+                total += event["size"]
+                if total > best:
+                    best, at_peak = total, dict(live)
+            elif action in ("free_requested", "free_completed") and addr in live:
+                total -= live.pop(addr)[0]
+    sites: dict[str, list[int]] = {}
+    for size, label in at_peak.values():
+        entry = sites.setdefault(label, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_gb": round(best / 1e9, 3), "live_blocks": len(at_peak),
+            "sites": [{"site": label, "gb": round(size / 1e9, 3), "blocks": count} for label, (size, count) in ranked]}
+
+
+def _site(frames: list[dict], marker: str) -> str:
+    """``path:line function`` of the innermost frame under ``marker`` (else the innermost frame)."""
+    frame = next((f for f in frames if marker in f.get("filename", "")), frames[0] if frames else None)
+    if frame is None:
+        return "(no stack)"
+    path = frame.get("filename", "?")
+    path = path[path.find(marker) + 1:] if marker in path else path.rsplit("/", 1)[-1]
+    return f"{path}:{frame.get('line')} {frame.get('name')}"
+
+
 class _memory_history:
-    """Record CUDA allocations from the start until ``steps`` optimiser steps ran, then dump ``path``."""
+    """Record CUDA allocations from the start until ``steps`` optimiser steps ran, then dump ``path``
+    and, beside it, the allocation sites live at the peak (:func:`peak_breakdown`, ``*-peak.json``)."""
 
     def __init__(self, path: Path | None, steps: int):
         self.path, self.steps, self.count = path, steps, 0
@@ -240,13 +357,17 @@ class _memory_history:
         import rlxf.train.offline as offline
 
         self.original = offline.clip_and_step
-        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
         def counted(*args, **kwargs):
             result = self.original(*args, **kwargs)
             self.count += 1
             if self.count == self.steps:
-                torch.cuda.memory._dump_snapshot(str(self.path))
+                snapshot = torch.cuda.memory._snapshot()
+                with open(self.path, "wb") as f:
+                    pickle.dump(snapshot, f)
+                peak = peak_breakdown(snapshot)
+                self.path.with_name(self.path.stem + "-peak.json").write_text(json.dumps(peak, indent=2))
                 torch.cuda.memory._record_memory_history(enabled=None)
             return result
 
@@ -261,7 +382,8 @@ class _memory_history:
         return False
 
 
-RUNNERS = {"rlxf dpo": rlxf_preference, "rlxf orpo": rlxf_preference, "trl dpo": trl_dpo, "rlxf grpo": rlxf_grpo}
+RUNNERS = {"rlxf dpo": rlxf_preference, "rlxf orpo": rlxf_preference, "trl dpo": trl_dpo, "rlxf grpo": rlxf_grpo,
+           "rlxf engine": rlxf_engine}
 
 
 def child(name: str, model_dir: str, data: str, out: Path, work: dict, cuda: bool) -> dict:
@@ -302,11 +424,18 @@ def write_tables(out: Path, results: dict) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     base = results["variants"].get("trl dpo peft", {}).get("s_per_step")
     base_q = results["variants"].get("trl dpo peft qlora", {}).get("s_per_step")
-    for name, ref in (("rlxf dpo lora", base), ("rlxf orpo lora", base), ("rlxf dpo qlora", base_q),
-                      ("rlxf orpo qlora", base_q)):
+    pairs = [(name, base_q if "qlora" in name else base) for name in results["variants"]
+             if name.startswith(("rlxf dpo", "rlxf orpo"))]
+    for name, ref in pairs:
         mine = results["variants"].get(name, {}).get("s_per_step")
         if mine and ref:
             lines.append(f"\n{name}: {ref / mine:.2f}x the speed of its TRL counterpart")
+    engine = results["variants"].get("rlxf engine lora", {}).get("settings")
+    if engine:
+        lines += ["", "| static engine, LoRA policy folded | tokens/s | memory the engine holds GB | warm-up s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | {r['tokens_per_s']:.0f} | {r['engine_holds_gb']} | {r['warmup_s']} |"
+                  for label, r in engine.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

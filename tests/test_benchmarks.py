@@ -34,3 +34,42 @@ def test_vs_trl_quick(tmp_path):
             assert row.get("pairs_per_s", row.get("tok_per_s", row.get("step_s"))) > 0, (section, name)
     markdown = (tmp_path / "results.md").read_text()
     assert "## Ratios" in markdown and "DPO pairs/s: rlxf / " in markdown
+
+
+def _load(name: str):
+    path = SCRIPT.with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_breakdown_finds_what_was_live_at_the_peak():
+    """real_sizes.peak_breakdown replays a memory-snapshot trace: the peak is the most bytes live at
+    once (not the sum of all allocations), blocks freed before it do not count, and live blocks are
+    grouped by their innermost rlxf frame."""
+    breakdown = _load("real_sizes").peak_breakdown
+
+    def frame(path, line, name):
+        return {"filename": path, "line": line, "name": name}
+
+    head = [frame("/x/torch/nn/functional.py", 10, "linear"), frame("/repo/src/rlxf/models/logprobs.py", 42, "head")]
+    ref = [frame("/repo/src/rlxf/train/reference.py", 7, "precompute")]
+    weights = [frame("/site/transformers/modeling_utils.py", 99, "load")]   # no rlxf frame: innermost frame
+    MB = 10**6
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100 * MB, "frames": weights},
+        {"action": "alloc", "addr": 2, "size": 500 * MB, "frames": ref},         # freed before the peak
+        {"action": "free_requested", "addr": 2, "size": 500 * MB},
+        {"action": "free_completed", "addr": 2, "size": 500 * MB},               # the same free, once
+        {"action": "alloc", "addr": 3, "size": 300 * MB, "frames": head},
+        {"action": "alloc", "addr": 4, "size": 250 * MB, "frames": head},
+        {"action": "segment_alloc", "addr": 9, "size": 10_000 * MB},              # not a block
+        {"action": "free_completed", "addr": 3, "size": 300 * MB},
+        {"action": "alloc", "addr": 5, "size": 50 * MB, "frames": []},
+    ]
+    out = breakdown({"device_traces": [trace]}, top=5)
+    assert out["peak_gb"] == 0.65 and out["live_blocks"] == 3
+    sites = {s["site"]: (s["gb"], s["blocks"]) for s in out["sites"]}
+    assert sites == {"rlxf/models/logprobs.py:42 head": (0.55, 2), "modeling_utils.py:99 load": (0.1, 1)}
+    assert breakdown({"device_traces": []}) == {"peak_gb": 0.0, "live_blocks": 0, "sites": []}

@@ -171,6 +171,27 @@ def test_fused_projections_follow_weight_updates(tokenizer, prompts):
     assert not torch.equal(before, after)
 
 
+def test_every_cached_shape_shares_one_copy_of_the_fused_weights(tokenizer, prompts):
+    """Two batch shapes (an evaluation call and a training call) keep two KV caches and graphs but one
+    fused q/k/v and gate/up copy (at the 8B shape that copy is 9 GB); it follows weight updates."""
+    model = _random("qwen2")
+    engine = StaticEngine(model, tokenizer, device_sampling=True, fuse_projections=True, max_cached_graphs=2)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    engine.generate(prompts, greedy)
+    engine.generate(prompts[:1], greedy)                          # a second (batch, L) state
+    assert len(engine._states) == 2
+    copies = {tuple(id(buffer) for buffer in layer) for state in engine._states.values() for layer in state.fused}
+    assert len(copies) == len(model.model.layers)                 # each layer's (w_qkv, b_qkv, w_gate_up, b) once
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(-1.5)
+    for batch in (prompts, prompts[:1]):                          # both states see the update
+        assert torch.equal(engine.generate(batch, greedy).completion_ids,
+                           HFEngine(model, tokenizer).generate(batch, greedy).completion_ids)
+    engine.release()
+    assert engine._fused is None
+
+
 def test_device_sampling_draws_from_the_softmax_and_is_seeded(tokenizer):
     """Gumbel-max draws: the first token's frequencies match softmax(z/τ); same seed, same draws;
     the caller's random state is untouched by a seeded call; log-probs equal the training side's."""

@@ -218,6 +218,9 @@ class StaticEngine:
         self._folds = adapter_stand_ins(model, adapters) if not self.unsupported and needs_folding(model) else None
         self._native = self._folds.base if self._folds is not None else model
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
+        # (parameter pointers, per-layer fused q/k/v and gate/up copies): one copy shared by every cached
+        # (batch, L) state, so an evaluation shape beside the training shape does not hold a second one
+        self._fused: tuple[tuple, list] | None = None
         self._compiled = {}
         self.stats = {"graph_captures": 0, "fallback_calls": 0, "device_sampling_calls": 0}
 
@@ -263,8 +266,10 @@ class StaticEngine:
         return assemble_rollouts(self.tokenizer, self.pad_token_id, rows, batches, params, device)
 
     def release(self) -> None:
-        """Drop the captured graphs, their KV caches and a LoRA policy's stand-ins (frees their memory)."""
+        """Drop the captured graphs, their KV caches, the fused weight copies and a LoRA policy's
+        stand-ins (frees their memory)."""
         self._states.clear()
+        self._fused = None
         if self._folds is not None:
             self._folds.release()
 
@@ -484,9 +489,11 @@ class StaticEngine:
                 raise RuntimeError(f"sampling_kernel=True: the kernels failed their first check on {device}: "
                                    f"{failed}; pass sampling_kernel=None to fall back to the torch sampling")
         attention = self._attention_kind(device, batch, length)
+        shared = self._fused[1] if self._fused is not None and self._fused[0] == params else None
         state = _DecodeState.build(self._native, batch, length, device, param_ptrs=params, fuse=fuse,
                                    attention=attention, sampling_kernel=bool(sampler),
-                                   linear_kernel=self._linear_kind(device, attention, fuse))
+                                   linear_kernel=self._linear_kind(device, attention, fuse), fused=shared)
+        self._fused = (params, state.fused) if state.fused is not None else self._fused
         state.step_fn = self._maybe_compile(_decode_step, "decode")
         self._states[key] = state
         return state
@@ -538,7 +545,8 @@ class _DecodeState:
     @classmethod
     def build(cls, model, batch: int, length: int, device, *, param_ptrs, fuse: bool = False,
               attention: str = "sdpa", sampling_kernel: bool = False,
-              linear_kernel: frozenset = frozenset()) -> _DecodeState:
+              linear_kernel: frozenset = frozenset(), fused: list | None = None) -> _DecodeState:
+        """``fused``: another state's fused copies of these same parameters, refreshed and shared."""
         body = model.model
         dtype = body.embed_tokens.weight.dtype
         spec = {**_head_spec(model), "attention": attention, "sampling_kernel": sampling_kernel}
@@ -566,7 +574,7 @@ class _DecodeState:
                     inv_temperature=torch.ones((), dtype=torch.float32, device=device),
                     logp_inv_temperature=torch.ones((), dtype=torch.float32, device=device))
         if fuse:
-            state.fused = [_fused_buffers(layer) for layer in body.layers]
+            state.fused = fused if fused is not None else [_fused_buffers(layer) for layer in body.layers]
             state.refresh_fused()
         return state
 
