@@ -59,9 +59,10 @@ WORK = dict(pairs=128, prompt_chars=256, completion_chars=700, batch=2, accum=4,
             grpo_prompts=16, grpo_group=8, grpo_new_tokens=128, grpo_steps=3)
 # in the order they run (a --deadline skips the later ones); "fp32 adapters" is --autocast false (the
 # adapters multiply in fp32), "compile" is --compile (each decoder layer through torch.compile)
-VARIANTS = ("rlxf dpo lora", "trl dpo peft", "rlxf dpo lora fp32 adapters", "rlxf dpo lora compile",
-            "rlxf dpo lora compile budget", "rlxf orpo lora", "rlxf orpo lora compile", "rlxf dpo qlora", "rlxf orpo qlora", "trl dpo peft qlora",
-            "rlxf grpo lora", "rlxf grpo lora lowrank", "rlxf grpo lora compile", "rlxf engine lora")
+VARIANTS = ("rlxf dpo lora", "trl dpo peft", "rlxf dpo lora fp32 adapters", "rlxf dpo lora compile", "rlxf orpo lora",
+            "rlxf dpo qlora", "trl dpo peft qlora", "rlxf orpo qlora", "rlxf dpo lora compile budget",
+            "rlxf orpo lora compile", "rlxf grpo lora", "rlxf grpo lora lowrank", "rlxf grpo lora compile",
+            "rlxf engine lora")
 WHEEL_PACKAGES = ("trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec", "pyarrow", "bitsandbytes")
 
 
