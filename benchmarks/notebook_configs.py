@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,8 @@ RUNS = {
 RUNS.update({f"trl {name}": dict(spec, trl=True) for name, spec in list(RUNS.items())})
 # the Zephyr config with its adapters multiplying in fp32 (--autocast false): what bf16 autocast over
 # fp32 LoRA adapters changes at the same settings
-RUNS["dpo zephyr-7b qlora fp32 adapters"] = dict(RUNS["dpo zephyr-7b qlora"], extra=("--autocast", "false"))
+RUNS["dpo zephyr-7b qlora fp32 adapters"] = dict(RUNS["dpo zephyr-7b qlora"],
+                                                 extra=("--autocast", "false", "--merge-lora", "false"))
 
 
 def write_pairs(path: Path, pairs: int, prompt_chars: int, completion_chars: int) -> None:
@@ -97,9 +99,11 @@ def rlxf_child(name: str, spec: dict, model_dir: str, data: str, out: Path, step
             "--device", "cuda" if cuda else "cpu", *spec.get("extra", ())]
     t0 = time.time()
     code = main(argv)
-    return {"exit": code, "argv": argv, "wall_s": round(time.time() - t0, 1),
-            **_figures(_step_times(run_dir / "metrics.jsonl")),
-            "merged": (run_dir / "final" / "merged" / "config.json").exists()}
+    merged = run_dir / "final" / "merged"
+    result = {"exit": code, "argv": argv, "wall_s": round(time.time() - t0, 1),
+              **_figures(_step_times(run_dir / "metrics.jsonl")), "merged": (merged / "config.json").exists()}
+    shutil.rmtree(merged, ignore_errors=True)   # a 15 GB export at these shapes: checked, then freed for the next run
+    return result
 
 
 def trl_child(name: str, spec: dict, model_dir: str, data: str, out: Path, steps: int, cuda: bool) -> dict:
