@@ -61,7 +61,7 @@ WORK = dict(pairs=128, prompt_chars=256, completion_chars=700, batch=2, accum=4,
 # adapters multiply in fp32), "compile" is --compile (each decoder layer through torch.compile)
 VARIANTS = ("rlxf dpo lora", "trl dpo peft", "rlxf dpo lora fp32 adapters", "rlxf dpo lora compile", "rlxf orpo lora",
             "rlxf dpo qlora", "trl dpo peft qlora", "rlxf orpo qlora", "rlxf dpo lora compile budget",
-            "rlxf orpo lora compile", "rlxf grpo lora", "rlxf grpo lora lowrank", "rlxf grpo lora compile",
+            "rlxf orpo lora compile", "rlxf dpo qlora compile", "rlxf orpo qlora compile", "rlxf grpo lora", "rlxf grpo lora lowrank", "rlxf grpo lora compile",
             "rlxf engine lora")
 WHEEL_PACKAGES = ("trl", "datasets", "dill", "multiprocess", "xxhash", "fsspec", "pyarrow", "bitsandbytes")
 
