@@ -6,8 +6,6 @@ options' errors, and token-bounded no-grad batches."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -201,6 +199,52 @@ def test_nf4_linear_layers_are_4bit_and_close_to_the_full_weights():
     err = (dequantized_weight(layer).float() - w).abs().mean() / w.abs().mean()
     # NF4's 16 levels per 64-weight block: a mean relative error of ~10% (the QLoRA paper's Fig. 2 scale)
     assert 0.02 < err < 0.2, err
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_layers_keep_their_layout_and_pass_gradients_after_an_inference_pass(double_quant):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer into a CPU-only layout at its first
+    no-gradient forward in eval mode (the reference pass and the start evaluation are such forwards).
+    Repacked, the layer's dequantised weight was wrong (max error 0.75) and training through it passed
+    no gradient to its input. rlxf keeps the standard layout: same weight, same gradient, on any CPU."""
+    from rlxf.models.quantize import dequantized_weight, is_4bit_linear
+
+    model = load_policy("tiny", device="cpu", quantize="nf4", double_quant=double_quant)
+    layers = [m for m in model.modules() if is_4bit_linear(m)]
+    before = [dequantized_weight(layer).float().clone() for layer in layers]
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+    model.train()
+    for layer, weight in zip(layers, before):
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(dequantized_weight(layer).float(), weight)
+    layer, weight = layers[0], before[0]
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.float(), weight.sum(0).expand(3, -1), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_layer_repacked_before_rlxf_saw_it_is_read_in_the_standard_layout(double_quant):
+    """A model whose 4-bit layers were already repacked for the CPU (by a forward outside rlxf):
+    dequantising goes back to the standard layout first (within the repacking's bf16 block scales)."""
+    from rlxf.models.quantize import dequantized_weight, keep_4bit_layout
+
+    pack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if pack is None:
+        pytest.skip("this bitsandbytes has no CPU repacking")
+    model = load_policy("tiny", device="cpu", quantize="nf4", double_quant=double_quant)
+    layer = model.model.layers[0].mlp.down_proj                    # not square: rows and columns apart
+    weight = dequantized_weight(layer).float().clone()
+    layer.weight.data, layer.weight.quant_state = pack(layer.weight.data, layer.weight.quant_state)
+    # the repacking rounds the block scales to bf16 (2^-9 relative), which can move a bf16 weight by one
+    # unit in its last place (2^-8, 2^-7 relative at a power of two); the wrong layout is off by ~0.3
+    torch.testing.assert_close(dequantized_weight(layer).float(), weight, rtol=2**-7, atol=1e-6)
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    keep_4bit_layout(model)                                   # idempotent, and switches the repacking off
+    assert not getattr(layer, "support_avx512bf16_for_cpu", False)
 
 
 # -- options -------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ mid-save never leaves a half-written model where a complete one is expected.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import logging
 import os
 import shutil
@@ -184,7 +182,7 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
     _set_pad_token_id(model, pad_token_id)
-    return model if kwargs else model.to(device)
+    return _keep_layout(model) if kwargs else model.to(device)
 
 
 def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
@@ -222,7 +220,7 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
         raise _load_error(name_or_path, source, err, what="reward model") from err
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
-    return model if kwargs else model.to(device)
+    return _keep_layout(model) if kwargs else model.to(device)
 
 
 def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
@@ -327,6 +325,13 @@ def _adapter_only_dir(source: str) -> Path | None:
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         return path
     return None
+
+
+def _keep_layout(model):
+    """A quantised model with its 4-bit layers kept in the standard layout (``keep_4bit_layout``)."""
+    from rlxf.models.quantize import keep_4bit_layout
+
+    return keep_4bit_layout(model)
 
 
 def _quantized_kwargs(quantize: str, double_quant: bool, dtype: torch.dtype, device: torch.device

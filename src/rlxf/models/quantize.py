@@ -73,12 +73,61 @@ def is_quantized(model: nn.Module) -> bool:
     return any(is_4bit_linear(module) for module in model.modules())
 
 
+def keep_4bit_layout(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard NF4 layout; returns ``model``.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.48+) repacks a ``Linear4bit`` weight into a CPU-only
+    layout at the layer's first no-gradient forward in eval mode, for a faster inference kernel. rlxf
+    runs such forwards before training (reference log-probs, the start evaluation), and a repacked
+    layer breaks two things: training through it passes no gradient to its input (the inference
+    kernel has no backward), and dequantising it (merged export, static engine) reads the wrong
+    layout. So the repacking is switched off on every layer, and a layer already repacked goes back.
+    """
+    for module in model.modules():
+        if is_4bit_linear(module):
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+            _unpack_for_cpu(module)
+    return model
+
+
+_CPU_PACK_ROWS = 32   # bitsandbytes' CPU layout interleaves 32 output rows
+
+
+def _unpack_for_cpu(linear: nn.Module) -> None:
+    """Put a weight that bitsandbytes repacked for its CPU kernel back into the standard layout, in place.
+
+    The CPU layout (``[N, K/2]`` bytes) holds, for each group of 32 output rows and each pair of input
+    columns, 64 four-bit codes as 32 bytes: the first 32 codes in the low nibbles, the last 32 in the
+    high ones; its block scales are ``[K/blocksize, N]`` bf16 (double quantisation undone). The
+    standard layout is row-major codes, two a byte (the first in the high nibble), with the scales in
+    row-major block order. The scales stay as the repacking rounded them, in float32, not quantised again.
+    """
+    weight = linear.weight
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    packed = weight.data.view(torch.uint8)
+    rows, half = packed.shape
+    codes = packed.reshape(-1, _CPU_PACK_ROWS)
+    codes = torch.cat([codes & 0xF, codes >> 4], dim=-1)                           # 64 codes a group
+    codes = codes.reshape(rows // _CPU_PACK_ROWS, half, _CPU_PACK_ROWS, 2).transpose(1, 2).reshape(-1)
+    standard = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(state.original_qshape)
+    storage = getattr(state, "original_storage_type", None)
+    weight.data = standard.view(storage) if storage is not None else standard
+    state.absmax = state.absmax.T.reshape(-1).float()
+    state.nested = False
+    state.dtype = state.original_dtype
+    state.packing_format_for_cpu = False
+
+
 def dequantized_weight(linear: nn.Module) -> Tensor:
     """The ``[out, in]`` weight of a plain or 4-bit linear layer, dequantised to its compute dtype."""
     if not is_4bit_linear(linear):
         return linear.weight
     import bitsandbytes.functional as bnbf
 
+    _unpack_for_cpu(linear)
     weight = linear.weight
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).reshape(linear.out_features, linear.in_features)
 
