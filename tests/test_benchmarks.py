@@ -1,5 +1,6 @@
-"""benchmarks/vs_trl.py --quick: every workload runs end to end on a tiny config on CPU and writes
-its results (TRL variants too when TRL is installed), so the one GPU run is not the first run."""
+"""The GPU benchmark scripts on the CPU, so the one GPU run is not the first run: benchmarks/vs_trl.py
+--quick (every workload end to end on a tiny config, TRL variants too when TRL is installed),
+real_sizes.py and notebook_configs.py on their small shapes, and real_sizes' memory-peak reader."""
 
 from __future__ import annotations
 
@@ -73,3 +74,30 @@ def test_peak_breakdown_finds_what_was_live_at_the_peak():
     sites = {s["site"]: (s["gb"], s["blocks"]) for s in out["sites"]}
     assert sites == {"rlxf/models/logprobs.py:42 head": (0.55, 2), "modeling_utils.py:99 load": (0.1, 1)}
     assert breakdown({"device_traces": []}) == {"peak_gb": 0.0, "live_blocks": 0, "sites": []}
+
+
+@pytest.mark.slow
+def test_real_sizes_and_notebook_configs_run_their_wiring_on_the_cpu(tmp_path):
+    """The GPU scripts of the real-size runs, on their small CPU shapes: each child process runs, and
+    the figures the GPU tables are read from are written (device time is not spent on a broken script)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rs, nb = tmp_path / "rs", tmp_path / "nb"
+    subprocess.run([sys.executable, str(SCRIPT.with_name("real_sizes.py")), "--out", str(rs), "--quick", "--cpu",
+                    "--only", "^rlxf (dpo lora|engine lora)$"], check=True, env=env, capture_output=True)
+    variants = json.loads((rs / "results.json").read_text())["variants"]
+    assert set(variants) == {"rlxf dpo lora", "rlxf engine lora"}, variants
+    assert variants["rlxf dpo lora"]["s_per_step"] > 0 and len(variants["rlxf dpo lora"]["step_s"]) == 2
+    assert set(variants["rlxf engine lora"]["settings"]) == {"fused", "unfused"}
+    assert all(r["tokens_per_s"] > 0 for r in variants["rlxf engine lora"]["settings"].values())
+    assert (rs / "engine-profile-fused.txt").read_text().strip()
+    subprocess.run([sys.executable, str(SCRIPT.with_name("notebook_configs.py")), "--out", str(nb), "--quick", "--cpu",
+                    "--steps", "3", "--only", "^dpo zephyr-7b qlora$"], check=True, env=env, capture_output=True)
+    runs = json.loads((nb / "results.json").read_text())["runs"]
+    assert set(runs) == {"dpo zephyr-7b qlora"}, runs
+    run = runs["dpo zephyr-7b qlora"]
+    assert run["exit"] == 0 and run["s_per_step"] > 0 and run["merged"]
+    assert not (nb / "runs" / "dpo-zephyr-7b-qlora" / "final" / "merged").exists()   # freed once checked
