@@ -52,8 +52,8 @@ def test_models_and_health(server):
 
 
 def test_a_vanishing_temperature_samples_greedily_instead_of_failing(server):
-    """A positive temperature too small to divide logits by (found by the HTTP fuzz test: 7e-289 made
-    every probability inf/nan and the request a 500) samples greedily, as temperature 0 does."""
+    """A positive temperature too small to divide logits by (7e-289, a value the HTTP fuzz test sends,
+    would make every probability inf/nan and the request a 500) samples greedily, as temperature 0 does."""
     messages = [{"role": "user", "content": "1+1=?"}]
     greedy = _chat(server, {"messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True})
     for temperature in (7.077922908764046e-289, 1e-9):

@@ -17,10 +17,11 @@ chunked (411 with neither), arriving within :data:`BODY_TIMEOUT_S` (408); strict
 ``{"role": "system"|"user"|"assistant", "content": str}`` (content may also be a list of
 ``{"type": "text", "text": str}`` parts); ``max_tokens`` (or ``max_completion_tokens``) an integer
 in 1..``max_tokens_limit`` that, with the prompt, fits the model's context; ``temperature`` in
-[0, 2] (0, or below :data:`GREEDY_BELOW_TEMPERATURE`, = greedy); ``top_p`` in (0, 1]; ``n`` in 1..``max_n``; ``stop`` a string or up to 4
-strings; ``seed`` an integer in 0..2**63-1; ``logprobs`` a boolean and ``top_logprobs`` 0..20
-(needs ``logprobs: true``; the 20 is ``max_top_logprobs``, raise it to let a judge read every option
-of a model that ranks them low); ``stream: true`` is refused. A bad request gets 400 with
+[0, 2] (0, or below :data:`GREEDY_BELOW_TEMPERATURE`, = greedy); ``top_p`` in (0, 1]; ``n`` in
+1..``max_n``; ``stop`` a string or up to 4 strings; ``seed`` an integer in 0..2**63-1; ``logprobs``
+a boolean and ``top_logprobs`` 0..20 (needs ``logprobs: true``; the 20 is ``max_top_logprobs``,
+raise it to let a judge read every option of a model that ranks them low); ``stream: true`` is
+refused. A bad request gets 400 with
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; an unknown path 404,
 a known path with the wrong method 405 (with ``Allow``), a ``model`` other than the served one 404
 (``model_not_found``). With an API key (``api_key``; ``rlxf serve --api-key`` or ``RLXF_API_KEY``)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlxf.models.quantize import keep_4bit_layout
 from rlxf.runtime import fsdp
 from rlxf.runtime.hub import HUB_ID, HubUnavailable, hub_problem, model_fix
 from rlxf.zoo import resolve_model_name
@@ -182,7 +183,7 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
     _set_pad_token_id(model, pad_token_id)
-    return _keep_layout(model) if kwargs else model.to(device)
+    return keep_4bit_layout(model) if kwargs else model.to(device)
 
 
 def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
@@ -220,7 +221,7 @@ def load_reward_model(name_or_path: str, *, dtype: str | torch.dtype | None = No
         raise _load_error(name_or_path, source, err, what="reward model") from err
     if resize_to is not None and resize_to > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(resize_to)
-    return _keep_layout(model) if kwargs else model.to(device)
+    return keep_4bit_layout(model) if kwargs else model.to(device)
 
 
 def save_pretrained(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
@@ -325,13 +326,6 @@ def _adapter_only_dir(source: str) -> Path | None:
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         return path
     return None
-
-
-def _keep_layout(model):
-    """A quantised model with its 4-bit layers kept in the standard layout (``keep_4bit_layout``)."""
-    from rlxf.models.quantize import keep_4bit_layout
-
-    return keep_4bit_layout(model)
 
 
 def _quantized_kwargs(quantize: str, double_quant: bool, dtype: torch.dtype, device: torch.device

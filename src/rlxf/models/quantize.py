@@ -85,10 +85,15 @@ def keep_4bit_layout(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if is_4bit_linear(module):
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-            _unpack_for_cpu(module)
+            _keep_layer_layout(module)
     return model
+
+
+def _keep_layer_layout(linear: nn.Module) -> None:
+    """:func:`keep_4bit_layout` for one 4-bit layer: no repacking from now on, and the standard layout."""
+    if hasattr(linear, "support_avx512bf16_for_cpu"):
+        linear.support_avx512bf16_for_cpu = False
+    _unpack_for_cpu(linear)
 
 
 _CPU_PACK_ROWS = 32   # bitsandbytes' CPU layout interleaves 32 output rows
@@ -127,7 +132,7 @@ def dequantized_weight(linear: nn.Module) -> Tensor:
         return linear.weight
     import bitsandbytes.functional as bnbf
 
-    _unpack_for_cpu(linear)
+    _keep_layer_layout(linear)   # a model rlxf did not load may hold repacked layers (keep_4bit_layout)
     weight = linear.weight
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).reshape(linear.out_features, linear.in_features)
 
